@@ -1,0 +1,43 @@
+// Every esper_fast operator schema, declared once. Backends add kernels with
+// TORCH_LIBRARY_IMPL(esper_fast, CPU|CUDA, m) in csrc/cpu and csrc/cuda.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `from esper_fast import _C` loads this library (and with it the registrations below)
+// without pybind11. `cuda_compiled` tells Python whether CUDA kernels were built in.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+#ifdef ESPER_FAST_WITH_CUDA
+  PyModule_AddIntConstant(module, "cuda_compiled", 1);
+#else
+  PyModule_AddIntConstant(module, "cuda_compiled", 0);
+#endif
+  return module;
+}
+}
+
+TORCH_LIBRARY(esper_fast, m) {
+  // ---- blend family (csrc/cpu/blend.cpp, csrc/cuda/blend.cu, esper_fast/ops/blend.py) ----
+  // y = host + a * (seed - host), a = clamp(alpha[b] if alpha is given else alpha_value, 0, 1).
+  m.def("blend_forward(Tensor host, Tensor seed, Tensor? alpha, float alpha_value) -> Tensor");
+  // (d_host, d_seed, d_alpha); a gradient that is not needed comes back as an empty tensor.
+  m.def(
+      "blend_backward(Tensor grad_out, Tensor host, Tensor seed, Tensor? alpha, float alpha_value, "
+      "bool need_host_grad, bool need_alpha_grad) -> (Tensor, Tensor, Tensor)");
+  // Straight-through estimator: y == host bit for bit; the gradient goes to host and seed alike.
+  m.def("ste_forward(Tensor host, Tensor seed) -> Tensor");
+  // ---- end blend family ----
+
+
+
+  // ---- metrics family (csrc/cpu/metrics.cpp, csrc/cuda/metrics.cu, esper_fast/ops/metrics.py) ----
+  // ---- end metrics family ----
+
+
+
+  // ---- snapshot family (csrc/cpu/snapshot.cpp, csrc/cuda/snapshot.cu, esper_fast/ops/snapshot.py) ----
+  // ---- end snapshot family ----
+}

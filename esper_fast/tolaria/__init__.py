@@ -1,0 +1,24 @@
+"""Tolaria: the training loops, the counterfactual validation and the governor."""
+
+from esper_fast.tolaria.environment import create_model
+from esper_fast.tolaria.governor import GovernorReport, TolariaGovernor
+from esper_fast.tolaria.trainer import (
+    AttributionResult,
+    train_epoch_blended,
+    train_epoch_incubator_mode,
+    train_epoch_normal,
+    validate_and_get_metrics,
+    validate_with_attribution,
+)
+
+__all__ = [
+    "create_model",
+    "train_epoch_normal",
+    "train_epoch_incubator_mode",
+    "train_epoch_blended",
+    "validate_and_get_metrics",
+    "validate_with_attribution",
+    "AttributionResult",
+    "TolariaGovernor",
+    "GovernorReport",
+]
