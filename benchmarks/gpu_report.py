@@ -232,7 +232,12 @@ def time_case(case, device: str, budget_s: float, max_repeats: int) -> dict:
             "wall_ms_per_call": statistics.mean(walls[side]),
             "peak_alloc_mib": None if peaks[side] is None else round(peaks[side], 1),
         }
-    result["bytes_moved"] = int(case.bytes_moved(state)) if case.bytes_moved is not None else None
+    result["bytes_moved"] = None
+    if case.bytes_moved is not None:
+        try:
+            result["bytes_moved"] = int(case.bytes_moved(state))
+        except Exception as exc:  # noqa: BLE001  (the timings stand without it)
+            result["bytes_moved_error"] = _error_text(exc, 4)
     del state
     return result
 

@@ -35,6 +35,11 @@ def check(fn):
     return fn
 
 
+def _sync():
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def _pair(shape, dtype, channels_last=False):
     host = torch.randn(shape, device=DEVICE, dtype=dtype)
     seed = torch.randn(shape, device=DEVICE, dtype=dtype)
@@ -180,14 +185,14 @@ def snapshot_capture_restore():
         snapshot = HostSnapshot()
         capture_args = (tensors,)
     _call_first(snapshot, ("capture", "snapshot", "copy_from", "save"), *capture_args)
-    torch.cuda.synchronize()
+    _sync()
     for t in tensors:  # overwrite everything, so only a real restore brings the values back
         if t.is_floating_point():
             t.fill_(float("nan"))
         else:
             t.fill_(-7)
     _call_first(snapshot, ("restore", "copy_to", "load"), *capture_args)
-    torch.cuda.synchronize()
+    _sync()
     for index, (t, s) in enumerate(zip(tensors, saved)):
         assert torch.equal(t, s), f"tensor {index} ({s.dtype}, {tuple(s.shape)}) not restored bit for bit"
 
@@ -205,7 +210,7 @@ def main() -> int:
         torch.manual_seed(0)
         try:
             fn()
-            torch.cuda.synchronize()
+            _sync()
             print(f"memcheck_ops: check {fn.__name__}: ok", flush=True)
         except Exception as exc:  # noqa: BLE001  (report every check, then fail)
             failed += 1

@@ -7,7 +7,7 @@ import math
 import os
 import subprocess
 import sys
-import textwrap
+import types
 
 import pytest
 import torch
@@ -289,3 +289,57 @@ def test_memcheck_script_fails_without_cuda(capsys):
     assert len(memcheck.CHECKS) >= 6
     assert memcheck.main() == 1
     assert "CUDA is not available" in capsys.readouterr().out
+
+
+class _CountingAccumulator:
+    """Stands in for MetricsAccumulator with its contract's signature; counts argmax hits."""
+
+    def __init__(self, num_classes, device, per_class=False, ignore_index=-100):
+        self.correct, self.offset = 0, 0
+
+    def update(self, logits, targets, loss=None):
+        self.correct += int((logits.argmax(1) == targets).sum()) + self.offset
+
+    def compute(self):
+        return types.SimpleNamespace(correct=self.correct, total=None)
+
+
+class _ClonedSnapshot:
+    """Stands in for HostSnapshot: capture() keeps copies, restore() writes them back."""
+
+    def __init__(self, tensors):
+        self.tensors, self.saved = tensors, None
+
+    def capture(self):
+        self.saved = [t.clone() for t in self.tensors]
+
+    def restore(self):
+        for t, s in zip(self.tensors, self.saved):
+            t.copy_(s)
+
+
+def test_memcheck_checks_follow_the_op_contract_on_cpu(monkeypatch):
+    import esper_fast.ops
+
+    memcheck = _load("memcheck_ops")
+    monkeypatch.setattr(memcheck, "DEVICE", "cpu")
+    monkeypatch.setattr(esper_fast.ops, "MetricsAccumulator", _CountingAccumulator)
+    monkeypatch.setattr(esper_fast.ops, "HostSnapshot", _ClonedSnapshot)
+    for fn in memcheck.CHECKS:
+        fn()
+
+    class WrongCount(_CountingAccumulator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.offset = 1
+
+    class NoRestore(_ClonedSnapshot):
+        def restore(self):
+            pass
+
+    monkeypatch.setattr(esper_fast.ops, "MetricsAccumulator", WrongCount)
+    monkeypatch.setattr(esper_fast.ops, "HostSnapshot", NoRestore)
+    with pytest.raises(AssertionError, match="argmax count"):
+        memcheck.metrics_c10()
+    with pytest.raises(AssertionError, match="not restored bit for bit"):
+        memcheck.snapshot_capture_restore()
