@@ -197,6 +197,29 @@ def snapshot_capture_restore():
         assert torch.equal(t, s), f"tensor {index} ({s.dtype}, {tuple(s.shape)}) not restored bit for bit"
 
 
+@check
+def snapshot_mapping_async_device_resident():
+    """A state_dict-like mapping captured without blocking, then into device memory."""
+    from esper_fast.ops import HostSnapshot
+
+    for options, capture_kwargs in (({}, {"non_blocking": True}), ({"device_resident": True}, {})):
+        tensors = _snapshot_tensors()
+        state = {f"t{i}": t for i, t in enumerate(tensors)}
+        state["step"] = 3
+        saved = [t.clone() for t in tensors]
+        snapshot = HostSnapshot(**options)
+        snapshot.capture(state, **capture_kwargs)
+        if hasattr(snapshot, "wait"):
+            snapshot.wait()
+        _sync()
+        for t in tensors:
+            t.fill_(float("nan") if t.is_floating_point() else -7)
+        snapshot.restore(state)
+        _sync()
+        for index, (t, s) in enumerate(zip(tensors, saved)):
+            assert torch.equal(t, s), f"{options or capture_kwargs}: tensor {index} not restored bit for bit"
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("memcheck_ops: CUDA is not available", flush=True)

@@ -307,15 +307,18 @@ class _CountingAccumulator:
 class _ClonedSnapshot:
     """Stands in for HostSnapshot: capture() keeps copies, restore() writes them back."""
 
-    def __init__(self, tensors):
-        self.tensors, self.saved = tensors, None
+    def __init__(self, *, device_resident=False):
+        self.saved = None
 
-    def capture(self):
-        self.saved = [t.clone() for t in self.tensors]
+    def capture(self, tensors, *, non_blocking=False):
+        values = tensors.values() if isinstance(tensors, dict) else tensors
+        self.saved = [t.clone() if isinstance(t, torch.Tensor) else t for t in values]
 
-    def restore(self):
-        for t, s in zip(self.tensors, self.saved):
-            t.copy_(s)
+    def restore(self, tensors, *, non_blocking=False):
+        values = tensors.values() if isinstance(tensors, dict) else tensors
+        for t, s in zip(values, self.saved):
+            if isinstance(t, torch.Tensor):
+                t.copy_(s)
 
 
 def test_memcheck_checks_follow_the_op_contract_on_cpu(monkeypatch):
@@ -334,7 +337,7 @@ def test_memcheck_checks_follow_the_op_contract_on_cpu(monkeypatch):
             self.offset = 1
 
     class NoRestore(_ClonedSnapshot):
-        def restore(self):
+        def restore(self, tensors, *, non_blocking=False):
             pass
 
     monkeypatch.setattr(esper_fast.ops, "MetricsAccumulator", WrongCount)
@@ -343,3 +346,5 @@ def test_memcheck_checks_follow_the_op_contract_on_cpu(monkeypatch):
         memcheck.metrics_c10()
     with pytest.raises(AssertionError, match="not restored bit for bit"):
         memcheck.snapshot_capture_restore()
+    with pytest.raises(AssertionError, match="not restored bit for bit"):
+        memcheck.snapshot_mapping_async_device_resident()
