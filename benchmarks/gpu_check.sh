@@ -14,7 +14,9 @@
 # script's output), build.log, tests.log, tests_junit.xml, memcheck.log, bench.log.
 #
 # Settings: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 450: seconds for the whole
-# run), GPU_CHECK_SKIP (step names to skip, e.g. "build" to reuse an in-place build).
+# run), GPU_CHECK_SKIP (step names to skip, e.g. "build" to reuse an in-place build),
+# GPU_CHECK_PYTEST_ARGS (extra pytest arguments, e.g. "-k metrics" for a rerun),
+# GPU_CHECK_ONLY (time only the cases whose name contains this text).
 set -uo pipefail  # no -e: a failing step must not stop the others
 
 cd "$(dirname "$0")/.."
@@ -120,7 +122,7 @@ step_tests() {
     local per_test=()
     "$PYTHON" -c 'import pytest_timeout' 2>/dev/null && per_test=(--timeout=120)
     "$PYTHON" -m pytest tests -m cuda -q -rfE -p no:cacheprovider --durations=15 \
-        --junitxml="$OUT/tests_junit.xml" "${per_test[@]}"
+        --junitxml="$OUT/tests_junit.xml" "${per_test[@]}" ${GPU_CHECK_PYTEST_ARGS:-}
 }
 
 step_memcheck() {
@@ -139,7 +141,8 @@ step_memcheck() {
 
 step_bench() {
     # The report script spends at most this much on the cases and keeps what it measured.
-    "$PYTHON" benchmarks/gpu_report.py --device cuda --out "$OUT" --time-budget $((STEP_TIMEOUT - 25))
+    "$PYTHON" benchmarks/gpu_report.py --device cuda --out "$OUT" --time-budget $((STEP_TIMEOUT - 25)) \
+        ${GPU_CHECK_ONLY:+--only "$GPU_CHECK_ONLY"}
 }
 
 export -f find_sanitizer step_build step_tests step_memcheck step_bench
