@@ -89,7 +89,15 @@ class QualityGates:
         gate = self.gate_for(target_stage)
         if gate is None:
             return GateResult(GateLevel.G0, True, 1.0, message=f"no gate guards {SeedStage(target_stage).name}")
-        return getattr(self, f"_check_{gate.name.lower()}")(state)
+        checks = {
+            GateLevel.G0: self._check_g0,
+            GateLevel.G1: self._check_g1,
+            GateLevel.G2: self._check_g2,
+            GateLevel.G3: self._check_g3,
+            GateLevel.G4: self._check_g4,
+            GateLevel.G5: self._check_g5,
+        }
+        return checks[gate](state)
 
     def _check_g0(self, state) -> GateResult:
         return _result(
