@@ -6,9 +6,10 @@ PROBATIONARY -> FOSSILIZED, each step guarded by a :class:`QualityGates` check; 
 before FOSSILIZED may be culled, which drops the seed.
 
 The forward pass (see :meth:`SeedSlot.forward`) is plain Python control flow on stage,
-alpha and flags, and fused custom ops on tensors: torch.compile(fullgraph=True) traces it
-into one graph per (stage, alpha == 0, flags) combination, recompiling only when the
-lifecycle moves, never per batch.
+alpha and flags, and fused custom ops on tensors, with no host synchronisation:
+torch.compile(fullgraph=True) traces it into one graph per (stage, alpha == 0, flags)
+combination. Alpha reaches the blend operator as a Python float, so a new alpha costs a
+recompile unless dynamo keeps it symbolic; the ramp moves alpha once per epoch.
 """
 
 from __future__ import annotations
