@@ -212,6 +212,16 @@ def test_germinate_after_cull_is_allowed():
     assert slot.state.seed_id == "second" and slot.state.stage == S.GERMINATED and slot.alpha == 0.0
 
 
+def test_to_moves_where_new_seeds_go():
+    slot = SeedSlot("s", 8)
+    assert slot.to("meta") is slot and slot.device == torch.device("meta")
+    slot.to(torch.float64)
+    assert slot.device == torch.device("meta")
+    slot.to(device="cpu")
+    slot.germinate("norm")
+    assert slot.seed.scale.device.type == "cpu"
+
+
 def test_empty_slot():
     slot = SeedSlot("s", 8)
     assert not slot.is_active and slot.state is None and slot.alpha == 0.0

@@ -208,6 +208,14 @@ class SeedSlot(nn.Module):
         self.alpha_schedule: AlphaSchedule | None = None
         self.isolate_gradients: bool = False
 
+    def to(self, *args, **kwargs):
+        """``nn.Module.to``, also placing future seeds on the new device."""
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        result = super().to(*args, **kwargs)
+        if device is not None:
+            self.device = device
+        return result
+
     # ---------------------------------------------------------------- properties
 
     @property
