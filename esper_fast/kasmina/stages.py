@@ -39,3 +39,33 @@ ACTIVE_STAGES = frozenset(
 
 def is_valid_transition(current: SeedStage, target: SeedStage) -> bool:
     return target in VALID_TRANSITIONS[current]
+
+
+# Stages a seed leaves the lifecycle through; a slot holding one may germinate again.
+FAILURE_STAGES = frozenset({SeedStage.CULLED, SeedStage.EMBARGOED, SeedStage.RESETTING})
+
+
+class InvalidTransitionError(ValueError):
+    """A lifecycle move that VALID_TRANSITIONS does not allow."""
+
+    def __init__(self, current: SeedStage, target: SeedStage):
+        allowed = ", ".join(stage.name for stage in VALID_TRANSITIONS[current]) or "none"
+        super().__init__(
+            f"illegal seed lifecycle transition {current.name} -> {target.name}; "
+            f"allowed from {current.name}: {allowed}"
+        )
+        self.current = current
+        self.target = target
+
+
+def is_active_stage(stage: SeedStage) -> bool:
+    """True for the stages whose seed takes part in the forward pass."""
+    return stage in ACTIVE_STAGES
+
+
+def is_failure_stage(stage: SeedStage) -> bool:
+    return stage in FAILURE_STAGES
+
+
+def is_terminal_stage(stage: SeedStage) -> bool:
+    return stage == SeedStage.FOSSILIZED
