@@ -62,8 +62,8 @@ class ImageBatches(Dataset):
 
     def __getitem__(self, index):
         idx = torch.as_tensor(index, dtype=torch.long)
-        x = self.images[idx].float() * self.scale - self.shift
-        return x, self.labels[idx]
+        x = self.images[idx.reshape(-1)].float() * self.scale - self.shift
+        return (x[0], self.labels[idx]) if idx.dim() == 0 else (x, self.labels[idx])
 
 
 class TokenBlocks(Dataset):
@@ -172,7 +172,10 @@ def load_cifar10_arrays(root: str | os.PathLike, train: bool):
         from torchvision.datasets import CIFAR10
     except ImportError as exc:
         raise DataError(f"reading CIFAR-10 needs torchvision, which is not installed ({exc})") from exc
-    dataset = CIFAR10(root=str(root), train=train, download=False)
+    try:
+        dataset = CIFAR10(root=str(root), train=train, download=False)
+    except RuntimeError as exc:  # torchvision's message for missing or corrupted files
+        raise DataError(f"CIFAR-10 under {root} is incomplete or corrupted ({exc})") from exc
     images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
     return images, torch.tensor(dataset.targets, dtype=torch.long)
 

@@ -244,8 +244,15 @@ class SeedController:
     """Decides, once per epoch, what the seed slot does next. See the module docstring."""
 
     def __init__(self, model: nn.Module, blueprint: str, schedule: LifecycleSchedule, epochs: int, steps_per_epoch: int):
+        from esper_fast.kasmina import QualityGates
+
         self.model = model
         self.slot = model.seed_slot
+        # The gates' dwell times follow this controller's schedule; the quality checks keep
+        # their defaults (G2's accuracy gain, G3's alpha, G5's positive contribution).
+        self.slot.gates = QualityGates(
+            min_blending_epochs=schedule.blending_epochs, min_training_epochs=schedule.incubation_epochs
+        )
         self.blueprint = blueprint
         self.schedule = schedule
         self.epochs = epochs
@@ -281,9 +288,8 @@ class SeedController:
         events: list[str] = []
         stage = self.stage
         state = self.slot.state
-        if state is not None and hasattr(state, "metrics"):
-            if hasattr(state.metrics, "record_accuracy"):
-                state.metrics.record_accuracy(val_accuracy)
+        if state is not None:
+            state.metrics.record_accuracy(val_accuracy)
             if contribution is not None:
                 state.metrics.counterfactual_contribution = contribution
         if self.live is not None and contribution is not None:
@@ -294,7 +300,7 @@ class SeedController:
             improved = val_accuracy - self.best_accuracy
             self.best_accuracy = max(self.best_accuracy, val_accuracy)
             if stage is None and self._should_germinate(epoch, improved):
-                events += self._germinate(epoch, plateau=improved < self.schedule.plateau_delta)
+                events += self._germinate(epoch, improved < self.schedule.plateau_delta, val_accuracy)
             return events
 
         self.epochs_in_stage += 1
@@ -330,9 +336,11 @@ class SeedController:
         plateau = self.host_epochs >= s.min_warmup_epochs and improved < s.plateau_delta
         return plateau or self.host_epochs >= s.max_warmup_epochs
 
-    def _germinate(self, epoch: int, plateau: bool) -> list[str]:
+    def _germinate(self, epoch: int, plateau: bool, val_accuracy: float) -> list[str]:
         seed_id = f"seed-{len(self.seeds) + 1}"
         self.model.germinate_seed(self.blueprint, seed_id)
+        # The accuracy at germination is the baseline the G2 gate measures improvement from.
+        self.slot.state.metrics.record_accuracy(val_accuracy)
         self.seeds.append(SeedRecord(seed_id, self.blueprint, germinated_epoch=epoch))
         self.epochs_in_stage = 0
         self.gate_holds = 0
