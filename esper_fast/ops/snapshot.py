@@ -64,17 +64,23 @@ class RestoreResult(NamedTuple):
 class _Slot:
     """One buffer and the layout of the snapshot it holds."""
 
-    __slots__ = ("buffer", "signature", "keys", "offsets", "views", "extras", "index", "order")
+    __slots__ = (
+        "buffer", "signature", "placement", "keys", "offsets", "views", "extras", "index", "order", "groups",
+        "cuda_devices",
+    )
 
     def __init__(self):
         self.buffer = None  # flat uint8 tensor
-        self.signature = None  # ((key, shape, dtype), ...) plus buffer placement
+        self.signature = None  # (keys, ((shape, dtype, device), ...)) of the tensors laid out
+        self.placement = None  # ("host", pinned) or ("device", device) of `buffer`
         self.keys = None  # tensor keys in capture order (positions for a sequence)
         self.offsets = None  # byte offset per tensor, capture order
         self.views = None  # typed views into `buffer`, capture order
         self.extras = {}  # key -> deep-copied non-tensor value
         self.index = None  # key -> position in `views`
         self.order = None  # every key of a mapping with extras, in its order
+        self.groups = None  # positions per device when the tensors span several, else None
+        self.cuda_devices = []  # CUDA devices among the tensors: where capture records events
 
 
 class HostSnapshot:
@@ -171,20 +177,22 @@ class HostSnapshot:
         self.wait()  # one capture in flight at a time
         index = self._free_slot()
         slot = self._slots[index]
-        cuda_devices = {t.device for t in values if t.is_cuda}
-        self._ensure_layout(slot, keys, values, extras, cuda_devices)
         if index == self._active:
             self._active = None  # single buffer: the old snapshot is gone once writing starts
+        self._ensure_layout(slot, keys, values)
         slot.extras = {k: copy.deepcopy(v) for k, v in extras.items()}
         slot.order = list(tensors.keys()) if extras else None
         with torch.no_grad():
-            for device_tensors, device_offsets in self._by_device(values, slot.offsets):
-                snapshot_pack(device_tensors, slot.buffer, device_offsets)
-        if not cuda_devices:
+            if slot.groups is None:
+                snapshot_pack(values, slot.buffer, slot.offsets)
+            else:
+                for positions in slot.groups:
+                    snapshot_pack([values[i] for i in positions], slot.buffer, [slot.offsets[i] for i in positions])
+        if not slot.cuda_devices:
             self._commit(index)
         else:
             events = []
-            for device in cuda_devices:
+            for device in slot.cuda_devices:
                 event = torch.cuda.Event()
                 event.record(torch.cuda.current_stream(device))
                 events.append(event)
@@ -248,15 +256,18 @@ class HostSnapshot:
     def _split(tensors):
         """(keys or None, tensor values, non-tensor extras) of a mapping or a sequence."""
         if isinstance(tensors, Mapping):
+            values = list(tensors.values())
+            if all(isinstance(v, torch.Tensor) for v in values):
+                return tuple(tensors.keys()), values, {}
             keys, values, extras = [], [], {}
             for key, value in tensors.items():
                 if isinstance(value, torch.Tensor):
                     keys.append(key)
-                    values.append(value.detach())
+                    values.append(value)
                 else:
                     extras[key] = value
             return tuple(keys), values, extras
-        values = [t.detach() for t in tensors]
+        values = list(tensors)
         if not all(isinstance(t, torch.Tensor) for t in values):
             raise TypeError("esper_fast: HostSnapshot.capture takes tensors or a mapping")
         return None, values, {}
@@ -268,7 +279,7 @@ class HostSnapshot:
                 f"esper_fast: cannot restore {name!r}: snapshot has {view.dtype} {tuple(view.shape)}, "
                 f"target is {target.dtype} {tuple(target.shape)}"
             )
-        return target.detach()
+        return target
 
     @staticmethod
     def _by_device(values, offsets):
@@ -292,19 +303,23 @@ class HostSnapshot:
         self._pending = None
         self._active = index
 
-    def _placement(self, values, cuda_devices):
-        if self.device_resident:
-            devices = {t.device for t in values}
-            if len(devices) > 1:
-                raise ValueError(f"esper_fast: a device-resident snapshot needs one device, got {sorted(map(str, devices))}")
-            return ("device", next(iter(devices)) if devices else torch.device("cpu"))
-        return ("host", bool(cuda_devices) and torch.cuda.is_available())
-
-    def _ensure_layout(self, slot, keys, values, extras, cuda_devices) -> None:
-        placement = self._placement(values, cuda_devices)
-        signature = (placement, keys, tuple((t.shape, t.dtype) for t in values))
+    def _ensure_layout(self, slot, keys, values) -> None:
+        signature = (keys, tuple((t.shape, t.dtype, t.device) for t in values))
         if slot.signature == signature:
             return
+        slot.signature = None  # until the new layout is complete
+        devices = list(dict.fromkeys(t.device for t in values))
+        cuda_devices = [d for d in devices if d.type == "cuda"]
+        if self.device_resident:
+            if len(devices) > 1:
+                raise ValueError(f"esper_fast: a device-resident snapshot needs one device, got {[str(d) for d in devices]}")
+            placement = ("device", devices[0] if devices else torch.device("cpu"))
+        else:
+            placement = ("host", bool(cuda_devices))
+        slot.cuda_devices = cuda_devices
+        slot.groups = (
+            None if len(devices) <= 1 else [[i for i, t in enumerate(values) if t.device == d] for d in devices]
+        )
         nbytes = [t.numel() * t.element_size() for t in values]
         # Small tensors first: on CUDA they share dense staging ranges.
         order = sorted(range(len(values)), key=lambda i: (nbytes[i] >= _STAGED_COPY_BYTES, i))
@@ -315,7 +330,7 @@ class HostSnapshot:
             cursor += -(-max(nbytes[i], 1) // self.alignment) * self.alignment
         total = max(cursor, self.alignment)
         buffer = slot.buffer
-        if buffer is None or buffer.numel() < total or slot.signature is None or slot.signature[0] != placement:
+        if buffer is None or buffer.numel() < total or slot.placement != placement:
             slot.buffer = None  # release the old buffer before allocating its successor
             kind, where = placement
             if kind == "device":
@@ -331,6 +346,7 @@ class HostSnapshot:
         slot.keys = keys
         slot.index = None if keys is None else {key: i for i, key in enumerate(keys)}
         slot.signature = signature
+        slot.placement = placement
 
     @staticmethod
     def _structure(slot: _Slot):
