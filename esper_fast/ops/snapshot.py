@@ -108,7 +108,8 @@ class HostSnapshot:
     CUDA stream and returns ``None`` at once; it commits when its CUDA event has completed,
     observed by ``poll()``, ``wait()``, ``state``, ``restore()`` or the next capture (which
     waits for it). Until then ``state`` and ``restore()`` use the previous snapshot, never a
-    half-written one. A blocking capture of CUDA tensors synchronises once at the end for a
+    half-written one; the captured tensors may be changed by later work on the same stream
+    (it runs after the copy), not from another stream before the commit. A blocking capture of CUDA tensors synchronises once at the end for a
     host buffer and not at all for a device-resident one (its views are stream-ordered).
 
     Memory: the buffers are reallocated only when the set of keys, shapes or dtypes grows
@@ -162,6 +163,8 @@ class HostSnapshot:
     def clear(self) -> None:
         """Drop every buffer and the committed snapshot."""
         self.wait()
+        if any(slot.placement == ("host", True) for slot in self._slots):
+            torch.cuda.synchronize()  # no transfer may still read a buffer being released
         self._slots = [_Slot() for _ in self._slots]
         self._active = None
 
@@ -331,6 +334,9 @@ class HostSnapshot:
         total = max(cursor, self.alignment)
         buffer = slot.buffer
         if buffer is None or buffer.numel() < total or slot.placement != placement:
+            if slot.placement == ("host", True):
+                # A non-blocking restore may still be reading it; the host allocator cannot know.
+                torch.cuda.synchronize()
             slot.buffer = None  # release the old buffer before allocating its successor
             kind, where = placement
             if kind == "device":
