@@ -95,7 +95,7 @@ void snapshot_pack_cuda(at::TensorList tensors, const at::Tensor& buffer, at::In
   // Staged small tensors first: a staging range may cover bytes of large tensors between
   // small ones, and the direct copies enqueued after it overwrite those bytes in order.
   for (const StagingGroup& group : staging_groups(tensors, offsets)) {
-    at::Tensor staging = at::empty({group.hi - group.lo}, buffer.options().device(device));
+    at::Tensor staging = at::empty({group.hi - group.lo}, at::TensorOptions().dtype(at::kByte).device(device));
     uint8_t* scratch = staging.data_ptr<uint8_t>() - group.lo;  // indexed by buffer offset
     std::vector<ByteCopy> copies;
     for (size_t i : group.members) {
@@ -143,7 +143,7 @@ void snapshot_unpack_cuda(at::TensorList tensors, const at::Tensor& buffer, at::
   }
 
   for (const StagingGroup& group : staging_groups(tensors, offsets)) {
-    at::Tensor staging = at::empty({group.hi - group.lo}, buffer.options().device(device));
+    at::Tensor staging = at::empty({group.hi - group.lo}, at::TensorOptions().dtype(at::kByte).device(device));
     C10_CUDA_CHECK(cudaMemcpyAsync(staging.data_ptr(), base + group.lo, group.hi - group.lo,
                                    cudaMemcpyHostToDevice, stream));
     uint8_t* scratch = staging.data_ptr<uint8_t>() - group.lo;
