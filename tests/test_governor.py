@@ -249,9 +249,10 @@ def test_panic_is_monotonic_in_the_loss(history, loss, extra):
 # ------------------------------------------------------------------------------ rollback
 
 
-def test_rollback_restores_bit_exact_and_keeps_parameter_identity():
-    model = _small_model().to(torch.float32)
-    gov = TolariaGovernor(model)
+@pytest.mark.parametrize("snapshot_mode", ["host", "device"])
+def test_rollback_restores_bit_exact_and_keeps_parameter_identity(snapshot_mode):
+    model = _small_model()
+    gov = TolariaGovernor(model, snapshot_mode=snapshot_mode)
     expected = {k: v.clone() for k, v in model.state_dict().items()}
     params = list(model.parameters())
     bn = model[1]

@@ -334,10 +334,11 @@ def test_cuda_device_resident_snapshot():
 
 
 @pytest.mark.cuda
-def test_cuda_mixed_cpu_and_cuda_tensors():
-    tensors = [torch.randn(5, device="cuda"), torch.randn(3), torch.arange(4, device="cuda")]
+@pytest.mark.parametrize("device_resident", [False, True])
+def test_cuda_mixed_cpu_and_cuda_tensors(device_resident):
+    tensors = [torch.randn(5, device="cuda"), torch.randn(3), torch.arange(4, device="cuda"), torch.tensor(2.0)]
     expected = [t.clone() for t in tensors]
-    snap = HostSnapshot()
+    snap = HostSnapshot(device_resident=device_resident)
     snap.capture(tensors)
     _poison(tensors)
     snap.restore(tensors)

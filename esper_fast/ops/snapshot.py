@@ -65,7 +65,7 @@ class _Slot:
     """One buffer and the layout of the snapshot it holds."""
 
     __slots__ = (
-        "buffer", "signature", "placement", "keys", "offsets", "views", "extras", "index", "order", "groups",
+        "buffer", "signature", "placement", "keys", "offsets", "views", "extras", "index", "order", "single_call",
         "cuda_devices",
     )
 
@@ -79,7 +79,7 @@ class _Slot:
         self.extras = {}  # key -> deep-copied non-tensor value
         self.index = None  # key -> position in `views`
         self.order = None  # every key of a mapping with extras, in its order
-        self.groups = None  # positions per device when the tensors span several, else None
+        self.single_call = True  # one operator call covers every tensor (one device, buffer-compatible)
         self.cuda_devices = []  # CUDA devices among the tensors: where capture records events
 
 
@@ -98,8 +98,9 @@ class HostSnapshot:
 
     Placement: by default the buffer is host memory, page-locked when any captured tensor
     is on CUDA (so transfers are true DMA) and plain otherwise. With
-    ``device_resident=True`` it lives on the tensors' device instead: one device copy,
-    no transfer, instant rollback, at the price of device memory.
+    ``device_resident=True`` it lives on the tensors' GPU instead (the first one; tensors on
+    other devices, such as an optimizer's CPU step counts, are copied one by one): one
+    device copy, no transfer, instant rollback, at the price of device memory.
 
     Commit and atomicity: a capture writes into the buffer that does not hold the current
     snapshot (with ``double_buffer=True``, the default) and becomes current only once it
@@ -186,11 +187,10 @@ class HostSnapshot:
         slot.extras = {k: copy.deepcopy(v) for k, v in extras.items()}
         slot.order = list(tensors.keys()) if extras else None
         with torch.no_grad():
-            if slot.groups is None:
+            if slot.single_call:
                 snapshot_pack(values, slot.buffer, slot.offsets)
             else:
-                for positions in slot.groups:
-                    snapshot_pack([values[i] for i in positions], slot.buffer, [slot.offsets[i] for i in positions])
+                self._transfer(slot, values, range(len(values)), to_buffer=True)
         if not slot.cuda_devices:
             self._commit(index)
         else:
@@ -222,7 +222,7 @@ class HostSnapshot:
         if self._active is None:
             raise RuntimeError("esper_fast: HostSnapshot.restore called before any capture committed")
         slot = self._slots[self._active]
-        targets, offsets, missing, unexpected = [], [], [], []
+        targets, positions, missing, unexpected = [], [], [], []
         if isinstance(tensors, Mapping):
             if not isinstance(slot.keys, tuple) or slot.index is None:
                 raise ValueError("esper_fast: the snapshot was captured from a sequence; restore a sequence")
@@ -236,7 +236,7 @@ class HostSnapshot:
                     continue
                 seen.add(key)
                 targets.append(self._checked_target(key, value, slot.views[position]))
-                offsets.append(slot.offsets[position])
+                positions.append(position)
             missing = [key for key in slot.keys if key not in seen]
         else:
             tensors = list(tensors)
@@ -245,10 +245,9 @@ class HostSnapshot:
             if len(tensors) != len(slot.views):
                 raise ValueError(f"esper_fast: restore got {len(tensors)} tensors for a snapshot of {len(slot.views)}")
             targets = [self._checked_target(i, t, view) for i, (t, view) in enumerate(zip(tensors, slot.views))]
-            offsets = slot.offsets
+            positions = range(len(targets))
         with torch.no_grad():
-            for device_tensors, device_offsets in self._by_device(targets, offsets):
-                snapshot_unpack(device_tensors, slot.buffer, device_offsets)
+            self._transfer(slot, targets, positions, to_buffer=False)
         if not non_blocking:
             for device in {t.device for t in targets if t.is_cuda}:
                 torch.cuda.current_stream(device).synchronize()
@@ -285,17 +284,25 @@ class HostSnapshot:
         return target
 
     @staticmethod
-    def _by_device(values, offsets):
-        """[(tensors, offsets)] per device, in order; one operator call each."""
-        first = values[0].device if values else None
-        if all(t.device == first for t in values):
-            return [(values, offsets)] if values else []
+    def _transfer(slot, tensors, positions, to_buffer: bool) -> None:
+        """Copy ``tensors[j]`` to/from snapshot entry ``positions[j]``: one operator call per device."""
         groups = {}
-        for t, offset in zip(values, offsets):
+        for t, position in zip(tensors, positions):
             group = groups.setdefault(t.device, ([], []))
             group[0].append(t)
-            group[1].append(offset)
-        return list(groups.values())
+            group[1].append(position)
+        buffer = slot.buffer
+        for device, (group_tensors, group_positions) in groups.items():
+            if buffer.device.type == "cpu" or buffer.device == device:
+                copy = snapshot_pack if to_buffer else snapshot_unpack
+                copy(group_tensors, buffer, [slot.offsets[p] for p in group_positions])
+                continue
+            # A device-resident buffer and a tensor elsewhere (an optimizer's CPU step count).
+            for t, position in zip(group_tensors, group_positions):
+                if to_buffer:
+                    slot.views[position].copy_(t)
+                else:
+                    t.copy_(slot.views[position])
 
     def _free_slot(self) -> int:
         if len(self._slots) == 1 or self._active is None:
@@ -314,15 +321,12 @@ class HostSnapshot:
         devices = list(dict.fromkeys(t.device for t in values))
         cuda_devices = [d for d in devices if d.type == "cuda"]
         if self.device_resident:
-            if len(devices) > 1:
-                raise ValueError(f"esper_fast: a device-resident snapshot needs one device, got {[str(d) for d in devices]}")
-            placement = ("device", devices[0] if devices else torch.device("cpu"))
+            # On the (first) GPU; tensors elsewhere are copied to it one by one.
+            placement = ("device", (cuda_devices or devices or [torch.device("cpu")])[0])
         else:
             placement = ("host", bool(cuda_devices))
         slot.cuda_devices = cuda_devices
-        slot.groups = (
-            None if len(devices) <= 1 else [[i for i, t in enumerate(values) if t.device == d] for d in devices]
-        )
+        slot.single_call = len(devices) <= 1 and (placement[0] == "host" or not devices or devices[0] == placement[1])
         nbytes = [t.numel() * t.element_size() for t in values]
         # Small tensors first: on CUDA they share dense staging ranges.
         order = sorted(range(len(values)), key=lambda i: (nbytes[i] >= _STAGED_COPY_BYTES, i))
