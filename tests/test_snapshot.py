@@ -36,7 +36,7 @@ def _mixed_tensors(device):
         _random_like_dtype((8, 9), torch.bfloat16, device)[::2, 1::3],  # strided slice
         _random_like_dtype((3, 8, 5, 5), torch.float32, device).to(memory_format=torch.channels_last),
         _random_like_dtype((300_001,), torch.float32, device),  # > 1 MiB: a direct copy on CUDA
-        _random_like_dtype((700, 600), torch.float16, device).t(),  # large and non-contiguous
+        _random_like_dtype((1000, 700), torch.float16, device).t(),  # large and non-contiguous
         _random_like_dtype((3,), torch.float64, device),
     ]
     return ts
@@ -351,6 +351,20 @@ def test_cuda_many_tensors_span_several_launches():
     expected = [t.clone() for t in tensors]
     snap = HostSnapshot()
     snap.capture(tensors)
+    _poison(tensors)
+    snap.restore(tensors)
+    _assert_bit_exact(tensors, expected)
+
+
+@pytest.mark.cuda
+def test_cuda_small_tensors_beyond_one_staging_range():
+    # 80 tensors just under the direct-copy size: 80 MB of staged bytes, more than one 64 MiB range.
+    tensors = [torch.randn(250_000, device="cuda") for _ in range(80)]
+    tensors.insert(40, torch.randn(2_000_000, device="cuda"))  # a direct copy between them
+    expected = [t.clone() for t in tensors]
+    snap = HostSnapshot()
+    views = snap.capture(tensors)
+    _assert_bit_exact(views, expected)
     _poison(tensors)
     snap.restore(tensors)
     _assert_bit_exact(tensors, expected)
