@@ -560,3 +560,13 @@ def test_cuda_thousand_cycles_keep_allocated_bytes_flat():
         gov.snapshot()
         gov.execute_rollback()
     assert torch.cuda.memory_allocated() == before
+
+
+def test_reference_mode_leaves_the_live_seed_out_too():
+    model = ToyMorphogenetic()
+    model.seed_slot.germinate(SeedStage.SHADOWING)
+    with reference_mode():
+        gov = TolariaGovernor(model)
+        assert set(gov.last_good_state) == {"host.weight", "host.bias"}
+        gov.execute_rollback()
+    assert model.seed_slot.culled == ["governor_rollback"]

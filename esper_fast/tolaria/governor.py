@@ -153,14 +153,16 @@ class TolariaGovernor:
         commits when they complete, and until then ``last_good_state`` is the previous one.
         An exception or interrupt during a snapshot leaves the previous snapshot intact.
         """
-        state = self._snapshot_candidates()
+        prefixes = self._live_seed_prefixes()
         if using_reference():
-            self._plain_state = snapshot_reference(self.model, exclude=frozenset(self._excluded_keys(state)))
+            keys = self.model.state_dict(keep_vars=True) if prefixes else ()
+            exclude = frozenset(key for key in keys if key.startswith(prefixes))
+            self._plain_state = snapshot_reference(self.model, exclude=exclude)
             self._plain_optimizer_states = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
             return
-        excluded = self._excluded_keys(state)
-        if excluded:
-            state = {key: value for key, value in state.items() if key not in excluded}
+        state = self.model.state_dict(keep_vars=True)
+        if prefixes:
+            state = {key: value for key, value in state.items() if not key.startswith(prefixes)}
         self._model_snapshot.capture(state, non_blocking=non_blocking)
         if self.optimizers:
             params, optimizer_state = self._optimizer_state()
@@ -172,9 +174,6 @@ class TolariaGovernor:
         self._plain_state = None
         self._plain_optimizer_states = None
 
-    def _snapshot_candidates(self) -> dict:
-        return self.model.state_dict(keep_vars=True)
-
     def _live_seed_slot(self):
         """``model.seed_slot`` when it holds a live (not FOSSILIZED) seed, else None."""
         slot = getattr(self.model, "seed_slot", None)
@@ -183,14 +182,13 @@ class TolariaGovernor:
             return None
         return slot
 
-    def _excluded_keys(self, state: dict) -> set:
-        """State-dict keys owned by the live seed (its module and its alpha schedule)."""
+    def _live_seed_prefixes(self) -> tuple:
+        """State-dict key prefixes owned by the live seed (its module and its alpha schedule)."""
         slot = self._live_seed_slot()
         if slot is None:
-            return set()
+            return ()
         owned = [m for m in (getattr(slot, "seed", None), getattr(slot, "alpha_schedule", None)) if isinstance(m, nn.Module)]
-        prefixes = tuple(name + "." for name, module in self.model.named_modules() if any(module is m for m in owned))
-        return {key for key in state if key.startswith(prefixes)} if prefixes else set()
+        return tuple(name + "." for name, module in self.model.named_modules() if any(module is m for m in owned))
 
     def _optimizer_state(self):
         """(params per optimizer, flat mapping (optimizer, param, name) -> state value)."""
