@@ -188,7 +188,9 @@ class TolariaGovernor:
         if slot is None:
             return ()
         owned = [m for m in (getattr(slot, "seed", None), getattr(slot, "alpha_schedule", None)) if isinstance(m, nn.Module)]
-        return tuple(name + "." for name, module in self.model.named_modules() if any(module is m for m in owned))
+        # A slot may be registered under several names (model.seed_slot and host.slots.<id>).
+        modules = self.model.named_modules(remove_duplicate=False)
+        return tuple(name + "." for name, module in modules if any(module is m for m in owned))
 
     def _optimizer_state(self):
         """(params per optimizer, flat mapping (optimizer, param, name) -> state value)."""
