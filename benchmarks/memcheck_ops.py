@@ -159,39 +159,24 @@ def _snapshot_tensors():
         torch.randn(64, 31, device=DEVICE).t(),  # not contiguous
         torch.randn((), device=DEVICE),
         torch.randn(0, 3, device=DEVICE),
+        torch.randn(700_001, device=DEVICE),  # over 1 MiB: the direct-copy path
+        torch.randn(1200, 900, device=DEVICE)[:, ::2],  # large and strided
     ]
-
-
-def _call_first(obj, names, *args):
-    for name in names:
-        method = getattr(obj, name, None)
-        if callable(method):
-            return name, method(*args)
-    raise TypeError(f"HostSnapshot has none of {names}; its public names: "
-                    f"{[n for n in dir(obj) if not n.startswith('_')]}")
 
 
 @check
 def snapshot_capture_restore():
-    """HostSnapshot's API is newer than this script: the usual spellings are tried and named."""
+    """A list of mixed tensors into the pinned host buffer and back, bit for bit."""
     from esper_fast.ops import HostSnapshot
 
     tensors = _snapshot_tensors()
     saved = [t.clone() for t in tensors]
-    try:
-        snapshot = HostSnapshot(tensors)
-        capture_args = ()
-    except TypeError:
-        snapshot = HostSnapshot()
-        capture_args = (tensors,)
-    _call_first(snapshot, ("capture", "snapshot", "copy_from", "save"), *capture_args)
+    snapshot = HostSnapshot()
+    snapshot.capture(tensors)
     _sync()
     for t in tensors:  # overwrite everything, so only a real restore brings the values back
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        else:
-            t.fill_(-7)
-    _call_first(snapshot, ("restore", "copy_to", "load"), *capture_args)
+        t.fill_(float("nan") if t.is_floating_point() else -7)
+    snapshot.restore(tensors)
     _sync()
     for index, (t, s) in enumerate(zip(tensors, saved)):
         assert torch.equal(t, s), f"tensor {index} ({s.dtype}, {tuple(s.shape)}) not restored bit for bit"

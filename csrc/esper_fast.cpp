@@ -39,5 +39,11 @@ TORCH_LIBRARY(esper_fast, m) {
 
 
   // ---- snapshot family (csrc/cpu/snapshot.cpp, csrc/cuda/snapshot.cu, esper_fast/ops/snapshot.py) ----
+  // Copies each tensor's bytes (row-major, whatever its strides) into the flat uint8 `buffer`
+  // at the byte offset `offsets[i]`. The buffer may be host memory (pinned for CUDA tensors)
+  // or device memory; CUDA copies are enqueued on the current stream and not synchronised.
+  m.def("snapshot_pack(Tensor[] tensors, Tensor(a!) buffer, int[] offsets) -> ()");
+  // The inverse: copies the bytes at `offsets[i]` back into `tensors[i]`, in place.
+  m.def("snapshot_unpack(Tensor(a!)[] tensors, Tensor buffer, int[] offsets) -> ()");
   // ---- end snapshot family ----
 }

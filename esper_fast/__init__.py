@@ -30,7 +30,7 @@ def kernels_available() -> dict:
     present; ``torch.cuda.is_available()`` says whether they can run.
     """
     names = sorted(
-        name for name in dir(torch.ops.esper_fast) if not name.startswith("_") and name not in ("name", "OpOverloadPacket")
+        name.split("::", 1)[1] for name in torch._C._dispatch_get_all_op_names() if name.startswith("esper_fast::")
     )
     result = {}
     for backend in ("CPU", "CUDA"):
