@@ -421,12 +421,6 @@ def _cosine_lr(base: float, epoch: int, epochs: int) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / epochs))
 
 
-def _reset_optimizer(optimizer) -> None:
-    """Drops momentum after a rollback: restored weights with diverged momentum diverge again."""
-    if optimizer is not None:
-        optimizer.state = collections.defaultdict(dict)
-
-
 def load_data(config: RunConfig, spec):
     """The task's loaders (see :mod:`esper_fast.data`)."""
     from esper_fast import data
@@ -567,8 +561,9 @@ def run(config: RunConfig, echo: Callable[[str], None] = print) -> dict:
             if rollback:
                 rollbacks += 1
                 live = controller.live
-                report = governor.execute_rollback()
-                _reset_optimizer(host_optimizer)
+                # The host optimizer's momentum is reset with the weights: diverged momentum on
+                # restored weights would push them straight back into divergence.
+                report = governor.execute_rollback(optimizer=host_optimizer)
                 seed_optimizer = None
                 events.append(
                     f"governor rollback ({report.reason}, loss {panic_loss:.4g}): restored the last healthy epoch"
