@@ -31,7 +31,7 @@ inline bool check_update_args(const at::Tensor& logits, const at::Tensor& target
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
               "esper_fast.metrics_update: logits must be float64, float32, float16 or bfloat16, got ", dtype);
   TORCH_CHECK(logits.size(1) > 0, "esper_fast.metrics_update: logits need at least one class (C >= 1)");
-  TORCH_CHECK(logits.stride(1) == 1 && (logits.size(0) <= 1 || logits.stride(0) == logits.size(1)),
+  TORCH_CHECK(logits.is_contiguous(),
               "esper_fast.metrics_update: logits rows must be contiguous (call .contiguous())");
   TORCH_CHECK(targets.dim() == 1 && targets.size(0) == logits.size(0), "esper_fast.metrics_update: targets must be [N] = [",
               logits.size(0), "], got shape ", targets.sizes());

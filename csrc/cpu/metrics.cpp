@@ -216,19 +216,22 @@ void metrics_update_cpu(const at::Tensor& logits, const at::Tensor& targets, con
       Partial& p = partials[at::get_thread_num()];
       for (int64_t row = begin; row < end; ++row) {
         const int64_t target = target_ptr[row];
-        if (target == ignore_index) continue;
+        const bool ignored = target == ignore_index;
         if (target < 0 || target >= classes) {
-          if (row < p.first_bad_row) {
+          if (!ignored && row < p.first_bad_row) {
             p.first_bad_row = row;
             p.bad_value = target;
           }
-          ++p.errors;
+          p.errors += !ignored;
           continue;
         }
-        const RowResult r = row_metrics(logit_ptr + row * classes, classes, target, want_loss);
+        // An in-range ignore_index still counts for accuracy, as argmax == labels does.
+        const RowResult r = row_metrics(logit_ptr + row * classes, classes, target, want_loss && !ignored);
         const bool hit = r.argmax == target;
-        p.loss += r.loss;
-        p.valid += 1;
+        if (!ignored) {
+          p.loss += r.loss;
+          p.valid += 1;
+        }
         p.correct += hit;
         if (per_class) {
           p.class_counts[target] += 1;

@@ -121,16 +121,21 @@ template <typename scalar_t, typename math_t>
 __device__ __forceinline__ void finish_row(const RowState<math_t>& st, const scalar_t* row_ptr, int64_t target,
                                            int64_t classes, int64_t ignore_index, bool want_loss, bool per_class,
                                            int64_t* state, BatchPartial& part) {
-  if (target == ignore_index) return;
+  const bool ignored = target == ignore_index;
   if (target < 0 || target >= classes) {
-    const ull before = atomicAdd(reinterpret_cast<ull*>(state + kErrors), 1ull);
-    if (before == 0) state[kBadValue] = target;
+    if (!ignored) {
+      const ull before = atomicAdd(reinterpret_cast<ull*>(state + kErrors), 1ull);
+      if (before == 0) state[kBadValue] = target;
+    }
     return;
   }
+  // An in-range ignore_index still counts for accuracy, as argmax == labels does.
   const bool hit = st.best_index == target;
-  part.valid += 1;
   part.correct += hit;
-  if (want_loss) part.loss += st.loss(static_cast<math_t>(row_ptr[target]));
+  if (!ignored) {
+    part.valid += 1;
+    if (want_loss) part.loss += st.loss(static_cast<math_t>(row_ptr[target]));
+  }
   if (per_class) {
     atomicAdd(reinterpret_cast<ull*>(state + kHeader + target), 1ull);
     if (hit) atomicAdd(reinterpret_cast<ull*>(state + kHeader + classes + target), 1ull);

@@ -76,8 +76,10 @@ class MetricsAccumulator:
         num_classes: C, the width of the logits.
         device: where the logits live and the sums are kept.
         per_class: also count per-class totals and argmax hits.
-        ignore_index: target value whose rows are left out of the loss and the counts
-            (they still count in ``total``), as ``nn.CrossEntropyLoss(ignore_index=...)``.
+        ignore_index: target value whose rows are left out of the loss, as
+            ``nn.CrossEntropyLoss(ignore_index=...)``. For the counts they behave as in the
+            original ``argmax == labels``: always in ``total``, and in ``correct`` / per-class
+            only when ignore_index is itself a class in ``[0, num_classes)``.
 
     ``update`` is asynchronous (one kernel launch, no sync); ``compute`` reads the sums back
     once and raises ``ValueError`` if any target was outside ``[0, num_classes)``.
@@ -148,7 +150,21 @@ class MetricsAccumulator:
 
     def compute(self) -> MetricsResult:
         """The one device-to-host read. Raises ValueError if a target was outside [0, C)."""
-        host = self.state.cpu()
+        return self._result(self.state.cpu())
+
+    @staticmethod
+    def compute_all(accumulators: "list[MetricsAccumulator]") -> list[MetricsResult]:
+        """``compute`` for several accumulators on one device with a single device-to-host read."""
+        if not accumulators:
+            return []
+        host = torch.cat([acc.state for acc in accumulators]).cpu()
+        results, offset = [], 0
+        for acc in accumulators:
+            results.append(acc._result(host[offset : offset + acc.state.numel()]))
+            offset += acc.state.numel()
+        return results
+
+    def _result(self, host: torch.Tensor) -> MetricsResult:
         errors = int(host[_ERRORS])
         if errors:
             bad = int(host[_BAD_VALUE])
