@@ -314,7 +314,10 @@ def test_cuda_batch_loop_never_synchronises(classes):
     device = "cuda"
     rows = 64 if classes == 50257 else 512
     batches = [
-        (torch.randn(rows, classes, device=device, dtype=torch.bfloat16), torch.randint(0, classes, (rows,), device=device))
+        (
+            torch.randn(rows, classes, device=device, dtype=torch.bfloat16),
+            torch.randint(0, classes, (rows,), device=device),
+        )
         for _ in range(5)
     ]
     criterion = nn.CrossEntropyLoss(label_smoothing=0.1)

@@ -98,7 +98,8 @@ def test_train_epoch_normal_updates_weights_and_leaves_train_mode():
     model = SeededClassifier()
     model.eval()
     before = [p.detach().clone() for p in model.parameters()]
-    train_epoch_normal(model, classification_batches(), nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.1), "cpu")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    train_epoch_normal(model, classification_batches(), nn.CrossEntropyLoss(), optimizer, "cpu")
     assert model.training
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
 
@@ -136,7 +137,8 @@ def test_train_epoch_incubator_mode_steps_both_optimizers():
     seed_opt = CountingSGD(model.seed.parameters(), lr=0.1)
     host_before = model.host.weight.detach().clone()
     seed_before = model.seed.weight.detach().clone()
-    train_epoch_incubator_mode(model, classification_batches(n_batches=3), nn.CrossEntropyLoss(), host_opt, seed_opt, "cpu")
+    data = classification_batches(n_batches=3)
+    train_epoch_incubator_mode(model, data, nn.CrossEntropyLoss(), host_opt, seed_opt, "cpu")
     assert (host_opt.steps, seed_opt.steps, host_opt.zeroed, seed_opt.zeroed) == (3, 3, 3, 3)
     assert not torch.equal(host_before, model.host.weight)
     assert not torch.equal(seed_before, model.seed.weight)
@@ -158,7 +160,8 @@ def test_train_epoch_blended_with_and_without_seed_optimizer():
 def test_train_epoch_lm_flattens_outputs():
     model = TinyLM()
     before = model.head.weight.detach().clone()
-    train_epoch_normal(model, lm_batches(), nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.1), "cpu", task_type="lm")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    train_epoch_normal(model, lm_batches(), nn.CrossEntropyLoss(), optimizer, "cpu", task_type="lm")
     assert not torch.equal(before, model.head.weight)
 
 
@@ -179,7 +182,9 @@ def test_classification_fast_equals_reference(criterion_name, per_class):
     train, test = classification_batches(n_batches=12, generator_seed=2), classification_batches(n_batches=5)
     criterion = CRITERIA[criterion_name]()
     fast, ref = _both_paths(
-        lambda: validate_and_get_metrics(model, train, test, criterion, "cpu", compute_per_class=per_class, num_classes=CLASSES)
+        lambda: validate_and_get_metrics(
+            model, train, test, criterion, "cpu", compute_per_class=per_class, num_classes=CLASSES
+        )
     )
     val_loss, val_acc, train_loss, train_acc, per_class_acc, perplexity = fast
     assert val_loss == pytest.approx(ref[0], rel=1e-5)
@@ -314,7 +319,8 @@ def test_empty_loaders_raise_naming_the_loader(reference):
             validate_and_get_metrics(model, data, [], nn.CrossEntropyLoss(), "cpu")
         with pytest.raises(ValueError, match="trainloader"):
             validate_and_get_metrics(model, [], data, nn.CrossEntropyLoss(), "cpu")
-        assert validate_with_attribution(model, [], nn.CrossEntropyLoss(), "cpu") == AttributionResult(0.0, 0.0, 0.0, 0.0, 0.0)
+        empty = validate_with_attribution(model, [], nn.CrossEntropyLoss(), "cpu")
+        assert empty == AttributionResult(0.0, 0.0, 0.0, 0.0, 0.0)
     assert model.training
 
 
@@ -403,7 +409,8 @@ def test_attribution_restores_alpha_and_mode_on_error(reference, start_training)
 def test_attribution_lm():
     model = TinyLM()
     data = lm_batches()
-    fast, ref = _both_paths(lambda: validate_with_attribution(model, data, nn.CrossEntropyLoss(), "cpu", task_type="lm"))
+    criterion = nn.CrossEntropyLoss()
+    fast, ref = _both_paths(lambda: validate_with_attribution(model, data, criterion, "cpu", task_type="lm"))
     assert fast.real_accuracy == ref.real_accuracy
     assert fast.real_loss == pytest.approx(ref.real_loss, rel=1e-5)
     assert fast.seed_contribution == 0.0  # TinyLM ignores alpha
@@ -414,7 +421,9 @@ def test_cuda_validation_reads_the_device_once():
     model = SeededClassifier(alpha=0.5).cuda()
     data = [(x.cuda(), y.cuda()) for x, y in classification_batches(n_batches=6)]
     criterion = nn.CrossEntropyLoss()
-    fast, ref = _both_paths(lambda: validate_and_get_metrics(model, data, data, criterion, "cuda", compute_per_class=True))
+    fast, ref = _both_paths(
+        lambda: validate_and_get_metrics(model, data, data, criterion, "cuda", compute_per_class=True)
+    )
     assert fast[0] == pytest.approx(ref[0], rel=1e-5)
     assert fast[1] == ref[1] and fast[4] == ref[4]
     for run in (

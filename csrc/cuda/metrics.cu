@@ -48,18 +48,50 @@ struct RowState {
     best_index = -1;
   }
 
-  // Elements must arrive in increasing index order per thread.
-  __device__ __forceinline__ void push(math_t v, int64_t i) {
-    if (v > max) {
-      sum = sum * exp_of(max - v) + math_t(1);
-      max = v;
-    } else if (!(v == -std::numeric_limits<math_t>::infinity())) {
-      sum += exp_of(v - max);  // a NaN v makes sum NaN
+  // K consecutive elements starting at index `first`; a thread's packs must arrive in
+  // increasing index order. The argmax and the rescale of `sum` happen once per pack.
+  template <int K>
+  __device__ __forceinline__ void push(const math_t (&v)[K], int64_t first) {
+    constexpr math_t kNegInf = -std::numeric_limits<math_t>::infinity();
+    math_t pack_max = kNegInf;
+    bool has_nan = false;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      has_nan |= is_nan(v[k]);
+      pack_max = v[k] > pack_max ? v[k] : pack_max;
     }
-    if (best_index < 0 || (!is_nan(best) && (v > best || is_nan(v)))) {
-      best = v;
-      best_index = i;
+    if (has_nan) {
+      // Rare: element by element, the first NaN wins the argmax; the loss becomes NaN.
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        if (best_index < 0 || (!is_nan(best) && (v[k] > best || is_nan(v[k])))) {
+          best = v[k];
+          best_index = first + k;
+        }
+      }
+      sum = std::numeric_limits<math_t>::quiet_NaN();
+      return;
     }
+    if (best_index < 0 || (!is_nan(best) && pack_max > best)) {
+      int k = 0;
+      while (k < K - 1 && !(v[k] == pack_max)) ++k;
+      best = pack_max;
+      best_index = first + k;
+    }
+    if (pack_max > max) {
+      sum = sum * exp_of(max - pack_max);  // sum is 0 while max is -inf
+      max = pack_max;
+    }
+    if (max == kNegInf) return;  // only -inf so far: nothing to add
+    math_t pack_sum = 0;
+#pragma unroll
+    for (int k = 0; k < K; ++k) pack_sum += exp_of(v[k] - max);
+    sum += pack_sum;
+  }
+
+  __device__ __forceinline__ void push_one(math_t v, int64_t index) {
+    const math_t one[1] = {v};
+    push<1>(one, index);
   }
 
   __device__ __forceinline__ void merge(math_t o_max, math_t o_sum, math_t o_best, int64_t o_index) {
@@ -204,7 +236,7 @@ __global__ void metrics_short_rows_kernel(const scalar_t* __restrict__ logits, c
     RowState<math_t> st;
     st.init();
     if (row < rows) {
-      for (int64_t i = lane; i < classes; i += TPR) st.push(static_cast<math_t>(row_ptr[i]), i);
+      for (int64_t i = lane; i < classes; i += TPR) st.push_one(static_cast<math_t>(row_ptr[i]), i);
     }
     st.reduce_lanes(TPR);
     if (row < rows && lane == 0) {
@@ -237,15 +269,17 @@ __global__ void metrics_long_rows_kernel(const scalar_t* __restrict__ logits, co
     const int64_t tail = head + packs * kVec;
     RowState<math_t> st;
     st.init();
-    if (threadIdx.x < head) st.push(static_cast<math_t>(row_ptr[threadIdx.x]), threadIdx.x);
+    if (threadIdx.x < head) st.push_one(static_cast<math_t>(row_ptr[threadIdx.x]), threadIdx.x);
     const Pack* pack_ptr = reinterpret_cast<const Pack*>(row_ptr + head);
     for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
       const Pack pack = pack_ptr[p];
+      math_t values[kVec];
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) st.push(static_cast<math_t>(pack.v[k]), head + p * kVec + k);
+      for (int k = 0; k < kVec; ++k) values[k] = static_cast<math_t>(pack.v[k]);
+      st.push<kVec>(values, head + p * kVec);
     }
     const int64_t i = tail + threadIdx.x;
-    if (i < classes) st.push(static_cast<math_t>(row_ptr[i]), i);
+    if (i < classes) st.push_one(static_cast<math_t>(row_ptr[i]), i);
     st.reduce_lanes(32);
     if (lane == 0) {
       shared_max[warp] = st.max;

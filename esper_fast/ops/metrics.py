@@ -89,11 +89,11 @@ class MetricsAccumulator:
         if int(num_classes) < 1:
             raise ValueError(f"MetricsAccumulator: num_classes must be >= 1, got {num_classes}")
         self.num_classes = int(num_classes)
-        self.device = torch.device(device)
         self.per_class = bool(per_class)
         self.ignore_index = int(ignore_index)
         size = _HEADER + (2 * self.num_classes if self.per_class else 0)
-        self.state = torch.zeros(size, dtype=torch.int64, device=self.device)
+        self.state = torch.zeros(size, dtype=torch.int64, device=device)
+        self.device = self.state.device  # "cuda" resolved to "cuda:<current>"
 
     def reset(self) -> None:
         """Zero every sum (asynchronous)."""

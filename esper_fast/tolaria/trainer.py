@@ -16,8 +16,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from collections.abc import Iterable, Iterator
-from typing import Protocol
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -36,14 +35,7 @@ __all__ = [
 ]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-class BatchLoader(Protocol):
-    """Anything that yields ``(inputs, labels)`` tensor pairs: a DataLoader, a list of batches."""
-
-    def __iter__(self) -> Iterator[Batch]: ...
-
-
+# Anything that yields (inputs, labels) tensor pairs: a DataLoader, a list of batches, a generator.
 BatchIterable = Iterable[Batch]
 
 # Train metrics look at no more than this many batches of the train loader.
