@@ -308,6 +308,26 @@ def test_opcheck(device, classes, per_class, with_loss):
     torch.library.opcheck(torch.ops.esper_fast.metrics_update.default, (logits, targets, loss, state, -100))
 
 
+def test_torch_compile_fullgraph(device):
+    """The op traces into a compiled graph (declared mutation, fake kernel) and counts as eager does."""
+    from esper_fast.ops.metrics import metrics_update
+
+    @torch.compile(fullgraph=True)
+    def step(x, targets, state):
+        logits = x * 2.0
+        metrics_update(logits, targets, None, state, -100)
+        return logits.sum()
+
+    x = torch.randn(16, 10, device=device)
+    targets = torch.randint(0, 10, (16,), device=device)
+    compiled = MetricsAccumulator(10, device, per_class=True)
+    eager = MetricsAccumulator(10, device, per_class=True)
+    for _ in range(2):
+        step(x, targets, compiled.state)
+        eager.update(x * 2.0, targets)
+    assert compiled.compute() == eager.compute()
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("classes", [10, 1000, 50257])
 def test_cuda_batch_loop_never_synchronises(classes):
