@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import esper_fast  # noqa: F401  (registers torch.ops.esper_fast)
 from esper_fast.ops import MetricsAccumulator, MetricsResult
@@ -306,6 +308,34 @@ def test_opcheck(device, classes, per_class, with_loss):
     state = MetricsAccumulator(classes, device, per_class=per_class).state
     loss = torch.tensor(0.5, device=device) if with_loss else None
     torch.library.opcheck(torch.ops.esper_fast.metrics_update.default, (logits, targets, loss, state, -100))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(0, 40),
+    classes=st.integers(1, 70),
+    levels=st.integers(1, 6),
+    dtype=st.sampled_from(FLOAT_DTYPES),
+    ignore_every=st.integers(0, 5),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_property_random_batches_match_reference(rows, classes, levels, dtype, ignore_every, seed):
+    """Invariants over random shapes with heavy ties: counts exact, loss close, sums consistent."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randint(0, levels, (rows, classes), generator=g).to(dtype) * 0.75
+    targets = torch.randint(0, classes, (rows,), generator=g)
+    if ignore_every:
+        targets[::ignore_every] = -100
+    acc = MetricsAccumulator(classes, "cpu", per_class=True)
+    acc.update(logits, targets)
+    result = acc.compute()
+    loss, ref = _expected(logits, targets, True)
+    _assert_loss(result.loss, loss)
+    assert result.total == rows and result.batches == 1
+    assert result.correct == int(ref["correct"]) <= rows
+    assert result.class_total == ref["class_total"].tolist()
+    assert result.class_correct == ref["class_correct"].tolist()
+    assert sum(result.class_correct) == result.correct
 
 
 def test_torch_compile_fullgraph(device):
