@@ -34,6 +34,13 @@ TORCH_LIBRARY(esper_fast, m) {
 
 
   // ---- metrics family (csrc/cpu/metrics.cpp, csrc/cuda/metrics.cu, esper_fast/ops/metrics.py) ----
+  // One pass over logits [N, C] and targets [N] adding into the int64 accumulator `state`
+  // (layout in csrc/metrics.h): cross-entropy of the batch mean (or `batch_loss` when
+  // given), argmax == target count, row count, per-class totals/correct when state holds them,
+  // and an error count plus one offending value for targets outside [0, C) other than ignore_index.
+  m.def(
+      "metrics_update(Tensor logits, Tensor targets, Tensor? batch_loss, Tensor(a!) state, "
+      "int ignore_index) -> ()");
   // ---- end metrics family ----
 
 

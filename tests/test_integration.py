@@ -72,3 +72,80 @@ def test_blending_slot_forward_runs_the_fused_blend():
     assert out.shape == (4, 10)
     out.sum().backward()
     assert all(p.grad is not None for p in model.get_seed_parameters())
+
+
+# ------------------------------------------------------------------ trainer on real models
+
+from esper_fast.kasmina import TransformerHost  # noqa: E402
+from esper_fast.ops import reference_mode  # noqa: E402
+from esper_fast.tolaria import (  # noqa: E402
+    train_epoch_blended,
+    validate_and_get_metrics,
+    validate_with_attribution,
+)
+
+
+def _image_batches(n_batches=3, batch=16, classes=10):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, classes, (batch,), generator=g))
+            for _ in range(n_batches)]
+
+
+def _token_batches(n_batches=2, batch=4, block=16, vocab=64):
+    g = torch.Generator().manual_seed(2)
+    return [(torch.randint(0, vocab, (batch, block), generator=g), torch.randint(0, vocab, (batch, block), generator=g))
+            for _ in range(n_batches)]
+
+
+def test_validation_of_a_blending_cnn_matches_the_original_algorithm():
+    model = _model_with_seed(SeedStage.BLENDING)
+    model.seed_slot.set_alpha(0.6)
+    batches = _image_batches()
+    criterion = nn.CrossEntropyLoss()
+    fast = validate_and_get_metrics(model, batches, batches, criterion, "cpu", compute_per_class=True)
+    with reference_mode():
+        ref = validate_and_get_metrics(model, batches, batches, criterion, "cpu", compute_per_class=True)
+    assert fast[1] == ref[1] and fast[3] == ref[3] and fast[4] == ref[4]
+    assert fast[0] == pytest.approx(ref[0], rel=1e-5) and fast[2] == pytest.approx(ref[2], rel=1e-5)
+    assert fast[5] is None and ref[5] is None
+
+
+def test_attribution_of_a_blending_cnn_matches_two_pass_original():
+    model = _model_with_seed(SeedStage.BLENDING)
+    model.seed_slot.set_alpha(0.8)
+    batches = _image_batches()
+    criterion = nn.CrossEntropyLoss()
+    fast = validate_with_attribution(model, batches, criterion, "cpu")
+    with reference_mode():
+        ref = validate_with_attribution(model, batches, criterion, "cpu")
+    assert model.seed_slot.alpha == pytest.approx(0.8)
+    assert fast.real_accuracy == ref.real_accuracy and fast.baseline_accuracy == ref.baseline_accuracy
+    assert fast.seed_contribution == pytest.approx(fast.real_accuracy - fast.baseline_accuracy)
+    assert fast.real_loss == pytest.approx(ref.real_loss, rel=1e-5)
+    assert fast.baseline_loss == pytest.approx(ref.baseline_loss, rel=1e-5)
+    assert fast.real_loss != pytest.approx(fast.baseline_loss)  # the seed changes the output
+
+
+def test_lm_validation_on_a_transformer_matches_the_original_algorithm():
+    host = TransformerHost(vocab_size=64, n_embd=32, n_head=2, n_layer=2, block_size=16, dropout=0.0)
+    model = MorphogeneticModel(host, task_config=None)
+    batches = _token_batches()
+    criterion = nn.CrossEntropyLoss()
+    fast = validate_and_get_metrics(model, batches, batches, criterion, "cpu", task_type="lm")
+    with reference_mode():
+        ref = validate_and_get_metrics(model, batches, batches, criterion, "cpu", task_type="lm")
+    assert fast[1] == ref[1] and fast[3] == ref[3]
+    assert fast[0] == pytest.approx(ref[0], rel=1e-5)
+    assert fast[5] == pytest.approx(ref[5], rel=1e-5)
+
+
+def test_blended_training_steps_host_and_seed():
+    model = _model_with_seed(SeedStage.BLENDING)
+    model.seed_slot.set_alpha(0.5)
+    host_opt = torch.optim.SGD(model.get_host_parameters(), lr=0.1)
+    seed_opt = torch.optim.SGD(model.get_seed_parameters(), lr=0.1)
+    host_before = [p.detach().clone() for p in model.get_host_parameters()]
+    seed_before = [p.detach().clone() for p in model.get_seed_parameters()]
+    train_epoch_blended(model, _image_batches(2), nn.CrossEntropyLoss(), host_opt, seed_opt, "cpu")
+    assert any(not torch.equal(a, b) for a, b in zip(host_before, model.get_host_parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(seed_before, model.get_seed_parameters()))

@@ -1,10 +1,188 @@
-"""PLACEHOLDER until the metrics kernels land."""
+"""Fused validation metrics: cross-entropy, argmax accuracy and per-class counts in one pass.
+
+:class:`MetricsAccumulator` keeps every running sum in one device-resident int64 tensor
+(``state``, layout in ``csrc/metrics.h``). :meth:`MetricsAccumulator.update` launches the
+``esper_fast::metrics_update`` kernel and never synchronises; :meth:`MetricsAccumulator.compute`
+is the single device-to-host read, and the place where an out-of-range target is reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.distributed as dist
+
+# Offsets into the state tensor; they mirror csrc/metrics.h.
+_LOSS_SUM, _LOSS_SCRATCH, _BATCHES, _CORRECT, _TOTAL = 0, 1, 2, 3, 4
+_VALID_SCRATCH, _ERRORS, _BAD_VALUE, _BLOCKS_DONE = 5, 6, 7, 8
+_HEADER = 10
+
+_LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+def metrics_update(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    batch_loss: torch.Tensor | None,
+    state: torch.Tensor,
+    ignore_index: int,
+) -> None:
+    """Add one batch into ``state`` in place (see csrc/metrics.h). No host synchronisation."""
+    torch.ops.esper_fast.metrics_update.default(logits, targets, batch_loss, state, ignore_index)
+
+
+@torch.library.register_fake("esper_fast::metrics_update")
+def _metrics_update_fake(logits, targets, batch_loss, state, ignore_index):
+    torch._check(logits.dim() == 2, lambda: f"logits must be [N, C], got {tuple(logits.shape)}")
+    torch._check(targets.dim() == 1 and targets.shape[0] == logits.shape[0], lambda: "targets must be [N]")
+    torch._check(targets.dtype == torch.int64, lambda: f"targets must be int64, got {targets.dtype}")
+    torch._check(state.dtype == torch.int64 and state.dim() == 1, lambda: "state must be a 1-d int64 tensor")
+    return None
+
+
+@dataclasses.dataclass
 class MetricsResult:
-    pass
+    """What a pass measured, as Python numbers.
+
+    ``loss_sum`` is the sum over batches of each batch's mean loss; ``total`` counts every row
+    (ignore_index rows included, as the original's ``labels.numel()``); per-class lists are
+    ``None`` unless the accumulator counts per class.
+    """
+
+    loss_sum: float
+    batches: int
+    correct: int
+    total: int
+    class_total: list[int] | None = None
+    class_correct: list[int] | None = None
+
+    @property
+    def loss(self) -> float:
+        """Mean over batches of the batch-mean loss; NaN when no batch was seen."""
+        return self.loss_sum / self.batches if self.batches else math.nan
+
+    @property
+    def accuracy(self) -> float:
+        """Percent of rows whose argmax equals the target; 0.0 when no row was seen."""
+        return 100.0 * self.correct / self.total if self.total else 0.0
 
 
 class MetricsAccumulator:
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError("metrics kernels not landed yet")
+    """Device-resident running sums of validation metrics over many batches.
+
+    Args:
+        num_classes: C, the width of the logits.
+        device: where the logits live and the sums are kept.
+        per_class: also count per-class totals and argmax hits.
+        ignore_index: target value whose rows are left out of the loss, as
+            ``nn.CrossEntropyLoss(ignore_index=...)``. For the counts they behave as in the
+            original ``argmax == labels``: always in ``total``, and in ``correct`` / per-class
+            only when ignore_index is itself a class in ``[0, num_classes)``.
+
+    ``update`` is asynchronous (one kernel launch, no sync); ``compute`` reads the sums back
+    once and raises ``ValueError`` if any target was outside ``[0, num_classes)``.
+    """
+
+    def __init__(self, num_classes: int, device, per_class: bool = False, ignore_index: int = -100):
+        if int(num_classes) < 1:
+            raise ValueError(f"MetricsAccumulator: num_classes must be >= 1, got {num_classes}")
+        self.num_classes = int(num_classes)
+        self.per_class = bool(per_class)
+        self.ignore_index = int(ignore_index)
+        size = _HEADER + (2 * self.num_classes if self.per_class else 0)
+        self.state = torch.zeros(size, dtype=torch.int64, device=device)
+        self.device = self.state.device  # "cuda" resolved to "cuda:<current>"
+
+    def reset(self) -> None:
+        """Zero every sum (asynchronous)."""
+        self.state.zero_()
+
+    def update(self, logits: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor | None = None) -> None:
+        """Add a batch: logits ``[N, C]`` (float), targets ``[N]`` (int64).
+
+        With ``loss`` None the kernel's cross-entropy (mean over the batch's non-ignored rows) is
+        accumulated; otherwise ``loss`` (a one-element tensor from another criterion) is added on
+        device and the kernel only counts. Never synchronises.
+        """
+        if logits.dim() != 2 or logits.shape[1] != self.num_classes:
+            raise ValueError(
+                f"MetricsAccumulator.update: logits must be [N, {self.num_classes}], got {tuple(logits.shape)}"
+            )
+        if logits.dtype not in _LOGIT_DTYPES:
+            raise ValueError(f"MetricsAccumulator.update: logits must be a float tensor, got {logits.dtype}")
+        if targets.dim() != 1 or targets.shape[0] != logits.shape[0]:
+            raise ValueError(
+                f"MetricsAccumulator.update: targets must be [{logits.shape[0]}] to match logits, "
+                f"got {tuple(targets.shape)}"
+            )
+        if targets.dtype != torch.int64:
+            raise ValueError(f"MetricsAccumulator.update: targets must be int64, got {targets.dtype}")
+        if logits.device != self.device or targets.device != self.device:
+            raise ValueError(
+                f"MetricsAccumulator.update: logits ({logits.device}) and targets ({targets.device}) "
+                f"must be on the accumulator's device {self.device}"
+            )
+        if loss is not None:
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.is_floating_point():
+                raise ValueError("MetricsAccumulator.update: loss must be a one-element float tensor or None")
+            if loss.device != self.device:
+                raise ValueError(f"MetricsAccumulator.update: loss is on {loss.device}, expected {self.device}")
+            loss = loss.detach()
+        if not logits.is_contiguous():
+            logits = logits.contiguous()
+        if not targets.is_contiguous():
+            targets = targets.contiguous()
+        metrics_update(logits.detach(), targets, loss, self.state, self.ignore_index)
+
+    def all_reduce(self, group=None) -> None:
+        """Sum the device sums over a torch.distributed group; a no-op when not initialised.
+
+        The offending-target value is kept per rank (a sum of values would name a wrong one).
+        """
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        dist.all_reduce(self.state[_LOSS_SUM : _LOSS_SUM + 1].view(torch.float64), group=group)
+        dist.all_reduce(self.state[_BATCHES:_BAD_VALUE], group=group)
+        if self.per_class:
+            dist.all_reduce(self.state[_HEADER:], group=group)
+
+    def compute(self) -> MetricsResult:
+        """The one device-to-host read. Raises ValueError if a target was outside [0, C)."""
+        return self._result(self.state.cpu())
+
+    @staticmethod
+    def compute_all(accumulators: "list[MetricsAccumulator]") -> list[MetricsResult]:
+        """``compute`` for several accumulators on one device with a single device-to-host read."""
+        if not accumulators:
+            return []
+        host = torch.cat([acc.state for acc in accumulators]).cpu()
+        results, offset = [], 0
+        for acc in accumulators:
+            results.append(acc._result(host[offset : offset + acc.state.numel()]))
+            offset += acc.state.numel()
+        return results
+
+    def _result(self, host: torch.Tensor) -> MetricsResult:
+        errors = int(host[_ERRORS])
+        if errors:
+            bad = int(host[_BAD_VALUE])
+            raise ValueError(
+                f"MetricsAccumulator: {errors} target(s) outside [0, {self.num_classes}) "
+                f"(and not ignore_index={self.ignore_index}), e.g. {bad}"
+            )
+        loss_sum = float(host[_LOSS_SUM : _LOSS_SUM + 1].view(torch.float64)[0])
+        class_total = class_correct = None
+        if self.per_class:
+            counts = host[_HEADER:].view(2, self.num_classes)
+            class_total = counts[0].tolist()
+            class_correct = counts[1].tolist()
+        return MetricsResult(
+            loss_sum=loss_sum,
+            batches=int(host[_BATCHES]),
+            correct=int(host[_CORRECT]),
+            total=int(host[_TOTAL]),
+            class_total=class_total,
+            class_correct=class_correct,
+        )

@@ -1,0 +1,361 @@
+// metrics_update on CUDA: one read of the logits, online max / sum-exp and torch.argmax order.
+// Short rows (C <= 1024): a group of TPR lanes per row. Long rows: a block per row with 16-byte
+// loads. Both grid-stride over rows; each block adds its partial sums with one set of atomics and
+// the last block to finish turns the batch's CE sum into the batch mean (no host sync).
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <limits>
+
+#include "metrics.h"
+
+namespace esper_fast {
+namespace metrics {
+namespace {
+
+using ull = unsigned long long;
+
+// Bit tests: unaffected by fast-math flags.
+__device__ __forceinline__ bool is_nan(float v) {
+  return (__float_as_uint(v) & 0x7fffffffu) > 0x7f800000u;
+}
+__device__ __forceinline__ bool is_nan(double v) {
+  return (static_cast<ull>(__double_as_longlong(v)) & 0x7fffffffffffffffull) > 0x7ff0000000000000ull;
+}
+__device__ __forceinline__ float exp_of(float v) {
+  return __expf(v);
+}
+__device__ __forceinline__ double exp_of(double v) {
+  return exp(v);
+}
+
+// A thread's view of part of one row: max / sum of exp(x - max) for the log-sum-exp (a NaN
+// lands in `sum`), and the torch.argmax candidate (first NaN, else first maximum).
+template <typename math_t>
+struct RowState {
+  math_t max;
+  math_t sum;
+  math_t best;
+  int64_t best_index;  // -1: nothing seen yet
+
+  __device__ __forceinline__ void init() {
+    max = -std::numeric_limits<math_t>::infinity();
+    sum = 0;
+    best = max;
+    best_index = -1;
+  }
+
+  // K consecutive elements starting at index `first`; a thread's packs must arrive in
+  // increasing index order. The argmax and the rescale of `sum` happen once per pack.
+  template <int K>
+  __device__ __forceinline__ void push(const math_t (&v)[K], int64_t first) {
+    constexpr math_t kNegInf = -std::numeric_limits<math_t>::infinity();
+    math_t pack_max = kNegInf;
+    bool has_nan = false;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      has_nan |= is_nan(v[k]);
+      pack_max = v[k] > pack_max ? v[k] : pack_max;
+    }
+    if (has_nan) {
+      // Rare: element by element, the first NaN wins the argmax; the loss becomes NaN.
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        if (best_index < 0 || (!is_nan(best) && (v[k] > best || is_nan(v[k])))) {
+          best = v[k];
+          best_index = first + k;
+        }
+      }
+      sum = std::numeric_limits<math_t>::quiet_NaN();
+      return;
+    }
+    if (best_index < 0 || (!is_nan(best) && pack_max > best)) {
+      int k = 0;
+      while (k < K - 1 && !(v[k] == pack_max)) ++k;
+      best = pack_max;
+      best_index = first + k;
+    }
+    if (pack_max > max) {
+      sum = sum * exp_of(max - pack_max);  // sum is 0 while max is -inf
+      max = pack_max;
+    }
+    if (max == kNegInf) return;  // only -inf so far: nothing to add
+    math_t pack_sum = 0;
+#pragma unroll
+    for (int k = 0; k < K; ++k) pack_sum += exp_of(v[k] - max);
+    sum += pack_sum;
+  }
+
+  __device__ __forceinline__ void push_one(math_t v, int64_t index) {
+    const math_t one[1] = {v};
+    push<1>(one, index);
+  }
+
+  __device__ __forceinline__ void merge(math_t o_max, math_t o_sum, math_t o_best, int64_t o_index) {
+    // log-sum-exp: scale the smaller-max side; an empty side (sum 0) adds nothing.
+    math_t hi_max = max, hi_sum = sum, lo_max = o_max, lo_sum = o_sum;
+    if (o_max > max) {
+      hi_max = o_max, hi_sum = o_sum, lo_max = max, lo_sum = sum;
+    }
+    max = hi_max;
+    sum = hi_sum + (lo_sum == math_t(0) ? math_t(0) : lo_sum * exp_of(lo_max - hi_max));
+    // argmax in torch order.
+    bool take = false;
+    if (o_index < 0) {
+      take = false;
+    } else if (best_index < 0) {
+      take = true;
+    } else if (is_nan(best)) {
+      take = is_nan(o_best) && o_index < best_index;
+    } else if (is_nan(o_best)) {
+      take = true;
+    } else {
+      take = o_best > best || (o_best == best && o_index < best_index);
+    }
+    if (take) {
+      best = o_best;
+      best_index = o_index;
+    }
+  }
+
+  // Reduce over `width` consecutive lanes (a power of two <= 32); all 32 lanes must call.
+  __device__ __forceinline__ void reduce_lanes(int width) {
+    for (int offset = width / 2; offset > 0; offset /= 2) {
+      const math_t o_max = __shfl_xor_sync(0xffffffffu, max, offset);
+      const math_t o_sum = __shfl_xor_sync(0xffffffffu, sum, offset);
+      const math_t o_best = __shfl_xor_sync(0xffffffffu, best, offset);
+      const int64_t o_index = __shfl_xor_sync(0xffffffffu, static_cast<long long>(best_index), offset);
+      merge(o_max, o_sum, o_best, o_index);
+    }
+  }
+
+  // lse - x[target] in float64; NaN for rows with a NaN, a +inf or only -inf.
+  __device__ __forceinline__ double loss(math_t target_logit) const {
+    if (max == std::numeric_limits<math_t>::infinity() || max == -std::numeric_limits<math_t>::infinity()) {
+      return std::numeric_limits<double>::quiet_NaN();
+    }
+    return (static_cast<double>(max) - static_cast<double>(target_logit)) + log(static_cast<double>(sum));
+  }
+};
+
+// Per-thread partial sums of the batch, flushed once per block.
+struct BatchPartial {
+  double loss = 0.0;
+  long long valid = 0;
+  long long correct = 0;
+};
+
+// Row epilogue, run by the one thread that holds the row's reduced state.
+template <typename scalar_t, typename math_t>
+__device__ __forceinline__ void finish_row(const RowState<math_t>& st, const scalar_t* row_ptr, int64_t target,
+                                           int64_t classes, int64_t ignore_index, bool want_loss, bool per_class,
+                                           int64_t* state, BatchPartial& part) {
+  const bool ignored = target == ignore_index;
+  if (target < 0 || target >= classes) {
+    if (!ignored) {
+      const ull before = atomicAdd(reinterpret_cast<ull*>(state + kErrors), 1ull);
+      if (before == 0) state[kBadValue] = target;
+    }
+    return;
+  }
+  // An in-range ignore_index still counts for accuracy, as argmax == labels does.
+  const bool hit = st.best_index == target;
+  part.correct += hit;
+  if (!ignored) {
+    part.valid += 1;
+    if (want_loss) part.loss += st.loss(static_cast<math_t>(row_ptr[target]));
+  }
+  if (per_class) {
+    atomicAdd(reinterpret_cast<ull*>(state + kHeader + target), 1ull);
+    if (hit) atomicAdd(reinterpret_cast<ull*>(state + kHeader + classes + target), 1ull);
+  }
+}
+
+// Block-wide sum of the partials into thread 0; then the block's atomics and the
+// last-block-done finalize of the batch mean. Every thread of the block must call.
+__device__ void flush_block(BatchPartial part, int64_t* state, const double* batch_loss, int64_t rows) {
+  __shared__ double warp_loss[32];
+  __shared__ long long warp_valid[32];
+  __shared__ long long warp_correct[32];
+  for (int offset = 16; offset > 0; offset /= 2) {
+    part.loss += __shfl_xor_sync(0xffffffffu, part.loss, offset);
+    part.valid += __shfl_xor_sync(0xffffffffu, part.valid, offset);
+    part.correct += __shfl_xor_sync(0xffffffffu, part.correct, offset);
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  if (lane == 0) {
+    warp_loss[warp] = part.loss;
+    warp_valid[warp] = part.valid;
+    warp_correct[warp] = part.correct;
+  }
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  BatchPartial total;
+  for (int w = 0; w < warps; ++w) {
+    total.loss += warp_loss[w];
+    total.valid += warp_valid[w];
+    total.correct += warp_correct[w];
+  }
+  if (batch_loss == nullptr && total.valid > 0) {
+    atomicAdd(reinterpret_cast<double*>(state + kLossScratch), total.loss);
+    atomicAdd(reinterpret_cast<ull*>(state + kValidScratch), static_cast<ull>(total.valid));
+  }
+  if (total.correct > 0) atomicAdd(reinterpret_cast<ull*>(state + kCorrect), static_cast<ull>(total.correct));
+  __threadfence();
+  const ull ticket = atomicAdd(reinterpret_cast<ull*>(state + kBlocksDone), 1ull);
+  if (ticket != gridDim.x - 1) return;
+  // Last block: every other block's atomics are complete and visible.
+  __threadfence();
+  const double ce_sum = __longlong_as_double(atomicExch(reinterpret_cast<ull*>(state + kLossScratch), 0ull));
+  const long long valid = static_cast<long long>(atomicExch(reinterpret_cast<ull*>(state + kValidScratch), 0ull));
+  const double batch_mean = batch_loss != nullptr ? *batch_loss : ce_sum / static_cast<double>(valid);
+  state[kLossSum] = __double_as_longlong(__longlong_as_double(state[kLossSum]) + batch_mean);
+  state[kBatches] += 1;
+  state[kTotal] += rows;
+  state[kBlocksDone] = 0;
+}
+
+template <typename scalar_t, int TPR>
+__global__ void metrics_short_rows_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict__ targets,
+                                          const double* __restrict__ batch_loss, int64_t* __restrict__ state,
+                                          int64_t rows, int64_t classes, int64_t ignore_index, bool per_class) {
+  using math_t = at::opmath_type<scalar_t>;
+  const int64_t rows_per_block = blockDim.x / TPR;
+  const int64_t group = threadIdx.x / TPR;
+  const int lane = threadIdx.x % TPR;
+  const bool want_loss = batch_loss == nullptr;
+  BatchPartial part;
+  // The loop bound is uniform over the block so every lane reaches the shuffles.
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * rows_per_block; base < rows;
+       base += static_cast<int64_t>(gridDim.x) * rows_per_block) {
+    const int64_t row = base + group;
+    const scalar_t* row_ptr = logits + row * classes;
+    RowState<math_t> st;
+    st.init();
+    if (row < rows) {
+      for (int64_t i = lane; i < classes; i += TPR) st.push_one(static_cast<math_t>(row_ptr[i]), i);
+    }
+    st.reduce_lanes(TPR);
+    if (row < rows && lane == 0) {
+      finish_row(st, row_ptr, targets[row], classes, ignore_index, want_loss, per_class, state, part);
+    }
+  }
+  flush_block(part, state, batch_loss, rows);
+}
+
+template <typename scalar_t>
+__global__ void metrics_long_rows_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict__ targets,
+                                         const double* __restrict__ batch_loss, int64_t* __restrict__ state,
+                                         int64_t rows, int64_t classes, int64_t ignore_index, bool per_class) {
+  using math_t = at::opmath_type<scalar_t>;
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  struct alignas(16) Pack {
+    scalar_t v[kVec];
+  };
+  __shared__ math_t shared_max[32], shared_sum[32], shared_best[32];
+  __shared__ int64_t shared_index[32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  const bool want_loss = batch_loss == nullptr;
+  BatchPartial part;
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const scalar_t* row_ptr = logits + row * classes;
+    // Rows of odd width start anywhere: a scalar head up to the first 16-byte boundary.
+    const int64_t misaligned = (reinterpret_cast<uintptr_t>(row_ptr) % 16) / sizeof(scalar_t);
+    const int64_t head = misaligned == 0 ? 0 : std::min<int64_t>(kVec - misaligned, classes);
+    const int64_t packs = (classes - head) / kVec;
+    const int64_t tail = head + packs * kVec;
+    RowState<math_t> st;
+    st.init();
+    if (threadIdx.x < head) st.push_one(static_cast<math_t>(row_ptr[threadIdx.x]), threadIdx.x);
+    const Pack* pack_ptr = reinterpret_cast<const Pack*>(row_ptr + head);
+    for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
+      const Pack pack = pack_ptr[p];
+      math_t values[kVec];
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) values[k] = static_cast<math_t>(pack.v[k]);
+      st.push<kVec>(values, head + p * kVec);
+    }
+    const int64_t i = tail + threadIdx.x;
+    if (i < classes) st.push_one(static_cast<math_t>(row_ptr[i]), i);
+    st.reduce_lanes(32);
+    if (lane == 0) {
+      shared_max[warp] = st.max;
+      shared_sum[warp] = st.sum;
+      shared_best[warp] = st.best;
+      shared_index[warp] = st.best_index;
+    }
+    __syncthreads();
+    if (warp == 0) {
+      st.init();
+      if (lane < warps) {
+        st.max = shared_max[lane];
+        st.sum = shared_sum[lane];
+        st.best = shared_best[lane];
+        st.best_index = shared_index[lane];
+      }
+      st.reduce_lanes(32);
+      if (lane == 0) finish_row(st, row_ptr, targets[row], classes, ignore_index, want_loss, per_class, state, part);
+    }
+    __syncthreads();  // the shared slots are reused by the next row
+  }
+  flush_block(part, state, batch_loss, rows);
+}
+
+template <typename scalar_t, int TPR>
+void launch_short(const at::Tensor& logits, const at::Tensor& targets, const double* batch_loss, at::Tensor& state,
+                  int64_t ignore_index, bool per_class, int max_blocks, cudaStream_t stream) {
+  constexpr int kThreads = 256;
+  const int64_t rows = logits.size(0);
+  const int64_t rows_per_block = kThreads / TPR;
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((rows + rows_per_block - 1) / rows_per_block, max_blocks));
+  metrics_short_rows_kernel<scalar_t, TPR><<<blocks, kThreads, 0, stream>>>(
+      logits.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(), batch_loss, state.data_ptr<int64_t>(), rows,
+      logits.size(1), ignore_index, per_class);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void metrics_update_cuda(const at::Tensor& logits, const at::Tensor& targets, const c10::optional<at::Tensor>& batch_loss,
+                         at::Tensor& state, int64_t ignore_index) {
+  const bool per_class = check_update_args(logits, targets, batch_loss, state);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor loss_value;
+  if (batch_loss.has_value()) loss_value = batch_loss->reshape({1}).to(at::kDouble).contiguous();
+  const double* loss_ptr = batch_loss.has_value() ? loss_value.data_ptr<double>() : nullptr;
+  const int64_t rows = logits.size(0);
+  const int64_t classes = logits.size(1);
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "metrics_update_cuda", [&] {
+    const int max_blocks = sms * 8;
+    if (classes <= 2) {
+      launch_short<scalar_t, 2>(logits, targets, loss_ptr, state, ignore_index, per_class, max_blocks, stream);
+    } else if (classes <= 4) {
+      launch_short<scalar_t, 4>(logits, targets, loss_ptr, state, ignore_index, per_class, max_blocks, stream);
+    } else if (classes <= 8) {
+      launch_short<scalar_t, 8>(logits, targets, loss_ptr, state, ignore_index, per_class, max_blocks, stream);
+    } else if (classes <= 16) {
+      launch_short<scalar_t, 16>(logits, targets, loss_ptr, state, ignore_index, per_class, max_blocks, stream);
+    } else if (classes <= 1024) {
+      launch_short<scalar_t, 32>(logits, targets, loss_ptr, state, ignore_index, per_class, max_blocks, stream);
+    } else {
+      const int threads = classes >= 16384 ? 512 : 256;
+      const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(rows, sms * (2048 / threads)));
+      metrics_long_rows_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
+          logits.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(), loss_ptr, state.data_ptr<int64_t>(), rows, classes,
+          ignore_index, per_class);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+}
+
+}  // namespace
+}  // namespace metrics
+}  // namespace esper_fast
+
+TORCH_LIBRARY_IMPL(esper_fast, CUDA, m) {
+  m.impl("metrics_update", &esper_fast::metrics::metrics_update_cuda);
+}

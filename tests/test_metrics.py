@@ -1,0 +1,405 @@
+"""The fused metrics kernel and MetricsAccumulator against the original composite algorithm."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import esper_fast  # noqa: F401  (registers torch.ops.esper_fast)
+from esper_fast.ops import MetricsAccumulator, MetricsResult
+from esper_fast.ops.reference import batch_metrics_reference, cross_entropy_reference
+from tolerances import FLOAT_DTYPES
+
+# The loss is computed in float32 math (float64 sums) against a float64 oracle on the same inputs.
+LOSS_RTOL, LOSS_ATOL = 2e-5, 2e-5
+
+
+def _rows_for(classes, rows):
+    """Keep the 50257-wide case small on CPU."""
+    return min(rows, 33) if classes == 50257 else rows
+
+
+def _expected(logits, targets, per_class, ignore_index=-100):
+    """The original's numbers for one batch, counting only rows whose target is a class."""
+    classes = logits.size(1)
+    counted = (targets >= 0) & (targets < classes)
+    loss = cross_entropy_reference(logits, targets, ignore_index).item()
+    ref = batch_metrics_reference(logits[counted], targets[counted], classes, per_class)
+    return loss, ref
+
+
+def _assert_loss(actual, expected, what="loss"):
+    if math.isnan(expected):
+        assert math.isnan(actual), f"{what}: expected NaN, got {actual}"
+    else:
+        assert actual == pytest.approx(expected, rel=LOSS_RTOL, abs=LOSS_ATOL), what
+
+
+@pytest.mark.parametrize("per_class", [False, True], ids=["total", "per_class"])
+@pytest.mark.parametrize("rows", [0, 1, 7, 4097])
+@pytest.mark.parametrize("classes", [1, 2, 10, 1000, 50257])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_matches_reference(device, dtype, classes, rows, per_class):
+    rows = _rows_for(classes, rows)
+    logits = (torch.randn(rows, classes) * 4).to(device=device, dtype=dtype)
+    targets = torch.randint(0, classes, (rows,), device=device)
+    acc = MetricsAccumulator(classes, device, per_class=per_class)
+    acc.update(logits, targets)
+    result = acc.compute()
+
+    loss, ref = _expected(logits, targets, per_class)
+    _assert_loss(result.loss, loss)
+    assert result.batches == 1
+    assert result.total == rows
+    assert result.correct == int(ref["correct"])
+    if per_class:
+        assert result.class_total == ref["class_total"].tolist()
+        assert result.class_correct == ref["class_correct"].tolist()
+    else:
+        assert result.class_total is None and result.class_correct is None
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("classes", [3, 10, 1000, 50257])
+def test_argmax_ties_and_nan_follow_torch_argmax(device, dtype, classes):
+    """Targets set to torch.argmax must all hit, the next index must all miss."""
+    rows = 9 if classes == 50257 else 64
+    logits = torch.randint(-2, 3, (rows, classes)).to(dtype)  # many exact ties
+    logits[1] = 5.0  # the whole row tied
+    logits[2, classes // 2] = float("nan")
+    logits[3, -1] = float("nan")
+    logits[3, 1] = float("nan")
+    logits[4, 0] = float("nan")
+    logits[5] = float("-inf")
+    logits[6, classes - 1] = float("inf")
+    logits[7, :] = float("-inf")
+    logits[7, classes // 3] = 0.0
+    logits = logits.to(device)
+    best = torch.argmax(logits, dim=1)
+    for targets, expected in ((best, rows), ((best + 1) % classes, 0)):
+        acc = MetricsAccumulator(classes, device, per_class=True)
+        acc.update(logits, targets)
+        result = acc.compute()
+        assert result.correct == expected
+        assert result.class_correct == torch.bincount(targets[best == targets], minlength=classes).tolist()
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("classes", [4, 50257])
+def test_nonfinite_rows_loss(device, dtype, classes):
+    """-inf entries are fine; a NaN, +inf or all -inf row makes the batch loss NaN, as in torch."""
+    logits = torch.randn(4, classes).to(dtype)
+    logits[0, 0] = float("-inf")
+    logits[2, 1:3] = float("-inf")
+    targets = torch.tensor([1, 0, 0, 3])
+    finite = MetricsAccumulator(classes, device)
+    finite.update(logits.to(device), targets.to(device))
+    _assert_loss(finite.compute().loss, cross_entropy_reference(logits, targets).item())
+
+    target_neg_inf = MetricsAccumulator(classes, device)
+    target_neg_inf.update(logits.to(device), torch.tensor([0, 0, 0, 3], device=device))
+    assert target_neg_inf.compute().loss == math.inf
+
+    for poison in (float("nan"), float("inf")):
+        bad = logits.clone()
+        bad[3, classes - 1] = poison
+        acc = MetricsAccumulator(classes, device)
+        acc.update(bad.to(device), targets.to(device))
+        assert math.isnan(cross_entropy_reference(bad, targets).item())
+        assert math.isnan(acc.compute().loss)
+    all_neg_inf = torch.full((1, classes), float("-inf"), dtype=dtype)
+    acc = MetricsAccumulator(classes, device)
+    acc.update(all_neg_inf.to(device), torch.tensor([0], device=device))
+    assert math.isnan(acc.compute().loss)
+
+
+def test_large_logits_are_stable(device):
+    logits = torch.randn(16, 50) * 3 + 1.0e4
+    targets = torch.randint(0, 50, (16,))
+    acc = MetricsAccumulator(50, device)
+    acc.update(logits.to(device), targets.to(device))
+    _assert_loss(acc.compute().loss, cross_entropy_reference(logits, targets).item())
+
+
+@pytest.mark.parametrize("classes", [10, 50257])
+def test_ignore_index_rows(device, classes):
+    rows = 12
+    logits = torch.randn(rows, classes)
+    targets = torch.randint(0, classes, (rows,))
+    targets[::3] = -100
+    acc = MetricsAccumulator(classes, device, per_class=True)
+    acc.update(logits.to(device), targets.to(device))
+    result = acc.compute()
+    loss, ref = _expected(logits, targets, True)
+    _assert_loss(result.loss, loss)
+    assert result.total == rows  # the original divides by labels.numel()
+    assert result.correct == int(ref["correct"])
+    assert result.class_total == ref["class_total"].tolist()
+    assert sum(result.class_total) == rows - 4
+
+
+def test_ignore_index_inside_the_classes_still_counts_for_accuracy(device):
+    """nn.CrossEntropyLoss(ignore_index=0) drops class-0 rows from the loss; argmax == labels does not."""
+    logits = torch.randn(40, 5)
+    targets = torch.randint(0, 5, (40,))
+    logits[targets == 0, 0] = 10.0  # class-0 rows are all predicted right
+    acc = MetricsAccumulator(5, device, per_class=True, ignore_index=0)
+    acc.update(logits.to(device), targets.to(device))
+    result = acc.compute()
+    _assert_loss(result.loss, cross_entropy_reference(logits, targets, ignore_index=0).item())
+    ref = batch_metrics_reference(logits, targets, 5, True)
+    assert result.correct == int(ref["correct"])
+    assert result.class_correct == ref["class_correct"].tolist()
+
+
+def test_all_rows_ignored_gives_nan_like_torch(device):
+    acc = MetricsAccumulator(10, device)
+    acc.update(torch.randn(3, 10, device=device), torch.full((3,), -100, device=device))
+    assert math.isnan(acc.compute().loss)
+
+
+@pytest.mark.parametrize("classes", [10, 50257])
+@pytest.mark.parametrize("bad", [10, 50257, -1, -7])
+def test_out_of_range_target_raises_at_compute(device, classes, bad):
+    if 0 <= bad < classes:
+        pytest.skip("in range for this width")
+    acc = MetricsAccumulator(classes, device, per_class=True)
+    targets = torch.randint(0, classes, (8,))
+    targets[5] = bad
+    acc.update(torch.randn(8, classes, device=device), targets.to(device))  # no error, no sync here
+    acc.update(torch.randn(8, classes, device=device), torch.randint(0, classes, (8,), device=device))
+    with pytest.raises(ValueError, match=rf"outside \[0, {classes}\).*e\.g\. {bad}\b"):
+        acc.compute()
+    acc.reset()
+    acc.update(torch.randn(2, classes, device=device), torch.zeros(2, dtype=torch.long, device=device))
+    assert acc.compute().batches == 1
+
+
+def test_accumulates_mean_of_batch_means(device):
+    """val_loss = sum of per-batch criterion values / batches, as the original computes it."""
+    criterion = nn.CrossEntropyLoss()
+    acc = MetricsAccumulator(10, device, per_class=True)
+    losses, correct, totals, class_total = [], 0, 0, torch.zeros(10, dtype=torch.long)
+    for rows in (5, 17, 1, 64):
+        logits = torch.randn(rows, 10, device=device)
+        targets = torch.randint(0, 10, (rows,), device=device)
+        acc.update(logits, targets)
+        losses.append(criterion(logits.double(), targets).item())
+        correct += int((logits.argmax(1) == targets).sum())
+        totals += rows
+        class_total += torch.bincount(targets.cpu(), minlength=10)
+    result = acc.compute()
+    assert result.batches == 4
+    assert result.loss_sum == pytest.approx(sum(losses), rel=1e-6)
+    assert result.loss == pytest.approx(sum(losses) / 4, rel=1e-6)
+    assert result.correct == correct and result.total == totals
+    assert result.accuracy == pytest.approx(100.0 * correct / totals)
+    assert result.class_total == class_total.tolist()
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_given_loss_from_another_criterion(device, dtype):
+    criteria = [
+        nn.CrossEntropyLoss(label_smoothing=0.1),
+        nn.CrossEntropyLoss(weight=torch.rand(10, device=device) + 0.5),
+        nn.CrossEntropyLoss(reduction="sum"),
+    ]
+    for criterion in criteria:
+        acc = MetricsAccumulator(10, device)
+        expected = 0.0
+        correct = 0
+        for _ in range(3):
+            logits = torch.randn(32, 10, device=device).to(dtype)
+            targets = torch.randint(0, 10, (32,), device=device)
+            loss = criterion(logits.float(), targets)
+            expected += loss.item()
+            correct += int((logits.argmax(1) == targets).sum())
+            acc.update(logits, targets, loss)
+        result = acc.compute()
+        assert result.loss_sum == pytest.approx(expected, rel=1e-6)
+        assert result.correct == correct and result.total == 96
+
+
+def test_reset_and_compute_all(device):
+    a = MetricsAccumulator(4, device, per_class=True)
+    b = MetricsAccumulator(7, device)
+    a.update(torch.randn(5, 4, device=device), torch.randint(0, 4, (5,), device=device))
+    b.update(torch.randn(3, 7, device=device), torch.randint(0, 7, (3,), device=device))
+    b.update(torch.randn(2, 7, device=device), torch.randint(0, 7, (2,), device=device))
+    both = MetricsAccumulator.compute_all([a, b])
+    assert both == [a.compute(), b.compute()]
+    assert both[1].batches == 2 and both[1].total == 5 and sum(both[0].class_total) == 5
+    a.reset()
+    empty = a.compute()
+    assert empty == MetricsResult(0.0, 0, 0, 0, [0] * 4, [0] * 4)
+    assert math.isnan(empty.loss) and empty.accuracy == 0.0
+
+
+def test_non_contiguous_inputs_are_accepted(device):
+    wide = torch.randn(16, 20, device=device)
+    logits = wide[:, ::2]
+    targets = torch.randint(0, 10, (32,), device=device)[::2]
+    acc = MetricsAccumulator(10, device)
+    acc.update(logits, targets)
+    loss, ref = _expected(logits.cpu(), targets.cpu(), False)
+    result = acc.compute()
+    _assert_loss(result.loss, loss)
+    assert result.correct == int(ref["correct"])
+
+
+def test_input_validation():
+    acc = MetricsAccumulator(10, "cpu")
+    with pytest.raises(ValueError, match=r"logits must be \[N, 10\]"):
+        acc.update(torch.randn(4, 9), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"logits must be \[N, 10\]"):
+        acc.update(torch.randn(4), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="float"):
+        acc.update(torch.zeros(4, 10, dtype=torch.long), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"targets must be \[4\]"):
+        acc.update(torch.randn(4, 10), torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="int64"):
+        acc.update(torch.randn(4, 10), torch.zeros(4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="one-element float tensor"):
+        acc.update(torch.randn(4, 10), torch.zeros(4, dtype=torch.long), torch.ones(2))
+    with pytest.raises(ValueError, match="num_classes"):
+        MetricsAccumulator(0, "cpu")
+    # The op checks its own arguments too.
+    with pytest.raises(RuntimeError, match="state has 3 slots"):
+        torch.ops.esper_fast.metrics_update(
+            torch.randn(2, 10), torch.zeros(2, dtype=torch.long), None, torch.zeros(3, dtype=torch.long), -100
+        )
+    with pytest.raises(RuntimeError, match="rows must be contiguous"):
+        torch.ops.esper_fast.metrics_update(
+            torch.randn(10, 2).t(), torch.zeros(2, dtype=torch.long), None, torch.zeros(10, dtype=torch.long), -100
+        )
+
+
+def test_all_reduce_is_a_noop_without_process_group():
+    acc = MetricsAccumulator(3, "cpu")
+    acc.update(torch.randn(4, 3), torch.randint(0, 3, (4,)))
+    before = acc.compute()
+    acc.all_reduce()
+    assert acc.compute() == before
+
+
+def test_all_reduce_sums_in_a_single_rank_group(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        acc = MetricsAccumulator(3, "cpu", per_class=True)
+        acc.update(torch.randn(4, 3), torch.randint(0, 3, (4,)))
+        before = acc.compute()
+        acc.all_reduce()
+        assert acc.compute() == before
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("with_loss", [False, True], ids=["kernel_loss", "given_loss"])
+@pytest.mark.parametrize("per_class", [False, True], ids=["total", "per_class"])
+@pytest.mark.parametrize("classes", [10, 2000])
+def test_opcheck(device, classes, per_class, with_loss):
+    logits = torch.randn(6, classes, device=device)
+    targets = torch.randint(0, classes, (6,), device=device)
+    state = MetricsAccumulator(classes, device, per_class=per_class).state
+    loss = torch.tensor(0.5, device=device) if with_loss else None
+    torch.library.opcheck(torch.ops.esper_fast.metrics_update.default, (logits, targets, loss, state, -100))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(0, 40),
+    classes=st.integers(1, 70),
+    levels=st.integers(1, 6),
+    dtype=st.sampled_from(FLOAT_DTYPES),
+    ignore_every=st.integers(0, 5),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_property_random_batches_match_reference(rows, classes, levels, dtype, ignore_every, seed):
+    """Invariants over random shapes with heavy ties: counts exact, loss close, sums consistent."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randint(0, levels, (rows, classes), generator=g).to(dtype) * 0.75
+    targets = torch.randint(0, classes, (rows,), generator=g)
+    if ignore_every:
+        targets[::ignore_every] = -100
+    acc = MetricsAccumulator(classes, "cpu", per_class=True)
+    acc.update(logits, targets)
+    result = acc.compute()
+    loss, ref = _expected(logits, targets, True)
+    _assert_loss(result.loss, loss)
+    assert result.total == rows and result.batches == 1
+    assert result.correct == int(ref["correct"]) <= rows
+    assert result.class_total == ref["class_total"].tolist()
+    assert result.class_correct == ref["class_correct"].tolist()
+    assert sum(result.class_correct) == result.correct
+
+
+def test_torch_compile_fullgraph(device):
+    """The op traces into a compiled graph (declared mutation, fake kernel) and counts as eager does."""
+    from esper_fast.ops.metrics import metrics_update
+
+    @torch.compile(fullgraph=True)
+    def step(x, targets, state):
+        logits = x * 2.0
+        metrics_update(logits, targets, None, state, -100)
+        return logits.sum()
+
+    x = torch.randn(16, 10, device=device)
+    targets = torch.randint(0, 10, (16,), device=device)
+    compiled = MetricsAccumulator(10, device, per_class=True)
+    eager = MetricsAccumulator(10, device, per_class=True)
+    for _ in range(2):
+        step(x, targets, compiled.state)
+        eager.update(x * 2.0, targets)
+    assert compiled.compute() == eager.compute()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("classes", [10, 1000, 50257])
+def test_cuda_batch_loop_never_synchronises(classes):
+    device = "cuda"
+    rows = 64 if classes == 50257 else 512
+    batches = [
+        (
+            torch.randn(rows, classes, device=device, dtype=torch.bfloat16),
+            torch.randint(0, classes, (rows,), device=device),
+        )
+        for _ in range(5)
+    ]
+    criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+    kernel_loss = MetricsAccumulator(classes, device, per_class=True)
+    given_loss = MetricsAccumulator(classes, device)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for logits, targets in batches:
+            kernel_loss.update(logits, targets)
+            given_loss.update(logits, targets, criterion(logits, targets))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    result = kernel_loss.compute()
+    expected = sum(cross_entropy_reference(x, t).item() for x, t in batches) / len(batches)
+    _assert_loss(result.loss, expected)
+    assert result.correct == sum(int((x.argmax(1) == t).sum()) for x, t in batches)
+    assert given_loss.compute().batches == len(batches)
+
+
+@pytest.mark.cuda
+def test_cuda_misaligned_rows_and_many_blocks():
+    """Odd widths start rows at every alignment; more rows than blocks exercises the grid stride."""
+    for dtype in FLOAT_DTYPES:
+        for classes in (1025, 4099, 50257):
+            rows = 4096 if classes < 50257 else 600
+            logits = torch.randn(rows, classes, device="cuda", dtype=dtype) * 3
+            targets = torch.randint(0, classes, (rows,), device="cuda")
+            acc = MetricsAccumulator(classes, "cuda", per_class=True)
+            acc.update(logits[1:], targets[1:])  # a row view whose start is not 16-byte aligned
+            result = acc.compute()
+            loss, ref = _expected(logits[1:], targets[1:], True)
+            _assert_loss(result.loss, loss)
+            assert result.correct == int(ref["correct"])
+            assert result.class_correct == ref["class_correct"].tolist()
