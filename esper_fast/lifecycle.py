@@ -17,6 +17,7 @@ the run carries on.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -157,13 +158,14 @@ class Batches:
 
 
 class KernelTally:
-    """Counts the ``esper_fast::*`` operators dispatched while active.
+    """Counts the ``esper_fast::*`` operators dispatched while tracing.
 
-    The run traces one training step and one validation batch per epoch, so the summary can
-    say which kernels ran without slowing every step down. Not used under ``--compile``.
+    The run traces one training step, one validation batch and the snapshot per epoch, so
+    the summary can say which kernels ran without slowing every step down. Disabled under
+    ``--compile`` (a dispatch mode would get in the compiler's way).
     """
 
-    def __init__(self):
+    def __init__(self, enabled: bool = True):
         from torch.utils._python_dispatch import TorchDispatchMode
 
         counts = self.counts = collections.Counter()
@@ -171,14 +173,15 @@ class KernelTally:
         class _Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 if func.namespace == "esper_fast":
-                    counts[func.name().split(".")[0]] += 1
+                    counts[func.name().split("::")[-1].split(".")[0]] += 1
                 return func(*args, **(kwargs or {}))
 
+        self.enabled = enabled
         self._mode_type = _Mode
         self._mode = None
 
     def start(self) -> None:
-        if self._mode is None:
+        if self.enabled and self._mode is None:
             self._mode = self._mode_type()
             self._mode.__enter__()
 
@@ -187,8 +190,19 @@ class KernelTally:
             mode, self._mode = self._mode, None
             mode.__exit__(None, None, None)
 
+    @contextlib.contextmanager
+    def tracing(self, start: bool = True):
+        """Traces the block (``start=False``: only makes sure tracing has ended after it)."""
+        if start:
+            self.start()
+        try:
+            yield
+        finally:
+            self.stop()
+
     def first_batch_only(self, i: int) -> None:
-        """A ``before_batch`` hook: trace batch 0 (forward, backward, step), stop at batch 1."""
+        """A ``before_batch`` hook: trace batch 0 (forward, backward, step), stop at batch 1.
+        Wrap the loop in :meth:`tracing` too, so tracing ends even if the loop raises."""
         if i == 0:
             self.start()
         else:
@@ -441,233 +455,253 @@ def load_data(config: RunConfig, spec):
     return data.cifar10_loaders(data_root=config.data_root, batch_size=config.batch_size or 128, seed=config.seed, pin_memory=pin)
 
 
+class LifecycleRun:
+    """One ``esper-fast train`` run: the model, its data, optimizers, governor and controller,
+    and the per-epoch records. :meth:`execute` runs it to the end."""
+
+    def __init__(self, config: RunConfig, echo: Callable[[str], None] = print):
+        import esper_fast
+        from esper_fast.ops.mode import using_reference
+        from esper_fast.runtime import get_task_spec
+        from esper_fast.tolaria import TolariaGovernor, create_model
+
+        self.config, self.echo = config, echo
+        self.spec = spec = get_task_spec(config.task)
+        self.task_type = spec.task_type
+        self.blueprint = config.blueprint or DEFAULT_BLUEPRINT[spec.topology]
+        self.num_classes = spec.num_classes or 10
+        self.out = Path(config.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.reference = using_reference()
+
+        torch.manual_seed(config.seed)
+        self.data = load_data(config, spec)
+        echo(f"data: {self.data.description}")
+        self.model = create_model(spec, config.device)
+        if config.compile:
+            self.model.compile()
+        self.criterion = nn.CrossEntropyLoss()
+        self.watch = LossWatch(self.criterion, config.device)
+        vocab = spec.vocab_size if self.task_type == "lm" and spec.vocab_size else self.num_classes
+        self.governor = TolariaGovernor(self.model, random_guess_loss=math.log(vocab))
+        self.base_lr = _base_lr(self.task_type, config.lr)
+        self.host_optimizer = _make_optimizer(self.model.get_host_parameters(), self.task_type, self.base_lr)
+        self.seed_optimizer = None
+
+        self.train_batches = Batches(self.data.trainloader, config.max_batches)
+        self.test_batches = Batches(self.data.testloader, config.max_batches)
+        self.steps_per_epoch = len(self.train_batches)
+        self.schedule = LifecycleSchedule.for_epochs(config.epochs)
+        self.controller = SeedController(self.model, self.blueprint, self.schedule, config.epochs, self.steps_per_epoch)
+        self.tally = KernelTally(enabled=not config.compile)
+        self.records: list[dict] = []
+        self.rollbacks = 0
+
+        self.log = MetricsLog(self.out / METRICS_FILE)
+        self.log.write({
+            "type": "config",
+            **dataclasses.asdict(config),
+            "blueprint": self.blueprint,
+            "data_source": self.data.source,
+            "data": self.data.description,
+            "steps_per_epoch": self.steps_per_epoch,
+            "schedule": dataclasses.asdict(self.schedule),
+            "esper_fast": esper_fast.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "reference_mode": self.reference,
+        })
+        echo(
+            f"train: {config.task} ({spec.topology} host, {self.task_type}) on {config.device}, {config.epochs} epochs x "
+            f"{self.steps_per_epoch} steps, blueprint {self.blueprint}, seed {config.seed}"
+            + (", reference mode (original algorithms)" if self.reference else "")
+        )
+
+    def execute(self) -> dict:
+        start = time.perf_counter()
+        try:
+            for epoch in range(1, self.config.epochs + 1):
+                record = self.run_epoch(epoch)
+                self.log.write(record)
+                self.records.append(record)
+                self.echo(_epoch_line(record, self.config.epochs, self.task_type))
+        finally:
+            self.tally.stop()
+            self.log.close()
+        return self.finish(time.perf_counter() - start)
+
+    def run_epoch(self, epoch: int) -> dict:
+        config, controller = self.config, self.controller
+        start = time.perf_counter()
+        stage = controller.stage
+        stage_name = stage.name if stage is not None else "NONE"
+        seed = controller.seeds[-1] if stage is not None else None
+        poison = self.steps_per_epoch // 2 if config.inject_nan_at == epoch else None
+        lr = self._set_learning_rate(epoch, stage)
+
+        self.watch.begin_epoch(self.steps_per_epoch, poison)
+        self._train(epoch, stage, stage_name)
+        train_time = time.perf_counter() - start
+        alpha = float(self.model.seed_slot.alpha)
+        losses = self.watch.epoch_losses()
+
+        events = [f"NaN injected at step {poison + 1}"] if poison is not None else []
+        rollback = self._governor_check(epoch, losses, events)
+        val_loss, val_acc, train_eval_loss, train_acc, per_class, perplexity = self._validate()
+        attribution = None
+        if controller.stage is not None and self.model.seed_slot.alpha > 0:
+            attribution = self._attribution()
+        contribution = None if attribution is None else float(attribution.seed_contribution)
+        if not rollback:
+            events += controller.end_epoch(epoch, val_acc, contribution)
+            if controller.stage is None:
+                self.seed_optimizer = None
+            with self.tally.tracing():
+                self.governor.snapshot()
+        epoch_time = time.perf_counter() - start
+
+        return {
+            "type": "epoch",
+            "epoch": epoch,
+            "stage": stage_name,
+            "stage_after": controller.stage.name if controller.stage is not None else "NONE",
+            "seed_id": seed.seed_id if seed is not None else None,
+            "blueprint": seed.blueprint if seed is not None else None,
+            "alpha": alpha,
+            "lr": lr,
+            "train_loss": (sum(losses) / len(losses)) if losses else None,
+            "train_accuracy": train_acc,
+            "train_eval_loss": train_eval_loss,
+            "val_loss": val_loss,
+            "val_accuracy": val_acc,
+            "perplexity": perplexity,
+            "per_class_accuracy": per_class,
+            "seed_contribution": contribution,
+            "real_accuracy": None if attribution is None else float(attribution.real_accuracy),
+            "baseline_accuracy": None if attribution is None else float(attribution.baseline_accuracy),
+            "rollback": rollback,
+            "events": events,
+            "steps": len(losses),
+            "train_time_s": train_time,
+            "eval_time_s": epoch_time - train_time,
+            "epoch_time_s": epoch_time,
+            "samples_per_s": _samples_per_second(self.train_batches, len(losses), train_time),
+        }
+
+    def _set_learning_rate(self, epoch: int, stage: SeedStage | None) -> float:
+        lr = _cosine_lr(self.base_lr, epoch, self.config.epochs)
+        if stage is not None and self.seed_optimizer is None:
+            self.seed_optimizer = _make_optimizer(self.controller.seed_parameters(), self.task_type, lr)
+        for optimizer in (self.host_optimizer, self.seed_optimizer):
+            for group in optimizer.param_groups if optimizer is not None else ():
+                group["lr"] = lr
+        return lr
+
+    def _train(self, epoch: int, stage: SeedStage | None, stage_name: str) -> None:
+        """One epoch with the trainer function for the slot's stage."""
+        from esper_fast.tolaria import train_epoch_blended, train_epoch_incubator_mode, train_epoch_normal
+
+        blending = stage == SeedStage.BLENDING
+
+        def before_batch(i: int) -> None:
+            self.tally.first_batch_only(i)
+            if blending:
+                self.controller.before_blend_batch(i)
+
+        batches = Progress(
+            Batches(self.train_batches, before_batch=before_batch),
+            self.watch,
+            desc=f"epoch {epoch}/{self.config.epochs} {stage_name.lower()}",
+            enabled=self.config.progress,
+        )
+        common = (self.config.device, self.task_type)
+        with self.tally.tracing(start=False):
+            if stage is None:
+                train_epoch_normal(self.model, batches, self.watch, self.host_optimizer, *common)
+            elif stage == SeedStage.TRAINING:
+                train_epoch_incubator_mode(self.model, batches, self.watch, self.host_optimizer, self.seed_optimizer, *common)
+            else:
+                train_epoch_blended(self.model, batches, self.watch, self.host_optimizer, self.seed_optimizer, *common)
+
+    def _governor_check(self, epoch: int, losses: list[float], events: list[str]) -> bool:
+        """Feeds every step's loss to the governor in order; on a panic rolls back. True if it did."""
+        panic_loss = next((loss for loss in losses if self.governor.check_vital_signs(loss)), None)
+        if panic_loss is None:
+            return False
+        self.rollbacks += 1
+        live = self.controller.live
+        # The host optimizer's momentum is reset with the weights: diverged momentum on
+        # restored weights would push them straight back into divergence.
+        report = self.governor.execute_rollback(optimizer=self.host_optimizer)
+        self.seed_optimizer = None
+        events.append(f"governor rollback ({report.reason}, loss {panic_loss:.4g}): restored the last healthy epoch")
+        if live is not None:
+            events += self.controller.cull(epoch, "governor_rollback")
+        return True
+
+    def _validate(self):
+        from esper_fast.tolaria import validate_and_get_metrics
+
+        with self.tally.tracing(start=False):
+            return validate_and_get_metrics(
+                self.model,
+                self.train_batches,
+                Batches(self.test_batches, before_batch=self.tally.first_batch_only),
+                self.criterion,
+                self.config.device,
+                compute_per_class=self.task_type == "classification",
+                num_classes=self.num_classes,
+                task_type=self.task_type,
+            )
+
+    def _attribution(self):
+        from esper_fast.tolaria import validate_with_attribution
+
+        return validate_with_attribution(self.model, self.test_batches, self.criterion, self.config.device, self.task_type)
+
+    def finish(self, total_time: float) -> dict:
+        """Appends the summary to the log, draws the plot, prints the closing report."""
+        import esper_fast
+        from esper_fast.plotting import plot_run
+
+        records = self.records
+        final = records[-1] if records else {}
+        seeds = self.controller.seeds
+        summary = {
+            "type": "summary",
+            "seeds": [dataclasses.asdict(s) for s in seeds],
+            "seed_outcome": _outcome(seeds),
+            "final_val_accuracy": final.get("val_accuracy"),
+            "best_val_accuracy": max((r["val_accuracy"] for r in records), default=None),
+            "chance_accuracy": None if self.task_type == "lm" else 100.0 / self.num_classes,
+            "final_perplexity": final.get("perplexity"),
+            "rollbacks": self.rollbacks,
+            "epochs": len(records),
+            "mean_epoch_time_s": sum(r["epoch_time_s"] for r in records) / max(len(records), 1),
+            "total_time_s": total_time,
+            "kernels_ran": dict(self.tally.counts) if self.tally.enabled else None,
+            "kernels_compiled": esper_fast.kernels_available(),
+            "reference_mode": self.reference,
+            "metrics": str(self.out / METRICS_FILE),
+            "plot": str(self.out / PLOT_FILE),
+        }
+        with open(self.out / METRICS_FILE, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(_jsonable(summary)) + "\n")
+        plot_run(
+            records,
+            self.out / PLOT_FILE,
+            title=f"{self.config.task} on {self.config.device}: {summary['seed_outcome']}",
+            chance=summary["chance_accuracy"],
+        )
+        for line in summary_lines(summary, self.config.device):
+            self.echo(line)
+        return summary
+
+
 def run(config: RunConfig, echo: Callable[[str], None] = print) -> dict:
     """Runs ``config`` to the end; writes ``metrics.jsonl`` and ``metrics.png`` into
     ``config.out`` and returns the summary record."""
-    import esper_fast
-    from esper_fast.ops.mode import using_reference
-    from esper_fast.plotting import plot_run
-    from esper_fast.runtime import get_task_spec
-    from esper_fast.tolaria import (
-        TolariaGovernor,
-        create_model,
-        train_epoch_blended,
-        train_epoch_incubator_mode,
-        train_epoch_normal,
-        validate_and_get_metrics,
-        validate_with_attribution,
-    )
-
-    spec = get_task_spec(config.task)
-    topology, task_type = spec.topology, spec.task_type
-    blueprint = config.blueprint or DEFAULT_BLUEPRINT[topology]
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    torch.manual_seed(config.seed)
-    bundle = load_data(config, spec)
-    echo(f"data: {bundle.description}")
-    model = create_model(spec, config.device)
-    if config.compile:
-        model.compile()
-    criterion = nn.CrossEntropyLoss()
-    watch = LossWatch(criterion, config.device)
-    num_classes = spec.num_classes or 10
-    random_guess = math.log(spec.vocab_size) if task_type == "lm" and spec.vocab_size else math.log(num_classes)
-    governor = TolariaGovernor(model, random_guess_loss=random_guess)
-    host_params = model.get_host_parameters() if hasattr(model, "get_host_parameters") else model.parameters()
-    base_lr = _base_lr(task_type, config.lr)
-    host_optimizer = _make_optimizer(host_params, task_type, base_lr)
-    seed_optimizer = None
-
-    train_batches = Batches(bundle.trainloader, config.max_batches)
-    test_batches = Batches(bundle.testloader, config.max_batches)
-    steps_per_epoch = len(train_batches)
-    schedule = LifecycleSchedule.for_epochs(config.epochs)
-    controller = SeedController(model, blueprint, schedule, config.epochs, steps_per_epoch)
-    tally = None if config.compile else KernelTally()
-
-    log = MetricsLog(out / METRICS_FILE)
-    log.write({
-        "type": "config",
-        **dataclasses.asdict(config),
-        "blueprint": blueprint,
-        "data_source": bundle.source,
-        "data": bundle.description,
-        "steps_per_epoch": steps_per_epoch,
-        "schedule": dataclasses.asdict(schedule),
-        "esper_fast": esper_fast.__version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "reference_mode": using_reference(),
-    })
-    echo(
-        f"train: {config.task} ({topology} host, {task_type}) on {config.device}, {config.epochs} epochs x "
-        f"{steps_per_epoch} steps, blueprint {blueprint}, seed {config.seed}"
-        + (", reference mode (original algorithms)" if using_reference() else "")
-    )
-
-    records, epoch_times, rollbacks = [], [], 0
-    run_start = time.perf_counter()
-    try:
-        for epoch in range(1, config.epochs + 1):
-            start = time.perf_counter()
-            stage = controller.stage
-            stage_name = stage.name if stage is not None else "NONE"
-            seed_during = controller.seeds[-1] if stage is not None else None
-            poison = steps_per_epoch // 2 if config.inject_nan_at == epoch else None
-            watch.begin_epoch(steps_per_epoch, poison)
-            lr = _cosine_lr(base_lr, epoch, config.epochs)
-            if stage is not None and seed_optimizer is None:
-                seed_optimizer = _make_optimizer(controller.seed_parameters(), task_type, lr)
-            for optimizer in (host_optimizer, seed_optimizer):
-                for group in optimizer.param_groups if optimizer is not None else ():
-                    group["lr"] = lr
-
-            hooks = [tally.first_batch_only] if tally is not None else []
-            if stage == SeedStage.BLENDING:
-                hooks.append(controller.before_blend_batch)
-            batches = Progress(
-                Batches(train_batches, before_batch=(lambda i: [h(i) for h in hooks]) if hooks else None),
-                watch,
-                desc=f"epoch {epoch}/{config.epochs} {stage_name.lower()}",
-                enabled=config.progress,
-            )
-            args = (config.device, task_type)
-            try:
-                if stage is None:
-                    train_epoch_normal(model, batches, watch, host_optimizer, *args)
-                elif stage == SeedStage.TRAINING:
-                    train_epoch_incubator_mode(model, batches, watch, host_optimizer, seed_optimizer, *args)
-                else:
-                    train_epoch_blended(model, batches, watch, host_optimizer, seed_optimizer, *args)
-            finally:
-                if tally is not None:
-                    tally.stop()
-            train_time = time.perf_counter() - start
-            alpha = float(model.seed_slot.alpha)
-
-            # The governor sees every step's loss, in order, after one read of the buffer.
-            losses = watch.epoch_losses()
-            panic_loss = None
-            for loss in losses:
-                if governor.check_vital_signs(loss):
-                    panic_loss = loss
-                    break
-            events: list[str] = []
-            if poison is not None:
-                events.append(f"NaN injected at step {poison + 1}")
-            rollback = panic_loss is not None
-            if rollback:
-                rollbacks += 1
-                live = controller.live
-                # The host optimizer's momentum is reset with the weights: diverged momentum on
-                # restored weights would push them straight back into divergence.
-                report = governor.execute_rollback(optimizer=host_optimizer)
-                seed_optimizer = None
-                events.append(
-                    f"governor rollback ({report.reason}, loss {panic_loss:.4g}): restored the last healthy epoch"
-                )
-                if live is not None:
-                    events += controller.cull(epoch, "governor_rollback")
-
-            eval_start = time.perf_counter()
-            if tally is not None:
-                validation_batches = Batches(test_batches, before_batch=tally.first_batch_only)
-            else:
-                validation_batches = test_batches
-            try:
-                val_loss, val_acc, train_eval_loss, train_acc, per_class, perplexity = validate_and_get_metrics(
-                    model, train_batches, validation_batches, criterion, config.device,
-                    compute_per_class=task_type == "classification", num_classes=num_classes, task_type=task_type,
-                )
-            finally:
-                if tally is not None:
-                    tally.stop()
-            attribution = None
-            if controller.stage is not None and model.seed_slot.alpha > 0:
-                attribution = validate_with_attribution(model, test_batches, criterion, config.device, task_type)
-            contribution = None if attribution is None else float(attribution.seed_contribution)
-            if not rollback:
-                events += controller.end_epoch(epoch, val_acc, contribution)
-                if controller.stage is None and seed_optimizer is not None:
-                    seed_optimizer = None
-                if tally is not None:
-                    tally.start()
-                try:
-                    governor.snapshot()
-                finally:
-                    if tally is not None:
-                        tally.stop()
-            eval_time = time.perf_counter() - eval_start
-            epoch_time = time.perf_counter() - start
-            epoch_times.append(epoch_time)
-
-            record = {
-                "type": "epoch",
-                "epoch": epoch,
-                "stage": stage_name,
-                "stage_after": controller.stage.name if controller.stage is not None else "NONE",
-                "seed_id": seed_during.seed_id if seed_during is not None else None,
-                "blueprint": seed_during.blueprint if seed_during is not None else None,
-                "alpha": alpha,
-                "lr": lr,
-                "train_loss": (sum(losses) / len(losses)) if losses else None,
-                "train_accuracy": train_acc,
-                "train_eval_loss": train_eval_loss,
-                "val_loss": val_loss,
-                "val_accuracy": val_acc,
-                "perplexity": perplexity,
-                "per_class_accuracy": per_class,
-                "seed_contribution": contribution,
-                "real_accuracy": None if attribution is None else float(attribution.real_accuracy),
-                "baseline_accuracy": None if attribution is None else float(attribution.baseline_accuracy),
-                "rollback": rollback,
-                "events": events,
-                "steps": len(losses),
-                "train_time_s": train_time,
-                "eval_time_s": eval_time,
-                "epoch_time_s": epoch_time,
-                "samples_per_s": _samples_per_second(train_batches, len(losses), train_time),
-            }
-            log.write(record)
-            records.append(record)
-            echo(_epoch_line(record, config.epochs, task_type))
-    finally:
-        if tally is not None:
-            tally.stop()
-        log.close()
-
-    final = records[-1] if records else {}
-    summary = {
-        "type": "summary",
-        "seeds": [dataclasses.asdict(s) for s in controller.seeds],
-        "seed_outcome": _outcome(controller.seeds),
-        "final_val_accuracy": final.get("val_accuracy"),
-        "best_val_accuracy": max((r["val_accuracy"] for r in records), default=None),
-        "chance_accuracy": None if task_type == "lm" else 100.0 / num_classes,
-        "final_perplexity": final.get("perplexity"),
-        "rollbacks": rollbacks,
-        "epochs": len(records),
-        "mean_epoch_time_s": sum(epoch_times) / max(len(epoch_times), 1),
-        "total_time_s": time.perf_counter() - run_start,
-        "kernels_ran": dict(tally.counts) if tally is not None else None,
-        "kernels_compiled": esper_fast.kernels_available(),
-        "reference_mode": using_reference(),
-        "metrics": str(out / METRICS_FILE),
-        "plot": str(out / PLOT_FILE),
-    }
-    with open(out / METRICS_FILE, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(_jsonable(summary)) + "\n")
-    plot_run(
-        records,
-        out / PLOT_FILE,
-        title=f"{config.task} on {config.device}: {summary['seed_outcome']}",
-        chance=summary["chance_accuracy"],
-    )
-    for line in summary_lines(summary, config.device):
-        echo(line)
-    return summary
+    return LifecycleRun(config, echo).execute()
 
 
 def _samples_per_second(train_batches: Batches, steps: int, seconds: float) -> float | None:
@@ -730,6 +764,6 @@ def summary_lines(summary: dict, device: str) -> list[str]:
         lines.append(f"kernels compiled for {backend}: {', '.join(compiled) or 'none'} (not traced under --compile)")
     else:
         ran = ", ".join(f"{name} x{count}" for name, count in sorted(summary["kernels_ran"].items())) or "none"
-        lines.append(f"kernels ran (one traced step and validation batch per epoch): {ran}")
+        lines.append(f"kernels ran (traced per epoch: one training step, one validation batch, the snapshot): {ran}")
     lines.append(f"log: {summary['metrics']}  plot: {summary['plot']}")
     return lines
