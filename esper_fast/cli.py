@@ -163,7 +163,8 @@ def _bench(args) -> int:
         import pytest_benchmark  # noqa: F401
     except ImportError:
         raise CLIError("bench needs pytest and pytest-benchmark (pip install esper_fast[dev])")
-    command = [sys.executable, "-m", "pytest", str(benchmarks), "--benchmark-only", "-q",
+    # The benchmark modules are named bench_*.py, not test_*.py.
+    command = [sys.executable, "-m", "pytest", str(benchmarks), "-o", "python_files=bench_*.py", "--benchmark-only", "-q",
                "--benchmark-group-by=group", "--benchmark-columns=median,iqr,rounds"]
     if args.keyword:
         command += ["-k", args.keyword]
