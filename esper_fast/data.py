@@ -185,8 +185,8 @@ def cifar10_loaders(
     batch_size: int = 128,
     seed: int = 0,
     pin_memory: bool = False,
-    synthetic_train: int = 10000,
-    synthetic_test: int = 2000,
+    synthetic_train: int = 8000,
+    synthetic_test: int = 1600,
 ) -> DataBundle:
     """CIFAR-10 loaders. ``data_root`` given: CIFAR-10 must be there (else :class:`DataError`).
     Not given: ``./data`` is used when it holds CIFAR-10, the generated set otherwise."""

@@ -71,10 +71,17 @@ class LifecycleSchedule:
     max_warmup_epochs: int = 3      # germinate after this many host-only epochs even without a plateau
     plateau_delta: float = 1.0      # accuracy gain (points) below which the host counts as stalled
     incubation_epochs: int = 1      # TRAINING: alpha 0, the seed learns through the STE
-    blending_epochs: int = 2        # BLENDING: alpha ramps 0 -> 1 step by step
+    blending_epochs: int = 2        # BLENDING: alpha ramps 0 -> 1 step by step, then holds at 1
     shadowing_epochs: int = 1
     probation_epochs: int = 1       # PROBATIONARY: the last epoch before the keep/cull decision
     gate_patience: int = 2          # epochs a quality gate may hold the seed before it is culled
+
+    @property
+    def ramp_epochs(self) -> int:
+        """Epochs of the alpha ramp. With more than one blending epoch the last one holds
+        alpha at 1, so the host's BatchNorm running statistics (which lag a moving blend)
+        settle before the seed is judged in eval mode."""
+        return max(1, self.blending_epochs - 1)
 
     @property
     def lifecycle_epochs(self) -> int:
@@ -323,7 +330,7 @@ class SeedController:
             events += self._advance(epoch, SeedStage.BLENDING)
             if self.stage == SeedStage.BLENDING:
                 self.blend_step = 0
-                self.slot.start_blending(total_steps=max(1, s.blending_epochs * self.steps_per_epoch))
+                self.slot.start_blending(total_steps=max(1, s.ramp_epochs * self.steps_per_epoch))
         elif stage == SeedStage.BLENDING and self.epochs_in_stage >= s.blending_epochs:
             self.slot.set_alpha(1.0)
             events += self._advance(epoch, SeedStage.SHADOWING)
@@ -539,6 +546,7 @@ class LifecycleRun:
         poison = self.steps_per_epoch // 2 if config.inject_nan_at == epoch else None
         lr = self._set_learning_rate(epoch, stage)
 
+        alpha_start = float(self.model.seed_slot.alpha)
         self.watch.begin_epoch(self.steps_per_epoch, poison)
         self._train(epoch, stage, stage_name)
         train_time = time.perf_counter() - start
@@ -567,6 +575,7 @@ class LifecycleRun:
             "stage_after": controller.stage.name if controller.stage is not None else "NONE",
             "seed_id": seed.seed_id if seed is not None else None,
             "blueprint": seed.blueprint if seed is not None else None,
+            "alpha_start": alpha_start,
             "alpha": alpha,
             "lr": lr,
             "train_loss": (sum(losses) / len(losses)) if losses else None,

@@ -43,7 +43,7 @@ def plot_run(records: list[dict], path: str | Path, title: str = "", chance: flo
     """Draws the run to a PNG at ``path``: three panels sharing the epoch axis.
 
     1. validation / train accuracy (and the alpha=0 baseline where attribution ran),
-    2. the blend alpha at the end of each epoch,
+    2. the blend alpha over each epoch (start to end),
     3. the counterfactual seed contribution (percentage points).
     Every panel carries the stage bands; governor rollbacks are red dashed lines.
     """
@@ -86,7 +86,13 @@ def plot_run(records: list[dict], path: str | Path, title: str = "", chance: flo
         ax_acc.legend(handles=handles, loc="best", fontsize=8, ncol=2, framealpha=0.85)
         ax_acc.set_title(title or "esper-fast run")
 
-        ax_alpha.step(epochs, [_value(r, "alpha") for r in records], where="mid", color="#ff7f0e")
+        # Alpha moves within an epoch while blending: draw each epoch from its start to its end value.
+        xs, ys = [], []
+        for r in records:
+            end = _value(r, "alpha")
+            xs += [r["epoch"] - 0.5, r["epoch"] + 0.5]
+            ys += [end if r.get("alpha_start") is None else float(r["alpha_start"]), end]
+        ax_alpha.plot(xs, ys, color="#ff7f0e")
         ax_alpha.set_ylim(-0.05, 1.05)
         ax_alpha.set_ylabel("alpha")
 
