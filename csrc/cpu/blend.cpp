@@ -7,8 +7,12 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <cstring>
-#include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "blend.h"
 
@@ -16,6 +20,14 @@ namespace esper_fast::blend {
 namespace {
 
 using at::vec::Vectorized;
+
+// The extension is built for the baseline ISA; the hot loops are also compiled for AVX2 and
+// AVX-512 and the best one the CPU supports is picked when the library loads.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define ESPER_FAST_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define ESPER_FAST_ISA_CLONES
+#endif
 
 // Elements per task: large enough to amortise scheduling, small enough to balance threads.
 constexpr int64_t kTaskElems = 32768;
@@ -39,6 +51,24 @@ struct Tasks {
     return std::min(kTaskElems, group_numel - (task % per_group) * kTaskElems);
   }
 };
+
+// A fresh output. A large one (always its own mapping) is offered transparent huge pages: the
+// first-touch page faults of 4 KiB pages cost more than the blend itself at that size.
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  auto out = at::empty(sizes, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
+  constexpr size_t kMinBytes = size_t(32) << 20;
+  if (out.nbytes() >= kMinBytes) {
+    const auto data = reinterpret_cast<uintptr_t>(out.data_ptr());
+    const uintptr_t begin = (data + kHugePage - 1) & ~(kHugePage - 1);
+    const uintptr_t end = (data + out.nbytes()) & ~(kHugePage - 1);
+    // Advice only: where the kernel declines, the memory is ordinary pages.
+    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+  }
+#endif
+  return out;
+}
 
 // `Vectorized<scalar_t>::size()` elements as float math vectors (two for half/bfloat16).
 template <typename scalar_t>
@@ -71,7 +101,7 @@ struct MathVec {
 };
 
 template <typename scalar_t, bool kSmallAlpha>
-void lerp_span(scalar_t* out, const scalar_t* host, const scalar_t* seed, int64_t n, acc_t<scalar_t> a) {
+ESPER_FAST_ISA_CLONES void lerp_span(scalar_t* out, const scalar_t* host, const scalar_t* seed, int64_t n, acc_t<scalar_t> a) {
   using M = MathVec<scalar_t>;
   using acc = acc_t<scalar_t>;
   const typename M::fVec va(a), vb(acc(1) - a);
@@ -90,7 +120,7 @@ void lerp_span(scalar_t* out, const scalar_t* host, const scalar_t* seed, int64_
 // d_seed = a * g and d_host = (1 - a) * g (each only when its pointer is set); returns
 // sum(g * (seed - host)) over the span when host and seed are given, else 0.
 template <typename scalar_t>
-acc_t<scalar_t> backward_span(scalar_t* d_host, scalar_t* d_seed, const scalar_t* grad, const scalar_t* host,
+ESPER_FAST_ISA_CLONES acc_t<scalar_t> backward_span(scalar_t* d_host, scalar_t* d_seed, const scalar_t* grad, const scalar_t* host,
                               const scalar_t* seed, int64_t n, acc_t<scalar_t> a) {
   using M = MathVec<scalar_t>;
   using acc = acc_t<scalar_t>;
@@ -134,7 +164,7 @@ at::Tensor blend_forward_cpu(const at::Tensor& host, const at::Tensor& seed, con
   const auto format = dense_format(host);
   const auto h = in_format(host, format);
   const auto s = in_format(seed, format);
-  auto out = at::empty(host.sizes(), host.options().memory_format(format));
+  auto out = empty_output(host.sizes(), host.options().memory_format(format));
   const int64_t numel = host.numel();
   if (numel == 0) return out;
   const at::Tensor alpha_k = alpha.has_value() ? alpha_for_kernel(*alpha, host.scalar_type()) : at::Tensor();
@@ -183,8 +213,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blend_backward_cpu(
   }
   const auto grad_options = grad_out.options().memory_format(format);
   const auto none = at::empty({0}, grad_out.options());
-  at::Tensor d_host = need_host_grad ? at::empty(grad_out.sizes(), grad_options) : none;
-  at::Tensor d_seed = need_seed_grad ? at::empty(grad_out.sizes(), grad_options) : none;
+  at::Tensor d_host = need_host_grad ? empty_output(grad_out.sizes(), grad_options) : none;
+  at::Tensor d_seed = need_seed_grad ? empty_output(grad_out.sizes(), grad_options) : none;
   at::Tensor d_alpha = none;
   const int64_t numel = grad_out.numel();
   const at::Tensor alpha_k = alpha.has_value() ? alpha_for_kernel(*alpha, grad_out.scalar_type()) : at::Tensor();
@@ -240,7 +270,7 @@ at::Tensor ste_forward_cpu(const at::Tensor& host, const at::Tensor& seed) {
   check_pair(host, seed, "ste_forward");
   const auto format = dense_format(host);
   const auto h = in_format(host, format);
-  auto out = at::empty(host.sizes(), host.options().memory_format(format));
+  auto out = empty_output(host.sizes(), host.options().memory_format(format));
   const int64_t bytes = h.numel() * h.element_size();
   const auto* src = static_cast<const char*>(h.const_data_ptr());
   auto* dst = static_cast<char*>(out.mutable_data_ptr());

@@ -22,6 +22,10 @@ from esper_fast.ops.reference import blend_reference, ste_reference
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
+_blend_forward = torch.ops.esper_fast.blend_forward.default
+_blend_backward_op = torch.ops.esper_fast.blend_backward.default
+_ste_forward = torch.ops.esper_fast.ste_forward.default
+
 
 def blend(host: torch.Tensor, seed: torch.Tensor, alpha, detach_host: bool = True) -> torch.Tensor:
     """``host + a * (seed - host)``, ``a = clamp(alpha, 0, 1)``.
@@ -47,7 +51,7 @@ def blend(host: torch.Tensor, seed: torch.Tensor, alpha, detach_host: bool = Tru
         return blend_reference(host, seed, alpha, detach_host)
     if detach_host:
         host = host.detach()
-    return torch.ops.esper_fast.blend_forward.default(host, seed, alpha_tensor, alpha_value)
+    return _blend_forward(host, seed, alpha_tensor, alpha_value)
 
 
 def ste(host: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
@@ -56,7 +60,7 @@ def ste(host: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
     _check_pair(host, seed, "ste")
     if using_reference():
         return ste_reference(host, seed)
-    return torch.ops.esper_fast.ste_forward.default(host, seed)
+    return _ste_forward(host, seed)
 
 
 # ---------------------------------------------------------------- argument checks
@@ -170,7 +174,7 @@ def _blend_setup_context(ctx, inputs, output):
 
 def _blend_backward(ctx, grad):
     host, seed, alpha = ctx.saved_tensors
-    d_host, d_seed, d_alpha = torch.ops.esper_fast.blend_backward.default(
+    d_host, d_seed, d_alpha = _blend_backward_op(
         grad, host, seed, alpha, ctx.alpha_value, ctx.need_host_grad, ctx.need_seed_grad, ctx.need_alpha_grad
     )
     return (
