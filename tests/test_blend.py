@@ -111,9 +111,12 @@ def test_blend_alpha_of_another_dtype(device):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_blend_long_samples_and_misaligned_data(device, dtype):
-    # Several tasks/tiles per sample, and a data pointer off the 16-byte grid (scalar path).
-    host = randn((2 * 70001 + 1,), dtype, device)[1:].view(2, 70001)
+@pytest.mark.parametrize("misaligned", [False, True])
+def test_blend_long_samples(device, dtype, misaligned):
+    # Several tasks/tiles per sample, the second sample starting off the 16-byte grid; with
+    # `misaligned` the data pointer itself is off the grid (the kernels' scalar path).
+    offset = int(misaligned)
+    host = randn((2 * 70001 + offset,), dtype, device)[offset:].view(2, 70001)
     seed = randn((2, 70001), dtype, device)
     alpha = torch.tensor([0.2, 0.9], device=device, requires_grad=True)
     check_blend(host, seed, alpha, detach_host=False)
