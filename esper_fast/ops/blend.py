@@ -22,9 +22,9 @@ from esper_fast.ops.reference import blend_reference, ste_reference
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
-_blend_forward = torch.ops.esper_fast.blend_forward.default
+_blend_forward_op = torch.ops.esper_fast.blend_forward.default
 _blend_backward_op = torch.ops.esper_fast.blend_backward.default
-_ste_forward = torch.ops.esper_fast.ste_forward.default
+_ste_forward_op = torch.ops.esper_fast.ste_forward.default
 
 
 def blend(host: torch.Tensor, seed: torch.Tensor, alpha, detach_host: bool = True) -> torch.Tensor:
@@ -39,7 +39,8 @@ def blend(host: torch.Tensor, seed: torch.Tensor, alpha, detach_host: bool = Tru
         detach_host: when True (the default) no gradient flows to ``host``.
 
     Returns a new tensor in host's memory format. Raises ValueError for mismatched or
-    unsupported inputs.
+    unsupported inputs. Under torch.compile a float alpha is a constant of the graph; pass a
+    0-dim tensor when it changes every step.
     """
     _check_pair(host, seed, "blend")
     if isinstance(alpha, torch.Tensor):
@@ -51,7 +52,7 @@ def blend(host: torch.Tensor, seed: torch.Tensor, alpha, detach_host: bool = Tru
         return blend_reference(host, seed, alpha, detach_host)
     if detach_host:
         host = host.detach()
-    return _blend_forward(host, seed, alpha_tensor, alpha_value)
+    return _blend_forward_op(host, seed, alpha_tensor, alpha_value)
 
 
 def ste(host: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
@@ -60,7 +61,7 @@ def ste(host: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
     _check_pair(host, seed, "ste")
     if using_reference():
         return ste_reference(host, seed)
-    return _ste_forward(host, seed)
+    return _ste_forward_op(host, seed)
 
 
 # ---------------------------------------------------------------- argument checks
