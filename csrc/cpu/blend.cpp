@@ -47,13 +47,13 @@ struct Tasks {
   }
 };
 
-// A fresh output. A large one (always its own mapping) is offered transparent huge pages: the
-// first-touch page faults of 4 KiB pages cost more than the blend itself at that size.
+// A fresh output. A large one is offered transparent huge pages for the 2 MiB-aligned part of
+// it: first-touch page faults on 4 KiB pages cost as much as the blend itself at these sizes.
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   auto out = at::empty(sizes, options);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
-  constexpr size_t kMinBytes = size_t(32) << 20;
+  constexpr size_t kMinBytes = size_t(4) << 20;
   if (out.nbytes() >= kMinBytes) {
     const auto data = reinterpret_cast<uintptr_t>(out.data_ptr());
     const uintptr_t begin = (data + kHugePage - 1) & ~(kHugePage - 1);
