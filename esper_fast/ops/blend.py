@@ -35,7 +35,7 @@ def blend(host: torch.Tensor, seed: torch.Tensor, alpha, detach_host: bool = Tru
         alpha: a Python float, or a tensor on host's device holding one value (shape ``[]``
             or ``[1]``) or one value per sample (``[B]`` or ``[B, 1, ..., 1]``, B = host.size(0)).
             A tensor alpha that requires grad receives ``sum over the sample of g * (seed - host)``
-            (zero where the clamp is active), in its own shape.
+            in its own shape and dtype, zero for a value outside [0, 1] (torch.clamp's rule).
         detach_host: when True (the default) no gradient flows to ``host``.
 
     Returns a new tensor in host's memory format. Raises ValueError for mismatched or
