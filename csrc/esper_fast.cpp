@@ -21,12 +21,14 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(esper_fast, m) {
   // ---- blend family (csrc/cpu/blend.cpp, csrc/cuda/blend.cu, esper_fast/ops/blend.py) ----
-  // y = host + a * (seed - host), a = clamp(alpha[b] if alpha is given else alpha_value, 0, 1).
+  // y = host + a * (seed - host), a = clamp(alpha[b] if alpha is given else alpha_value, 0, 1):
+  // alpha holds one value, or one per sample b of the batch (leading) dimension.
   m.def("blend_forward(Tensor host, Tensor seed, Tensor? alpha, float alpha_value) -> Tensor");
-  // (d_host, d_seed, d_alpha); a gradient that is not needed comes back as an empty tensor.
+  // (d_host, d_seed, d_alpha) in one pass over grad_out; a gradient not asked for comes back
+  // as an empty tensor. host and seed are read only for d_alpha.
   m.def(
-      "blend_backward(Tensor grad_out, Tensor host, Tensor seed, Tensor? alpha, float alpha_value, "
-      "bool need_host_grad, bool need_alpha_grad) -> (Tensor, Tensor, Tensor)");
+      "blend_backward(Tensor grad_out, Tensor? host, Tensor? seed, Tensor? alpha, float alpha_value, "
+      "bool need_host_grad, bool need_seed_grad, bool need_alpha_grad) -> (Tensor, Tensor, Tensor)");
   // Straight-through estimator: y == host bit for bit; the gradient goes to host and seed alike.
   m.def("ste_forward(Tensor host, Tensor seed) -> Tensor");
   // ---- end blend family ----

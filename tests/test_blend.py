@@ -1,0 +1,353 @@
+"""The blend family (esper_fast.ops.blend / ste) against its pure-torch reference."""
+
+import math
+
+import pytest
+import torch
+
+from esper_fast.ops import blend, reference_mode, ste
+from esper_fast.ops.reference import blend_reference, ste_reference
+from tolerances import FLOAT_DTYPES, TOLERANCES, assert_close
+
+OPS = torch.ops.esper_fast
+
+# Per-sample gates on both sides of the lerp's branch point, on the clamp's bounds and beyond them.
+GATES = [-0.5, 0.0, 0.3, 0.7, 1.0, 1.5]
+
+
+def randn(shape, dtype, device, memory_format=torch.contiguous_format):
+    return torch.randn(shape, device=device).to(dtype).contiguous(memory_format=memory_format)
+
+
+def run(fn, host, seed, alpha, grad_out, detach_host=True):
+    """fn's output and the gradients it gives host, seed and (a tensor) alpha for grad_out."""
+    h = host.detach().clone().requires_grad_(True)
+    s = seed.detach().clone().requires_grad_(True)
+    a = alpha
+    if isinstance(alpha, torch.Tensor):
+        a = alpha.detach().clone().requires_grad_(alpha.requires_grad)
+    y = fn(h, s, a, detach_host)
+    y.backward(grad_out)
+    return y, h.grad, s.grad, a.grad if isinstance(a, torch.Tensor) else None
+
+
+def expected_alpha_grad(host, seed, alpha, grad_out):
+    """sum over each alpha group of g * (seed - host) in float64, zero where the clamp blocks it,
+    plus the tolerance float32 accumulation over those terms allows."""
+    terms = grad_out.double() * (seed.double() - host.double())
+    if alpha.numel() == 1:
+        sums, scale = terms.sum().reshape(1), terms.abs().sum().reshape(1)
+    else:
+        per_sample = terms.reshape(terms.shape[0], terms[0].numel() if terms.shape[0] else 0)
+        sums, scale = per_sample.sum(1), per_sample.abs().sum(1)
+    flat = alpha.detach().double().reshape(-1)
+    sums = torch.where((flat >= 0) & (flat <= 1), sums, torch.zeros_like(sums))
+    return sums.reshape(alpha.shape), 1e-5 * scale.reshape(alpha.shape) + 1e-6
+
+
+def check_alpha_grad(actual, host, seed, alpha, grad_out):
+    expected, tolerance = expected_alpha_grad(host, seed, alpha, grad_out)
+    assert actual.shape == alpha.shape and actual.dtype == alpha.dtype
+    error = (actual.detach().double().cpu() - expected.cpu()).abs()
+    assert (error <= tolerance.cpu()).all(), f"d_alpha {actual} != {expected}"
+
+
+def check_blend(host, seed, alpha, detach_host=True):
+    """Values and gradients of blend vs blend_reference for these inputs."""
+    grad_out = torch.randn_like(host)
+    y, dh, ds, da = run(blend, host, seed, alpha, grad_out, detach_host)
+    yr, dhr, dsr, _ = run(blend_reference, host, seed, alpha, grad_out, detach_host)
+    assert_close(y, yr, what="blend")
+    assert_close(ds, dsr, what="d_seed")
+    if detach_host:
+        assert dh is None
+    else:
+        assert_close(dh, dhr, what="d_host")
+    if isinstance(alpha, torch.Tensor) and alpha.requires_grad:
+        check_alpha_grad(da, host, seed, alpha, grad_out)
+    return y, dh, ds
+
+
+# ---------------------------------------------------------------- values and gradients
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("detach_host", [True, False])
+@pytest.mark.parametrize("alpha_kind", ["float", "per_sample", "per_sample_grad", "single_tensor_grad"])
+def test_blend_matches_reference(device, dtype, detach_host, alpha_kind):
+    host, seed = randn((6, 3, 5, 7), dtype, device), randn((6, 3, 5, 7), dtype, device)
+    if alpha_kind == "float":
+        alpha = 0.3
+    elif alpha_kind == "single_tensor_grad":
+        alpha = torch.tensor(0.7, device=device, requires_grad=True)
+    else:
+        alpha = torch.tensor(GATES, device=device, requires_grad=alpha_kind == "per_sample_grad")
+    check_blend(host, seed, alpha, detach_host)
+
+
+@pytest.mark.parametrize("alpha", [-1.0, 0.0, 0.25, 0.5, 0.75, 1.0, 2.0, float("nan"), float("inf")])
+def test_blend_float_alpha_is_clamped_like_reference(device, alpha):
+    host, seed = randn((4, 33), torch.float32, device), randn((4, 33), torch.float32, device)
+    y, _, _ = check_blend(host, seed, alpha, detach_host=False)
+    clamped = max(0.0, min(1.0, alpha))
+    if clamped in (0.0, 1.0):
+        # The lerp is exact at its ends: alpha 0 gives host, alpha 1 gives seed.
+        assert torch.equal(y, host if clamped == 0.0 else seed)
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (6,), (6, 1), (6, 1, 1, 1), (1, 1, 1, 1, 1)])
+def test_blend_alpha_shapes(device, shape):
+    host, seed = randn((6, 2, 3, 5), torch.float32, device), randn((6, 2, 3, 5), torch.float32, device)
+    numel = math.prod(shape)
+    values = torch.tensor(GATES[:numel] if numel > 1 else [0.4], device=device).reshape(shape)
+    alpha = values.requires_grad_(True)
+    check_blend(host, seed, alpha, detach_host=False)
+
+
+def test_blend_alpha_of_another_dtype(device):
+    host, seed = randn((6, 9), torch.float32, device), randn((6, 9), torch.float32, device)
+    alpha = torch.tensor(GATES, dtype=torch.float64, device=device, requires_grad=True)
+    check_blend(host, seed, alpha)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("misaligned", [False, True])
+def test_blend_long_samples(device, dtype, misaligned):
+    # Several tasks/tiles per sample, the second sample starting off the 16-byte grid; with
+    # `misaligned` the data pointer itself is off the grid (the kernels' scalar path).
+    offset = int(misaligned)
+    host = randn((2 * 70001 + offset,), dtype, device)[offset:].view(2, 70001)
+    seed = randn((2, 70001), dtype, device)
+    alpha = torch.tensor([0.2, 0.9], device=device, requires_grad=True)
+    check_blend(host, seed, alpha, detach_host=False)
+
+
+# ---------------------------------------------------------------- sizes and layouts
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4), (2, 0, 5), (1,), (1, 1, 1, 13), (3, 5, 7, 9), (5,)])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_blend_sizes(device, shape, per_sample):
+    host, seed = randn(shape, torch.float32, device), randn(shape, torch.float32, device)
+    alpha = torch.rand(shape[0], device=device, requires_grad=True) if per_sample else 0.6
+    y, dh, ds = check_blend(host, seed, alpha, detach_host=False)
+    assert y.shape == host.shape and dh.shape == host.shape and ds.shape == host.shape
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize(
+    "layout", ["channels_last", "channels_last_3d", "transposed", "sliced", "mixed", "permuted_batch"]
+)
+def test_blend_layouts(device, dtype, layout):
+    if layout == "channels_last":
+        host = randn((6, 3, 5, 7), dtype, device, torch.channels_last)
+        seed = randn((6, 3, 5, 7), dtype, device, torch.channels_last)
+    elif layout == "channels_last_3d":
+        host = randn((6, 3, 2, 5, 7), dtype, device, torch.channels_last_3d)
+        seed = randn((6, 3, 2, 5, 7), dtype, device, torch.channels_last_3d)
+    elif layout == "transposed":
+        host = randn((6, 7, 5), dtype, device).transpose(1, 2)
+        seed = randn((6, 7, 5), dtype, device).transpose(1, 2)
+    elif layout == "sliced":
+        host = randn((6, 3, 10, 7), dtype, device)[:, :, ::2]
+        seed = randn((6, 3, 10, 7), dtype, device)[:, 1:, :5]
+        host, seed = host[:, :2], seed
+    elif layout == "mixed":
+        host = randn((6, 3, 5, 7), dtype, device, torch.channels_last)
+        seed = randn((6, 3, 5, 7), dtype, device)
+    else:  # dense, but the batch dimension is not the outermost one in memory
+        host = randn((5, 6), dtype, device).t()
+        seed = randn((5, 6), dtype, device).t()
+    alpha = torch.tensor(GATES, device=device, requires_grad=True)
+    y, _, _ = check_blend(host, seed, alpha, detach_host=False)
+    s = ste(host, seed)
+    assert torch.equal(bits(s), bits(host))
+    # Outputs keep a channels_last(_3d) host's layout; other layouts come out contiguous.
+    fmt = {"channels_last": torch.channels_last, "mixed": torch.channels_last, "channels_last_3d": torch.channels_last_3d}
+    fmt = fmt.get(layout, torch.contiguous_format)
+    grad = torch.randn_like(host)
+    grads = OPS.blend_backward.default(grad, host, seed, alpha.detach(), 0.0, True, True, True)
+    for out in (y, s, grads[0], grads[1]):
+        assert out.is_contiguous(memory_format=fmt)
+
+
+# ---------------------------------------------------------------- NaN / Inf and the STE
+
+
+def special_values(dtype, device):
+    values = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 1.5, -2.25], device=device)
+    return values.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_blend_nan_inf_matches_reference(device, dtype):
+    specials = special_values(dtype, device)
+    host = specials.repeat_interleave(len(specials)).reshape(7, 7)
+    seed = specials.repeat(len(specials)).reshape(7, 7)
+    for alpha in (0.3, 0.8, torch.tensor([0.0, 0.3, 0.5, 0.8, 1.0, 0.1, 0.9], device=device)):
+        y = blend(host, seed, alpha)
+        assert_close(y, blend_reference(host, seed, alpha), what=f"blend alpha={alpha}")
+
+
+def bits(t):
+    width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    return t.contiguous().view(width)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES + [torch.float64])
+def test_ste_is_host_bit_for_bit(device, dtype):
+    host = torch.cat([special_values(dtype, device), randn((37,), dtype, device)])
+    # A NaN with a non-default payload must survive too.
+    host = host.clone()
+    bits(host)[0] = bits(host)[0] | 1
+    seed = randn(host.shape, dtype, device)
+    y = ste(host, seed)
+    assert torch.equal(bits(y), bits(host))
+    assert y.data_ptr() != host.data_ptr()
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_ste_gradients(device, dtype, memory_format):
+    host = randn((3, 5, 7, 9), dtype, device, memory_format)
+    seed = randn((3, 5, 7, 9), dtype, device, memory_format)
+    grad_out = torch.randn_like(host)
+    y, dh, ds, _ = run(lambda h, s, a, d: ste(h, s), host, seed, None, grad_out)
+    yr, dhr, dsr, _ = run(lambda h, s, a, d: ste_reference(h, s), host, seed, None, grad_out)
+    assert torch.equal(bits(y), bits(host))
+    assert_close(y, yr)
+    assert torch.equal(dh, grad_out) and torch.equal(ds, grad_out)
+    assert torch.equal(dhr, dh) and torch.equal(dsr, ds)
+    assert y.is_contiguous(memory_format=memory_format)
+
+
+@pytest.mark.parametrize("shape", [(0,), (1,), (1, 1, 1, 13), (3, 5, 7, 9)])
+def test_ste_sizes(device, shape):
+    host, seed = randn(shape, torch.float32, device), randn(shape, torch.float32, device)
+    y = ste(host, seed)
+    assert y.shape == host.shape and torch.equal(y, host)
+
+
+# ---------------------------------------------------------------- gradcheck, opcheck, compile
+
+
+def test_blend_gradcheck(device):
+    host = torch.randn(3, 2, 5, dtype=torch.float64, device=device, requires_grad=True)
+    seed = torch.randn(3, 2, 5, dtype=torch.float64, device=device, requires_grad=True)
+    # Away from the clamp's kinks, where finite differences are meaningful.
+    alpha = torch.tensor([0.2, 0.6, 0.85], dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda h, s, a: blend(h, s, a, detach_host=False), (host, seed, alpha))
+    assert torch.autograd.gradcheck(lambda h, s: blend(h, s, 0.35, detach_host=False), (host, seed))
+    outside = torch.tensor([-0.4, 1.3, 0.5], dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda s, a: blend(host.detach(), s, a), (seed, outside))
+
+
+def test_ste_gradcheck(device):
+    # Only host's gradient is a true derivative; seed's (by design not one) is checked exactly in
+    # test_ste_gradients.
+    host = torch.randn(3, 4, dtype=torch.float64, device=device, requires_grad=True)
+    seed = torch.randn(3, 4, dtype=torch.float64, device=device)
+    assert torch.autograd.gradcheck(lambda h: ste(h, seed), (host,))
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_opcheck(device, memory_format):
+    def make(requires_grad=False):
+        return randn((3, 4, 5, 2), torch.float32, device, memory_format).requires_grad_(requires_grad)
+
+    alpha = torch.tensor([0.2, 0.7, 1.2], device=device, requires_grad=True)
+    torch.library.opcheck(OPS.blend_forward.default, (make(True), make(True), None, 0.4))
+    torch.library.opcheck(OPS.blend_forward.default, (make(), make(True), alpha, 0.0))
+    grad, host, seed = make(), make(), make()
+    plain_alpha = alpha.detach()
+    torch.library.opcheck(OPS.blend_backward.default, (grad, None, None, None, 0.4, True, True, False))
+    torch.library.opcheck(OPS.blend_backward.default, (grad, host, seed, plain_alpha, 0.0, False, True, True))
+    torch.library.opcheck(OPS.ste_forward.default, (make(True), make(True)))
+
+
+def test_compile_fullgraph():
+    torch._dynamo.reset()
+
+    def step(host, seed, gate):
+        return blend(host, seed, gate, detach_host=False) + ste(host, seed) * 0.5
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    host = torch.randn(4, 6, requires_grad=True)
+    seed = torch.randn(4, 6, requires_grad=True)
+    gate = torch.tensor([0.1, 0.5, 0.9, 1.4], requires_grad=True)
+    out = compiled(host, seed, gate)
+    out.sum().backward()
+    expected = step(host.detach(), seed.detach(), gate.detach())
+    assert_close(out, expected)
+    assert_close(host.grad, (1 - gate.detach().clamp(0, 1))[:, None].expand(4, 6) + 0.5)
+    assert_close(seed.grad, gate.detach().clamp(0, 1)[:, None].expand(4, 6) + 0.5)
+    assert_close(gate.grad, torch.where(gate.detach() <= 1, (seed - host).detach().sum(1), torch.zeros(4)))
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_errors_name_the_problem():
+    host = torch.randn(3, 4)
+    with pytest.raises(ValueError, match=r"seed has shape \(3, 5\) but host has shape \(3, 4\)"):
+        blend(host, torch.randn(3, 5), 0.5)
+    with pytest.raises(ValueError, match="seed has dtype torch.float16 but host has dtype torch.float32"):
+        blend(host, torch.randn(3, 4, dtype=torch.float16), 0.5)
+    with pytest.raises(ValueError, match="seed is on meta but host is on cpu"):
+        blend(host, torch.randn(3, 4, device="meta"), 0.5)
+    with pytest.raises(ValueError, match="host must be float32, float16, bfloat16 or float64, got torch.int64"):
+        blend(torch.ones(3, 4, dtype=torch.long), torch.ones(3, 4, dtype=torch.long), 0.5)
+    with pytest.raises(ValueError, match=r"alpha of shape \(2,\) does not broadcast .* expected \[\], \[1\], \[3\]"):
+        blend(host, torch.randn(3, 4), torch.rand(2))
+    with pytest.raises(ValueError, match=r"alpha of shape \(3, 4\) does not broadcast"):
+        blend(host, torch.randn(3, 4), torch.rand(3, 4))
+    with pytest.raises(ValueError, match="alpha is on meta but host is on cpu"):
+        blend(host, torch.randn(3, 4), torch.rand(3, device="meta"))
+    with pytest.raises(ValueError, match="alpha must be a floating point tensor"):
+        blend(host, torch.randn(3, 4), torch.ones(3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"esper_fast.ste: seed has shape \(4, 3\)"):
+        ste(host, torch.randn(4, 3))
+
+
+def test_kernel_checks_name_the_problem(device):
+    host = torch.randn(3, 4, device=device)
+    with pytest.raises(RuntimeError, match=r"seed has shape \[3, 5\] but host has shape \[3, 4\]"):
+        OPS.blend_forward.default(host, torch.randn(3, 5, device=device), None, 0.5)
+    with pytest.raises(RuntimeError, match="seed has dtype Half but host has dtype Float"):
+        OPS.ste_forward.default(host, torch.randn(3, 4, device=device, dtype=torch.half))
+    with pytest.raises(RuntimeError, match=r"alpha of shape \[2\] does not broadcast over the batch dimension"):
+        OPS.blend_forward.default(host, host, torch.rand(2, device=device), 0.0)
+    with pytest.raises(RuntimeError, match="host must be float64, float32, float16 or bfloat16"):
+        OPS.blend_forward.default(host.long(), host.long(), None, 0.5)
+    with pytest.raises(RuntimeError, match="need_alpha_grad needs host, seed and alpha"):
+        OPS.blend_backward.default(host, None, None, None, 0.5, True, True, True)
+
+
+@pytest.mark.cuda
+def test_kernel_rejects_alpha_on_another_device():
+    host = torch.randn(3, 4, device="cuda")
+    with pytest.raises(RuntimeError, match="alpha is on cpu but host is on cuda"):
+        OPS.blend_forward.default(host, host, torch.rand(3), 0.0)
+    with pytest.raises(ValueError, match="alpha is on cpu but host is on cuda"):
+        blend(host, host, torch.rand(3))
+
+
+@pytest.mark.cuda
+def test_cuda_blend_does_not_synchronise():
+    host = torch.randn(8, 64, 9, device="cuda", requires_grad=True)
+    seed = torch.randn(8, 64, 9, device="cuda", requires_grad=True)
+    alpha = torch.rand(8, device="cuda", requires_grad=True)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = blend(host, seed, alpha, detach_host=False) + blend(host, seed, 0.3) + ste(host, seed)
+        torch.autograd.backward(y, torch.ones_like(y))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert alpha.grad is not None
+
+
+def test_reference_mode_routes_to_reference():
+    host, seed = torch.randn(2, 3), torch.randn(2, 3)
+    with reference_mode():
+        assert torch.equal(blend(host, seed, 0.25), blend_reference(host, seed, 0.25))
+        assert torch.equal(ste(host, seed), ste_reference(host, seed))
