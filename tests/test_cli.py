@@ -43,7 +43,8 @@ def no_cifar(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- end to end
 
-def test_train_end_to_end_writes_log_and_plot(no_cifar, capsys):
+def test_train_end_to_end_writes_log_and_plot(no_cifar, capsys, monkeypatch):
+    monkeypatch.delenv("ESPER_FAST_REFERENCE", raising=False)
     out = no_cifar / "run"
     code, stdout, err = run_cli(capsys, "train", "--epochs", 2, "--out", out, *TINY)
     assert code == 0, err
@@ -68,6 +69,8 @@ def test_train_end_to_end_writes_log_and_plot(no_cifar, capsys):
     assert epochs[1]["stage"] == "TRAINING" and epochs[1]["seed_id"] == "seed-1" and epochs[1]["alpha"] == 0.0
     assert summary["rollbacks"] == 0 and summary["epochs"] == 2 and summary["chance_accuracy"] == 10.0
     assert summary["seeds"][0]["seed_id"] == "seed-1"
+    # The traced steps saw the fused kernels: STE while incubating, metrics, snapshot.
+    assert {"ste_forward", "metrics_update", "snapshot_pack"} <= set(summary["kernels_ran"])
 
     png = (out / lifecycle.PLOT_FILE).read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 10_000
@@ -94,6 +97,31 @@ def test_injected_nan_rolls_back_culls_the_seed_and_finishes(no_cifar, capsys):
     assert summary["rollbacks"] == 1
     assert summary["seeds"][0]["outcome"] == "culled" and summary["seeds"][0]["reason"] == "governor_rollback"
     assert "governor rollback" in stdout and "governor rollbacks: 1" in stdout
+    assert (out / lifecycle.PLOT_FILE).read_bytes().startswith(PNG_MAGIC)
+
+
+def test_reference_mode_runs_the_original_algorithms(no_cifar, capsys, monkeypatch):
+    monkeypatch.setenv("ESPER_FAST_REFERENCE", "1")
+    out = no_cifar / "reference"
+    code, stdout, err = run_cli(capsys, "train", "--epochs", 2, "--out", out, *TINY)
+    assert code == 0, err
+    summary = read_log(out / lifecycle.METRICS_FILE)[-1]
+    assert summary["reference_mode"] is True and summary["kernels_ran"] == {}
+    assert "reference mode, the original pure-PyTorch algorithms ran" in stdout
+
+
+@pytest.mark.cuda
+def test_train_on_cuda_with_the_governor_demo(no_cifar, capsys, monkeypatch):
+    monkeypatch.delenv("ESPER_FAST_REFERENCE", raising=False)
+    out = no_cifar / "cuda"
+    code, stdout, err = run_cli(capsys, "train", "--device", "cuda", "--epochs", 3, "--inject-nan-at", 3, "--out", out, *TINY)
+    assert code == 0, err
+    records = read_log(out / lifecycle.METRICS_FILE)
+    config, summary = records[0], records[-1]
+    assert config["device"] == "cuda" and len(records) == 5
+    assert summary["rollbacks"] == 1 and summary["seeds"][0]["reason"] == "governor_rollback"
+    assert {"ste_forward", "metrics_update", "snapshot_pack"} <= set(summary["kernels_ran"])
+    assert math.isfinite(records[3]["val_loss"])
     assert (out / lifecycle.PLOT_FILE).read_bytes().startswith(PNG_MAGIC)
 
 
