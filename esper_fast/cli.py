@@ -122,7 +122,9 @@ def _train(args) -> int:
         spec = get_task_spec(args.task)
     except ValueError as exc:
         raise CLIError(str(exc))
-    choices = lifecycle.BLUEPRINTS[spec.topology]
+    from esper_fast.kasmina import BlueprintRegistry
+
+    choices = BlueprintRegistry.names(spec.topology)
     if args.blueprint is not None and args.blueprint not in choices:
         raise CLIError(
             f"unknown blueprint {args.blueprint!r} for {args.task} ({spec.topology} host); choose one of: {', '.join(choices)}"

@@ -32,11 +32,6 @@ import torch.nn as nn
 
 from esper_fast.kasmina.stages import SeedStage
 
-# Blueprints per topology (API contract); the registry builds them.
-BLUEPRINTS = {
-    "cnn": ("norm", "attention", "depthwise", "conv_light", "conv_heavy"),
-    "transformer": ("norm", "lora", "attention", "mlp"),
-}
 DEFAULT_BLUEPRINT = {"cnn": "conv_light", "transformer": "lora"}
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "metrics.png"
@@ -90,7 +85,7 @@ class LifecycleSchedule:
     @classmethod
     def for_epochs(cls, epochs: int) -> "LifecycleSchedule":
         """The default schedule, with warm-up (and if need be blending) shortened so that a run
-        of ``epochs`` still reaches the keep/cull decision before its last epoch."""
+        of ``epochs`` still reaches the keep/cull decision, when it can, by its last epoch."""
         schedule = cls()
         if epochs - schedule.lifecycle_epochs - 1 < 1:
             schedule = cls(blending_epochs=1)
@@ -128,7 +123,7 @@ class LossWatch:
         if self.step == self.poison_step:
             loss = loss * float("nan")
         if self.step >= self.losses.numel():
-            self.losses = torch.cat([self.losses, torch.empty_like(self.losses).resize_(max(16, self.step))])
+            self.losses = torch.cat([self.losses, torch.empty(max(16, self.step), device=self.device)])
         self.losses[self.step] = loss.detach()
         self.step += 1
         return loss
@@ -412,7 +407,8 @@ def _jsonable(value):
 
 
 class MetricsLog:
-    """Appends one JSON object per line; ``type`` is ``config``, ``epoch`` or ``summary``."""
+    """Appends one JSON object per line; ``type`` is ``config``, ``epoch`` or ``summary``.
+    JSON has no NaN or infinity: NaN is written as ``null``, infinities as ``"inf"``/``"-inf"``."""
 
     def __init__(self, path: Path):
         self.path = path
