@@ -87,6 +87,30 @@ def test_pack_unpack_round_trip_is_bit_exact(device):
     _assert_bit_exact(tensors, expected)
 
 
+def test_pack_unpack_offsets_aligned_only_to_the_element_size(device):
+    """The first small tensor sits 2 bytes in: CUDA staging must keep the others element-aligned."""
+    tensors = [
+        torch.randn(1, device=device).half(),  # bytes [2, 4)
+        torch.randn(4, 6, device=device).t(),  # [8, 104), non-contiguous: a typed copy into staging
+        torch.randn(5, device=device),  # [104, 124)
+        torch.randint(-9, 9, (3, 2), device=device).t(),  # [136, 184), int64, non-contiguous
+    ]
+    offsets = [2, 8, 104, 136]
+    expected = [t.clone() for t in tensors]
+    buffer = torch.zeros(192, dtype=torch.uint8, pin_memory=device == "cuda")
+    snapshot_pack(tensors, buffer, offsets)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    for t, offset in zip(expected, offsets):
+        n = t.numel() * t.element_size()
+        assert torch.equal(buffer[offset : offset + n].view(t.dtype).view(t.shape), t.cpu())
+    _poison(tensors)
+    snapshot_unpack(tensors, buffer, offsets)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    _assert_bit_exact(tensors, expected)
+
+
 def test_pack_rejects_bad_arguments():
     t = torch.randn(10)
     with pytest.raises(RuntimeError, match="does not fit"):

@@ -61,6 +61,10 @@ std::vector<StagingGroup> staging_groups(at::TensorList tensors, at::IntArrayRef
   return groups;
 }
 
+// The staging range starts at this offset: scratch addresses then share the buffer
+// offsets' alignment (element size, and 16 bytes for the vector copy).
+int64_t staging_origin(const StagingGroup& group) { return group.lo - group.lo % 16; }
+
 at::Device common_device(at::TensorList tensors, const at::Tensor& buffer) {
   const at::Device device = tensors[0].device();
   TORCH_CHECK(device.is_cuda(), "esper_fast: snapshot tensors must be CUDA tensors here, got ", device);
@@ -95,8 +99,9 @@ void snapshot_pack_cuda(at::TensorList tensors, const at::Tensor& buffer, at::In
   // Staged small tensors first: a staging range may cover bytes of large tensors between
   // small ones, and the direct copies enqueued after it overwrite those bytes in order.
   for (const StagingGroup& group : staging_groups(tensors, offsets)) {
-    at::Tensor staging = at::empty({group.hi - group.lo}, at::TensorOptions().dtype(at::kByte).device(device));
-    uint8_t* scratch = staging.data_ptr<uint8_t>() - group.lo;  // indexed by buffer offset
+    const int64_t origin = staging_origin(group);
+    at::Tensor staging = at::empty({group.hi - origin}, at::TensorOptions().dtype(at::kByte).device(device));
+    uint8_t* scratch = staging.data_ptr<uint8_t>() - origin;  // indexed by buffer offset
     std::vector<ByteCopy> copies;
     for (size_t i : group.members) {
       const at::Tensor& t = tensors[i];
@@ -107,8 +112,8 @@ void snapshot_pack_cuda(at::TensorList tensors, const at::Tensor& buffer, at::In
       }
     }
     multi_tensor_copy(copies, stream);
-    C10_CUDA_CHECK(cudaMemcpyAsync(base + group.lo, staging.const_data_ptr(), group.hi - group.lo,
-                                   cudaMemcpyDeviceToHost, stream));
+    C10_CUDA_CHECK(cudaMemcpyAsync(base + group.lo, scratch + group.lo, group.hi - group.lo, cudaMemcpyDeviceToHost,
+                                   stream));
     // `staging` returns to the caching allocator, which reuses it only in this stream's order.
   }
   for (size_t i = 0; i < tensors.size(); ++i) {
@@ -143,10 +148,11 @@ void snapshot_unpack_cuda(at::TensorList tensors, const at::Tensor& buffer, at::
   }
 
   for (const StagingGroup& group : staging_groups(tensors, offsets)) {
-    at::Tensor staging = at::empty({group.hi - group.lo}, at::TensorOptions().dtype(at::kByte).device(device));
-    C10_CUDA_CHECK(cudaMemcpyAsync(staging.data_ptr(), base + group.lo, group.hi - group.lo,
-                                   cudaMemcpyHostToDevice, stream));
-    uint8_t* scratch = staging.data_ptr<uint8_t>() - group.lo;
+    const int64_t origin = staging_origin(group);
+    at::Tensor staging = at::empty({group.hi - origin}, at::TensorOptions().dtype(at::kByte).device(device));
+    uint8_t* scratch = staging.data_ptr<uint8_t>() - origin;
+    C10_CUDA_CHECK(cudaMemcpyAsync(scratch + group.lo, base + group.lo, group.hi - group.lo, cudaMemcpyHostToDevice,
+                                   stream));
     std::vector<ByteCopy> copies;
     for (size_t i : group.members) {
       at::Tensor t = tensors[i];
