@@ -392,3 +392,32 @@ def test_cuda_small_tensors_beyond_one_staging_range():
     _poison(tensors)
     snap.restore(tensors)
     _assert_bit_exact(tensors, expected)
+
+
+@pytest.mark.cuda
+def test_cuda_dropped_snapshot_keeps_its_pinned_block_until_queued_copies_finish():
+    """Freeing the buffer with a transfer still queued must not hand its pinned block out again."""
+    t = torch.randn(1 << 16, device="cuda")  # 256 KiB: one staged transfer
+    good = t.clone()
+    snap = HostSnapshot(double_buffer=False)
+    snap.capture([t])
+    nbytes = snap.nbytes
+    t.zero_()
+    torch.cuda._sleep(50_000_000)  # the restore below stays queued behind this
+    snap.restore([t], non_blocking=True)
+    del snap
+    gc.collect()
+    reused = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    reused.fill_(0xFF)  # in the snapshot's block, the queued restore would read NaNs
+    torch.cuda.synchronize()
+    assert torch.equal(t, good)
+
+    snap = HostSnapshot(double_buffer=False)
+    torch.cuda._sleep(50_000_000)
+    snap.capture([t], non_blocking=True)
+    del snap
+    gc.collect()
+    reused = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    reused.fill_(7)  # in the snapshot's block, the queued capture would overwrite it
+    torch.cuda.synchronize()
+    assert bool((reused == 7).all())

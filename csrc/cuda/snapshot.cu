@@ -7,6 +7,7 @@
 // multi-tensor kernel copies everything. Nothing synchronises: the caller records an event.
 #include <torch/library.h>
 
+#include <ATen/core/CachingHostAllocator.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -65,6 +66,14 @@ std::vector<StagingGroup> staging_groups(at::TensorList tensors, at::IntArrayRef
 // offsets' alignment (element size, and 16 bytes for the vector copy).
 int64_t staging_origin(const StagingGroup& group) { return group.lo - group.lo % 16; }
 
+// Tensor::copy_'s rule for pinned memory: the caching host allocator must not hand the
+// buffer's block out again (once the buffer is freed) before this stream has done with it.
+void hold_host_buffer_for_stream(const at::Tensor& buffer) {
+  const c10::DataPtr& data = buffer.storage().data_ptr();
+  at::getHostAllocator(at::kCUDA)->record_event(data.get(), data.get_context(),
+                                                at::cuda::getCurrentCUDAStream().unwrap());
+}
+
 at::Device common_device(at::TensorList tensors, const at::Tensor& buffer) {
   const at::Device device = tensors[0].device();
   TORCH_CHECK(device.is_cuda(), "esper_fast: snapshot tensors must be CUDA tensors here, got ", device);
@@ -122,6 +131,7 @@ void snapshot_pack_cuda(at::TensorList tensors, const at::Tensor& buffer, at::In
     const at::Tensor source = tensors[i].contiguous();
     C10_CUDA_CHECK(cudaMemcpyAsync(base + offsets[i], source.const_data_ptr(), n, cudaMemcpyDeviceToHost, stream));
   }
+  hold_host_buffer_for_stream(buffer);
 }
 
 void snapshot_unpack_cuda(at::TensorList tensors, const at::Tensor& buffer, at::IntArrayRef offsets) {
@@ -176,6 +186,7 @@ void snapshot_unpack_cuda(at::TensorList tensors, const at::Tensor& buffer, at::
       t.copy_(landing);
     }
   }
+  hold_host_buffer_for_stream(buffer);
 }
 
 }  // namespace
