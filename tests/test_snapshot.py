@@ -360,13 +360,33 @@ def test_cuda_device_resident_snapshot():
 @pytest.mark.cuda
 @pytest.mark.parametrize("device_resident", [False, True])
 def test_cuda_mixed_cpu_and_cuda_tensors(device_resident):
+    # CPU tensors between CUDA ones, as an optimizer's step counts sit between its moments.
     tensors = [torch.randn(5, device="cuda"), torch.randn(3), torch.arange(4, device="cuda"), torch.tensor(2.0)]
     expected = [t.clone() for t in tensors]
     snap = HostSnapshot(device_resident=device_resident)
-    snap.capture(tensors)
+    torch.full((1 << 12,), 255, dtype=torch.uint8, device="cuda")  # freed at once: NaN bytes for the next scratch
+    torch.cuda._sleep(50_000_000)  # the CUDA transfer lands after the CPU tensors' bytes are written
+    views = snap.capture(tensors)
+    _assert_bit_exact(views, expected)
     _poison(tensors)
     snap.restore(tensors)
     _assert_bit_exact(tensors, expected)
+
+
+def test_layout_keeps_each_devices_small_tensors_in_one_run():
+    """A CUDA staging range spans its device's small tensors; no other device's may lie inside."""
+    devices = ["cpu", "meta", "cpu", "meta", "meta", "cpu"]
+    values = [torch.empty(n, device=d) for n, d in zip([3, 5, 1, 300_000, 7, 2], devices)]
+    snap = HostSnapshot()
+    slot = snap._slots[0]
+    snap._ensure_layout(slot, None, values)
+    small = [i for i, t in enumerate(values) if t.numel() * 4 < 1 << 20]
+    for device in ("cpu", "meta"):
+        mine = [i for i in small if devices[i] == device]
+        lo = min(slot.offsets[i] for i in mine)
+        hi = max(slot.offsets[i] + values[i].numel() * 4 for i in mine)
+        others = [i for i in range(len(values)) if devices[i] != device]
+        assert all(slot.offsets[i] + values[i].numel() * 4 <= lo or slot.offsets[i] >= hi for i in others), device
 
 
 @pytest.mark.cuda

@@ -5,6 +5,8 @@
 // moves in one cudaMemcpyAsync; larger tensors go straight across with their own
 // cudaMemcpyAsync, where the per-copy cost is lost in the transfer. Device buffer: one
 // multi-tensor kernel copies everything. Nothing synchronises: the caller records an event.
+// A staged transfer also writes the padding between its small tensors, so a buffer packed
+// in several calls (one per device) keeps each call's small tensors in one run of offsets.
 #include <torch/library.h>
 
 #include <ATen/core/CachingHostAllocator.h>
