@@ -123,6 +123,16 @@ def test_pack_rejects_bad_arguments():
         snapshot_pack([t], torch.empty(128, dtype=torch.uint8), [2])
 
 
+def test_pack_rejects_a_buffer_starting_off_the_element_size(device):
+    """A typed view at an odd address would fault on CUDA (misaligned address): refuse it up front."""
+    tensors = [torch.randn(4, 6, device=device).t()]
+    buffer = torch.zeros(129, dtype=torch.uint8, device=device)[1:]
+    with pytest.raises(RuntimeError, match="start address"):
+        snapshot_pack(tensors, buffer, [0])
+    with pytest.raises(RuntimeError, match="start address"):
+        snapshot_unpack(tensors, buffer, [0])
+
+
 def test_opcheck(device):
     tensors = [torch.randn(5, device=device), torch.randn(4, 6, device=device).t(), torch.arange(3, device=device)]
     buffer = torch.zeros(256, dtype=torch.uint8, pin_memory=device == "cuda")
