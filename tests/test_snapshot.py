@@ -435,8 +435,7 @@ def test_cuda_dropped_snapshot_keeps_its_pinned_block_until_queued_copies_finish
     t.zero_()
     torch.cuda._sleep(50_000_000)  # the restore below stays queued behind this
     snap.restore([t], non_blocking=True)
-    del snap
-    gc.collect()
+    del snap  # no reference cycle: the buffer is freed here, with the restore still queued
     reused = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     reused.fill_(0xFF)  # in the snapshot's block, the queued restore would read NaNs
     torch.cuda.synchronize()
@@ -446,7 +445,6 @@ def test_cuda_dropped_snapshot_keeps_its_pinned_block_until_queued_copies_finish
     torch.cuda._sleep(50_000_000)
     snap.capture([t], non_blocking=True)
     del snap
-    gc.collect()
     reused = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     reused.fill_(7)  # in the snapshot's block, the queued capture would overwrite it
     torch.cuda.synchronize()
