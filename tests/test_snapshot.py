@@ -87,6 +87,30 @@ def test_pack_unpack_round_trip_is_bit_exact(device):
     _assert_bit_exact(tensors, expected)
 
 
+def test_pack_unpack_offsets_aligned_only_to_the_element_size(device):
+    """The first small tensor sits 2 bytes in: CUDA staging must keep the others element-aligned."""
+    tensors = [
+        torch.randn(1, device=device).half(),  # bytes [2, 4)
+        torch.randn(4, 6, device=device).t(),  # [8, 104), non-contiguous: a typed copy into staging
+        torch.randn(5, device=device),  # [104, 124)
+        torch.randint(-9, 9, (3, 2), device=device).t(),  # [136, 184), int64, non-contiguous
+    ]
+    offsets = [2, 8, 104, 136]
+    expected = [t.clone() for t in tensors]
+    buffer = torch.zeros(192, dtype=torch.uint8, pin_memory=device == "cuda")
+    snapshot_pack(tensors, buffer, offsets)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    for t, offset in zip(expected, offsets):
+        n = t.numel() * t.element_size()
+        assert torch.equal(buffer[offset : offset + n].view(t.dtype).view(t.shape), t.cpu())
+    _poison(tensors)
+    snapshot_unpack(tensors, buffer, offsets)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    _assert_bit_exact(tensors, expected)
+
+
 def test_pack_rejects_bad_arguments():
     t = torch.randn(10)
     with pytest.raises(RuntimeError, match="does not fit"):
@@ -97,6 +121,16 @@ def test_pack_rejects_bad_arguments():
         snapshot_pack([t], torch.empty(64, dtype=torch.uint8), [0, 8])
     with pytest.raises(RuntimeError, match="element size"):
         snapshot_pack([t], torch.empty(128, dtype=torch.uint8), [2])
+
+
+def test_pack_rejects_a_buffer_starting_off_the_element_size(device):
+    """A typed view at an odd address would fault on CUDA (misaligned address): refuse it up front."""
+    tensors = [torch.randn(4, 6, device=device).t()]
+    buffer = torch.zeros(129, dtype=torch.uint8, device=device)[1:]
+    with pytest.raises(RuntimeError, match="start address"):
+        snapshot_pack(tensors, buffer, [0])
+    with pytest.raises(RuntimeError, match="start address"):
+        snapshot_unpack(tensors, buffer, [0])
 
 
 def test_opcheck(device):
@@ -336,13 +370,33 @@ def test_cuda_device_resident_snapshot():
 @pytest.mark.cuda
 @pytest.mark.parametrize("device_resident", [False, True])
 def test_cuda_mixed_cpu_and_cuda_tensors(device_resident):
+    # CPU tensors between CUDA ones, as an optimizer's step counts sit between its moments.
     tensors = [torch.randn(5, device="cuda"), torch.randn(3), torch.arange(4, device="cuda"), torch.tensor(2.0)]
     expected = [t.clone() for t in tensors]
     snap = HostSnapshot(device_resident=device_resident)
-    snap.capture(tensors)
+    torch.full((1 << 12,), 255, dtype=torch.uint8, device="cuda")  # freed at once: NaN bytes for the next scratch
+    torch.cuda._sleep(50_000_000)  # the CUDA transfer lands after the CPU tensors' bytes are written
+    views = snap.capture(tensors)
+    _assert_bit_exact(views, expected)
     _poison(tensors)
     snap.restore(tensors)
     _assert_bit_exact(tensors, expected)
+
+
+def test_layout_keeps_each_devices_small_tensors_in_one_run():
+    """A CUDA staging range spans its device's small tensors; no other device's may lie inside."""
+    devices = ["cpu", "meta", "cpu", "meta", "meta", "cpu"]
+    values = [torch.empty(n, device=d) for n, d in zip([3, 5, 1, 300_000, 7, 2], devices)]
+    snap = HostSnapshot()
+    slot = snap._slots[0]
+    snap._ensure_layout(slot, None, values)
+    small = [i for i, t in enumerate(values) if t.numel() * 4 < 1 << 20]
+    for device in ("cpu", "meta"):
+        mine = [i for i in small if devices[i] == device]
+        lo = min(slot.offsets[i] for i in mine)
+        hi = max(slot.offsets[i] + values[i].numel() * 4 for i in mine)
+        others = [i for i in range(len(values)) if devices[i] != device]
+        assert all(slot.offsets[i] + values[i].numel() * 4 <= lo or slot.offsets[i] >= hi for i in others), device
 
 
 @pytest.mark.cuda
@@ -368,3 +422,30 @@ def test_cuda_small_tensors_beyond_one_staging_range():
     _poison(tensors)
     snap.restore(tensors)
     _assert_bit_exact(tensors, expected)
+
+
+@pytest.mark.cuda
+def test_cuda_dropped_snapshot_keeps_its_pinned_block_until_queued_copies_finish():
+    """Freeing the buffer with a transfer still queued must not hand its pinned block out again."""
+    t = torch.randn(1 << 16, device="cuda")  # 256 KiB: one staged transfer
+    good = t.clone()
+    snap = HostSnapshot(double_buffer=False)
+    snap.capture([t])
+    nbytes = snap.nbytes
+    t.zero_()
+    torch.cuda._sleep(50_000_000)  # the restore below stays queued behind this
+    snap.restore([t], non_blocking=True)
+    del snap  # no reference cycle: the buffer is freed here, with the restore still queued
+    reused = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    reused.fill_(0xFF)  # in the snapshot's block, the queued restore would read NaNs
+    torch.cuda.synchronize()
+    assert torch.equal(t, good)
+
+    snap = HostSnapshot(double_buffer=False)
+    torch.cuda._sleep(50_000_000)
+    snap.capture([t], non_blocking=True)
+    del snap
+    reused = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    reused.fill_(7)  # in the snapshot's block, the queued capture would overwrite it
+    torch.cuda.synchronize()
+    assert bool((reused == 7).all())

@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -29,6 +30,10 @@ void check_snapshot_args(at::TensorList tensors, const at::Tensor& buffer, at::I
                 nbytes, " bytes at offset ", offsets[i], ") does not fit the ", capacity, "-byte buffer");
     TORCH_CHECK(offsets[i] % static_cast<int64_t>(t.element_size()) == 0, "esper_fast: snapshot offset ",
                 offsets[i], " of tensor ", i, " is not a multiple of its element size ", t.element_size());
+    // Strided tensors are copied through typed views of the buffer, which must be aligned.
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(buffer.const_data_ptr()) % t.element_size() == 0,
+                "esper_fast: the snapshot buffer's start address is not a multiple of tensor ", i,
+                "'s element size ", t.element_size(), "; do not slice the buffer at an odd byte");
   }
 }
 

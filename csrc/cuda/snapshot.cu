@@ -5,8 +5,11 @@
 // moves in one cudaMemcpyAsync; larger tensors go straight across with their own
 // cudaMemcpyAsync, where the per-copy cost is lost in the transfer. Device buffer: one
 // multi-tensor kernel copies everything. Nothing synchronises: the caller records an event.
+// A staged transfer also writes the padding between its small tensors, so a buffer packed
+// in several calls (one per device) keeps each call's small tensors in one run of offsets.
 #include <torch/library.h>
 
+#include <ATen/core/CachingHostAllocator.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -61,6 +64,18 @@ std::vector<StagingGroup> staging_groups(at::TensorList tensors, at::IntArrayRef
   return groups;
 }
 
+// The staging range starts at this offset: scratch addresses then share the buffer
+// offsets' alignment (element size, and 16 bytes for the vector copy).
+int64_t staging_origin(const StagingGroup& group) { return group.lo - group.lo % 16; }
+
+// Tensor::copy_'s rule for pinned memory: the caching host allocator must not hand the
+// buffer's block out again (once the buffer is freed) before this stream has done with it.
+void hold_host_buffer_for_stream(const at::Tensor& buffer) {
+  const c10::DataPtr& data = buffer.storage().data_ptr();
+  at::getHostAllocator(at::kCUDA)->record_event(data.get(), data.get_context(),
+                                                at::cuda::getCurrentCUDAStream().unwrap());
+}
+
 at::Device common_device(at::TensorList tensors, const at::Tensor& buffer) {
   const at::Device device = tensors[0].device();
   TORCH_CHECK(device.is_cuda(), "esper_fast: snapshot tensors must be CUDA tensors here, got ", device);
@@ -95,8 +110,9 @@ void snapshot_pack_cuda(at::TensorList tensors, const at::Tensor& buffer, at::In
   // Staged small tensors first: a staging range may cover bytes of large tensors between
   // small ones, and the direct copies enqueued after it overwrite those bytes in order.
   for (const StagingGroup& group : staging_groups(tensors, offsets)) {
-    at::Tensor staging = at::empty({group.hi - group.lo}, at::TensorOptions().dtype(at::kByte).device(device));
-    uint8_t* scratch = staging.data_ptr<uint8_t>() - group.lo;  // indexed by buffer offset
+    const int64_t origin = staging_origin(group);
+    at::Tensor staging = at::empty({group.hi - origin}, at::TensorOptions().dtype(at::kByte).device(device));
+    uint8_t* scratch = staging.data_ptr<uint8_t>() - origin;  // indexed by buffer offset
     std::vector<ByteCopy> copies;
     for (size_t i : group.members) {
       const at::Tensor& t = tensors[i];
@@ -107,8 +123,8 @@ void snapshot_pack_cuda(at::TensorList tensors, const at::Tensor& buffer, at::In
       }
     }
     multi_tensor_copy(copies, stream);
-    C10_CUDA_CHECK(cudaMemcpyAsync(base + group.lo, staging.const_data_ptr(), group.hi - group.lo,
-                                   cudaMemcpyDeviceToHost, stream));
+    C10_CUDA_CHECK(cudaMemcpyAsync(base + group.lo, scratch + group.lo, group.hi - group.lo, cudaMemcpyDeviceToHost,
+                                   stream));
     // `staging` returns to the caching allocator, which reuses it only in this stream's order.
   }
   for (size_t i = 0; i < tensors.size(); ++i) {
@@ -117,6 +133,7 @@ void snapshot_pack_cuda(at::TensorList tensors, const at::Tensor& buffer, at::In
     const at::Tensor source = tensors[i].contiguous();
     C10_CUDA_CHECK(cudaMemcpyAsync(base + offsets[i], source.const_data_ptr(), n, cudaMemcpyDeviceToHost, stream));
   }
+  hold_host_buffer_for_stream(buffer);
 }
 
 void snapshot_unpack_cuda(at::TensorList tensors, const at::Tensor& buffer, at::IntArrayRef offsets) {
@@ -143,10 +160,11 @@ void snapshot_unpack_cuda(at::TensorList tensors, const at::Tensor& buffer, at::
   }
 
   for (const StagingGroup& group : staging_groups(tensors, offsets)) {
-    at::Tensor staging = at::empty({group.hi - group.lo}, at::TensorOptions().dtype(at::kByte).device(device));
-    C10_CUDA_CHECK(cudaMemcpyAsync(staging.data_ptr(), base + group.lo, group.hi - group.lo,
-                                   cudaMemcpyHostToDevice, stream));
-    uint8_t* scratch = staging.data_ptr<uint8_t>() - group.lo;
+    const int64_t origin = staging_origin(group);
+    at::Tensor staging = at::empty({group.hi - origin}, at::TensorOptions().dtype(at::kByte).device(device));
+    uint8_t* scratch = staging.data_ptr<uint8_t>() - origin;
+    C10_CUDA_CHECK(cudaMemcpyAsync(scratch + group.lo, base + group.lo, group.hi - group.lo, cudaMemcpyHostToDevice,
+                                   stream));
     std::vector<ByteCopy> copies;
     for (size_t i : group.members) {
       at::Tensor t = tensors[i];
@@ -170,6 +188,7 @@ void snapshot_unpack_cuda(at::TensorList tensors, const at::Tensor& buffer, at::
       t.copy_(landing);
     }
   }
+  hold_host_buffer_for_stream(buffer);
 }
 
 }  // namespace

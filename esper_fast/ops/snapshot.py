@@ -4,7 +4,9 @@ Two operators do the copying (schemas in ``csrc/esper_fast.cpp``):
 
 - ``snapshot_pack(tensors, buffer, offsets)``: the bytes of ``tensors[i]`` (row-major, whatever
   its strides) go to ``buffer[offsets[i]:]``. ``buffer`` is a 1-D uint8 tensor on the host
-  (pinned for CUDA tensors) or on the tensors' device.
+  (pinned for CUDA tensors) or on the tensors' device. From CUDA into a host buffer, the
+  bytes between the tensors under 1 MiB (padding) are overwritten too: keep data from other
+  calls out of the span from the first to the last of them.
 - ``snapshot_unpack(tensors, buffer, offsets)``: the inverse, in place.
 
 On CPU both are one parallel memcpy; on CUDA small tensors share one gather kernel and one
@@ -328,8 +330,11 @@ class HostSnapshot:
         slot.cuda_devices = cuda_devices
         slot.single_call = len(devices) <= 1 and (placement[0] == "host" or not devices or devices[0] == placement[1])
         nbytes = [t.numel() * t.element_size() for t in values]
-        # Small tensors first: on CUDA they share dense staging ranges.
-        order = sorted(range(len(values)), key=lambda i: (nbytes[i] >= _STAGED_COPY_BYTES, i))
+        # Small tensors first, each device's in one run: on CUDA they share a dense staging
+        # range, which also writes the padding between them, so no other device's tensor may
+        # lie inside it.
+        rank = {device: r for r, device in enumerate(devices)}
+        order = sorted(range(len(values)), key=lambda i: (nbytes[i] >= _STAGED_COPY_BYTES, rank[values[i].device], i))
         offsets = [0] * len(values)
         cursor = 0
         for i in order:
