@@ -13,6 +13,7 @@ Batches are gathered with one indexing operation per batch (a ``BatchSampler`` h
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from pathlib import Path
@@ -162,6 +163,14 @@ def synthetic_images(num_samples: int, seed: int = 0, size: int = 32, noise: flo
     return (image.clamp(0, 1) * 255).round().to(torch.uint8), labels
 
 
+@functools.lru_cache(maxsize=2)
+def _generated_cifar10(num_train: int, num_test: int):
+    """The generated train and test sets, built once per process (the tensors are shared:
+    nothing here writes to them)."""
+    # Test images come from a different generator stream than the train images.
+    return synthetic_images(num_train, seed=1), synthetic_images(num_test, seed=2)
+
+
 def cifar10_present(root: str | os.PathLike) -> bool:
     return (Path(root) / CIFAR10_FOLDER / "batches.meta").is_file()
 
@@ -202,9 +211,7 @@ def cifar10_loaders(
             "torchvision's format; nothing is downloaded). Omit --data-root to use the generated offline set."
         )
     else:
-        # Test images come from a different generator stream than the train images.
-        train = synthetic_images(synthetic_train, seed=1)
-        test = synthetic_images(synthetic_test, seed=2)
+        train, test = _generated_cifar10(synthetic_train, synthetic_test)
         source = "synthetic-cifar10"
         description = (
             f"no CIFAR-10 under {root}: using the generated offline set "
