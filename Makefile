@@ -32,7 +32,7 @@ demo: build
 	$(PY) -m esper_fast train --task cifar10 --device cpu --epochs 8 --out runs/demo
 
 bench: build
-	$(PY) -m pytest benchmarks --benchmark-only --benchmark-autosave \
+	$(PY) -m pytest benchmarks -o python_files="bench_*.py" --benchmark-only --benchmark-autosave \
 		--benchmark-storage=benchmarks/.results --benchmark-compare --benchmark-group-by=group -q
 
 # Runs on the GPU machine with its own python3 and torch; see benchmarks/gpu_check.sh.

@@ -351,3 +351,13 @@ def test_slot_registers_its_seed_as_a_submodule():
     assert {n for n, _ in slot.named_parameters()} == {"seed.norm.weight", "seed.norm.bias", "seed.scale"}
     slot.cull()
     assert list(slot.parameters()) == []
+
+
+def test_transformer_host_starts_near_uniform_loss():
+
+    torch.manual_seed(0)
+    host = TransformerHost(vocab_size=512, n_embd=32, n_head=2, n_layer=2, block_size=16, dropout=0.0)
+    tokens = torch.randint(0, 512, (4, 16))
+    logits = host(tokens)
+    loss = torch.nn.functional.cross_entropy(logits.view(-1, 512), tokens.view(-1))
+    assert abs(loss.item() - math.log(512)) < 0.5

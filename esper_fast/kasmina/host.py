@@ -140,6 +140,15 @@ class TransformerBlock(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+def _init_gpt_weights(module: nn.Module) -> None:
+    # GPT-2 initialisation: with PyTorch's N(0, 1) embedding init the tied head starts with a
+    # loss of about 220 nats instead of ln(vocab_size).
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
 class TransformerHost(_SlottedHost):
     """Pre-norm GPT decoder with tied token embedding / output head and an injection point
     after each layer (``layer_{i}_post_block``). Input token ids ``[B, T]`` with
@@ -172,6 +181,7 @@ class TransformerHost(_SlottedHost):
 
         self._slot_keys = tuple(f"layer_{i}_post_block" for i in range(n_layer))
         self.slots = nn.ModuleDict({key: nn.Identity() for key in self._slot_keys})
+        self.apply(_init_gpt_weights)
 
     @property
     def injection_points(self) -> dict[str, int]:

@@ -1,27 +1,27 @@
-"""Offline data for the tasks: loaders over a dataset the caller passes, or over a small
-deterministic synthetic dataset. Nothing here downloads."""
+"""Offline data for the task presets: loaders over a dataset the caller passes, or over the
+package's generated, learnable stand-ins (:mod:`esper_fast.data`). Nothing here downloads."""
 
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset
+
+from esper_fast import data
 
 
-def synthetic_images(num_samples: int, num_classes: int = 10, image_size: int = 32, seed: int = 0) -> TensorDataset:
-    """``num_samples`` random ``[3, image_size, image_size]`` float images with random labels,
-    the same for the same ``seed``."""
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.randn(num_samples, 3, image_size, image_size, generator=generator)
-    labels = torch.randint(0, num_classes, (num_samples,), generator=generator)
-    return TensorDataset(images, labels)
+def synthetic_images(num_samples: int, seed: int = 0) -> Dataset:
+    """The generated 10-class 3x32x32 image set (see :func:`esper_fast.data.synthetic_images`),
+    normalised like CIFAR-10, the same for the same ``seed``."""
+    return data.ImageBatches(*data.synthetic_images(num_samples, seed=seed))
 
 
-def synthetic_tokens(num_samples: int, vocab_size: int, block_size: int, seed: int = 0) -> TensorDataset:
-    """``num_samples`` random token sequences as next-token pairs ``(x[:-1], x[1:])`` of
-    length ``block_size``, the same for the same ``seed``."""
-    generator = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, vocab_size, (num_samples, block_size + 1), generator=generator)
-    return TensorDataset(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
+def synthetic_tokens(num_samples: int, block_size: int, seed: int = 0) -> Dataset:
+    """``num_samples`` next-token windows ``(x, y)`` of ``block_size`` byte tokens (ids < 256)
+    from the generated story corpus, the same for the same ``seed``."""
+    stories = max(1, num_samples * (block_size + 1) // 150 + 1)  # a story is about 180 bytes
+    tokens = data.encode_bytes(data.synthetic_stories(stories, seed=seed))
+    blocks = data.TokenBlocks(tokens, block_size)
+    return torch.utils.data.Subset(blocks, range(min(num_samples, len(blocks))))
 
 
 def make_dataloaders(

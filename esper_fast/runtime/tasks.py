@@ -71,23 +71,23 @@ class TaskSpec:
 
 
 def _classification_loaders(
-    dataset=None, batch_size=128, num_train=512, num_test=256, num_classes=10, seed=0, num_workers=0,
+    dataset=None, batch_size=128, num_train=512, num_test=256, seed=0, num_workers=0,
     shuffle=True, pin_memory=False,
 ):
     if dataset is None:
-        dataset = (synthetic_images(num_train, num_classes, seed=seed), synthetic_images(num_test, num_classes, seed=seed + 1))
+        dataset = (synthetic_images(num_train, seed=seed), synthetic_images(num_test, seed=seed + 1))
     trainset, testset = dataset
     return make_dataloaders(trainset, testset, batch_size, num_workers, shuffle, seed, pin_memory)
 
 
 def _lm_loaders(
-    dataset=None, batch_size=32, num_train=256, num_test=64, vocab_size=50257, block_size=256, seed=0,
+    dataset=None, batch_size=32, num_train=256, num_test=64, block_size=256, seed=0,
     num_workers=0, shuffle=True, pin_memory=False,
 ):
     if dataset is None:
         dataset = (
-            synthetic_tokens(num_train, vocab_size, block_size, seed=seed),
-            synthetic_tokens(num_test, vocab_size, block_size, seed=seed + 1),
+            synthetic_tokens(num_train, block_size, seed=seed),
+            synthetic_tokens(num_test, block_size, seed=seed + 1),
         )
     trainset, testset = dataset
     return make_dataloaders(trainset, testset, batch_size, num_workers, shuffle, seed, pin_memory)
@@ -109,7 +109,7 @@ def _cifar10_spec() -> TaskSpec:
         task_type="classification",
         model_factory=make_model,
         dataloader_factory=_classification_loaders,
-        dataloader_defaults={**_LOADER_COMMON, "batch_size": 128, "num_train": 512, "num_test": 256, "num_classes": 10},
+        dataloader_defaults={**_LOADER_COMMON, "batch_size": 128, "num_train": 512, "num_test": 256},
         task_config=config,
         num_classes=10,
     )
@@ -131,7 +131,7 @@ def _tinystories_spec() -> TaskSpec:
         dataloader_factory=_lm_loaders,
         dataloader_defaults={
             **_LOADER_COMMON, "batch_size": 32, "num_train": 256, "num_test": 64,
-            "vocab_size": vocab_size, "block_size": block_size,
+            "block_size": block_size,
         },
         task_config=config,
         vocab_size=vocab_size,
