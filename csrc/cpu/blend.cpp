@@ -66,40 +66,83 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options)
   return out;
 }
 
-// ---- float math over float or double data: at::vec::Vectorized straight from memory.
+// ---- float math over float or double data.
 
-template <typename T, bool kSmallAlpha>
-void lerp_math(T* out, const T* host, const T* seed, int64_t n, T a) {
-  using Vec = Vectorized<T>;
-  const Vec va(a), vb(T(1) - a);
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    const Vec h = Vec::loadu(host + i), s = Vec::loadu(seed + i);
-    (kSmallAlpha ? h + va * (s - h) : s - (s - h) * vb).store(out + i);
+// The build targets the baseline ISA; the element-wise loops are also compiled for AVX2+FMA and
+// the better one is picked when the library loads (torch's own kernels are dispatched likewise).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define ESPER_FAST_ISA_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define ESPER_FAST_ISA_CLONES
+#endif
+
+// torch.lerp's form: one multiply-add from the nearer end (fused where the ISA has FMA, as
+// torch's vectorised lerp is).
+template <typename T>
+inline __attribute__((always_inline)) void lerp_loop(T* __restrict__ out, const T* __restrict__ host,
+                                                     const T* __restrict__ seed, int64_t n, T a) {
+  const bool small = a < T(0.5);
+  const T coeff = small ? a : a - T(1);
+  const T* __restrict__ base = small ? host : seed;
+  for (int64_t i = 0; i < n; ++i) out[i] = base[i] + coeff * (seed[i] - host[i]);
+}
+
+ESPER_FAST_ISA_CLONES void lerp_kernel(float* out, const float* host, const float* seed, int64_t n, float a) {
+  lerp_loop(out, host, seed, n, a);
+}
+
+ESPER_FAST_ISA_CLONES void lerp_kernel(double* out, const double* host, const double* seed, int64_t n, double a) {
+  lerp_loop(out, host, seed, n, a);
+}
+
+// d_seed = a * g and d_host = b * g, either pointer may be null.
+template <typename T>
+inline __attribute__((always_inline)) void scale_loop(T* __restrict__ d_host, T* __restrict__ d_seed,
+                                                      const T* __restrict__ grad, int64_t n, T a, T b) {
+  if (d_host != nullptr && d_seed != nullptr) {
+    for (int64_t i = 0; i < n; ++i) {
+      d_seed[i] = a * grad[i];
+      d_host[i] = b * grad[i];
+    }
+  } else if (d_seed != nullptr) {
+    for (int64_t i = 0; i < n; ++i) d_seed[i] = a * grad[i];
+  } else if (d_host != nullptr) {
+    for (int64_t i = 0; i < n; ++i) d_host[i] = b * grad[i];
   }
-  for (; i < n; ++i) out[i] = lerp_value(host[i], seed[i], a);
+}
+
+ESPER_FAST_ISA_CLONES void scale_kernel(float* d_host, float* d_seed, const float* grad, int64_t n, float a, float b) {
+  scale_loop(d_host, d_seed, grad, n, a, b);
+}
+
+ESPER_FAST_ISA_CLONES void scale_kernel(double* d_host, double* d_seed, const double* grad, int64_t n, double a,
+                                        double b) {
+  scale_loop(d_host, d_seed, grad, n, a, b);
 }
 
 // d_seed = a * g and d_host = (1 - a) * g (each only when its pointer is set); returns
 // sum(g * (seed - host)) when host and seed are given, else 0.
 template <typename T>
 T backward_math(T* d_host, T* d_seed, const T* grad, const T* host, const T* seed, int64_t n, T a) {
+  if (host == nullptr) {
+    scale_kernel(d_host, d_seed, grad, n, a, T(1) - a);
+    return T(0);
+  }
   using Vec = Vectorized<T>;
   const Vec va(a), vb(T(1) - a);
   Vec vsum(T(0));
-  const bool reduce = host != nullptr;
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
     const Vec g = Vec::loadu(grad + i);
     if (d_seed != nullptr) (va * g).store(d_seed + i);
     if (d_host != nullptr) (vb * g).store(d_host + i);
-    if (reduce) vsum = vsum + g * (Vec::loadu(seed + i) - Vec::loadu(host + i));
+    vsum = vsum + g * (Vec::loadu(seed + i) - Vec::loadu(host + i));
   }
-  T sum = reduce ? at::vec::vec_reduce_all<T>([](auto x, auto y) { return x + y; }, vsum) : T(0);
+  T sum = at::vec::vec_reduce_all<T>([](auto x, auto y) { return x + y; }, vsum);
   for (; i < n; ++i) {
     if (d_seed != nullptr) d_seed[i] = a * grad[i];
     if (d_host != nullptr) d_host[i] = (T(1) - a) * grad[i];
-    if (reduce) sum += grad[i] * (seed[i] - host[i]);
+    sum += grad[i] * (seed[i] - host[i]);
   }
   return sum;
 }
@@ -170,17 +213,17 @@ inline void from_float(const float* src, c10::Half* dst, int64_t n) {
 
 // ---- the spans a task runs, for every dtype.
 
-template <typename scalar_t, bool kSmallAlpha>
+template <typename scalar_t>
 void lerp_span(scalar_t* out, const scalar_t* host, const scalar_t* seed, int64_t n, acc_t<scalar_t> a) {
   if constexpr (std::is_same_v<scalar_t, acc_t<scalar_t>>) {
-    lerp_math<scalar_t, kSmallAlpha>(out, host, seed, n, a);
+    lerp_kernel(out, host, seed, n, a);
   } else {
     float h[kBlock], s[kBlock], y[kBlock];
     for (int64_t b = 0; b < n; b += kBlock) {
       const int64_t m = std::min(kBlock, n - b);
       to_float(host + b, h, m);
       to_float(seed + b, s, m);
-      lerp_math<float, kSmallAlpha>(y, h, s, m, a);
+      lerp_kernel(y, h, s, m, a);
       from_float(y, out + b, m);
     }
   }
@@ -237,11 +280,7 @@ at::Tensor blend_forward_cpu(const at::Tensor& host, const at::Tensor& seed, con
       for (int64_t t = first; t < last; ++t) {
         const acc a = applied_alpha<scalar_t>(alpha_ptr, tasks.group(t), value);
         const int64_t b = tasks.begin(t), n = tasks.length(t);
-        if (a < acc(0.5)) {
-          lerp_span<scalar_t, true>(op + b, hp + b, sp + b, n, a);
-        } else {
-          lerp_span<scalar_t, false>(op + b, hp + b, sp + b, n, a);
-        }
+        lerp_span<scalar_t>(op + b, hp + b, sp + b, n, a);
       }
     });
   });
