@@ -3,8 +3,6 @@
 // Work is cut into tasks that never straddle a sample (one alpha value per task), so the
 // per-sample d_alpha is a sum of per-task partials with no atomics and a fixed order.
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -22,8 +20,6 @@
 
 namespace esper_fast::blend {
 namespace {
-
-using at::vec::Vectorized;
 
 // Elements per task: large enough to amortise scheduling, small enough to balance threads.
 constexpr int64_t kTaskElems = 32768;
@@ -120,31 +116,38 @@ ESPER_FAST_ISA_CLONES void scale_kernel(double* d_host, double* d_seed, const do
   scale_loop(d_host, d_seed, grad, n, a, b);
 }
 
+// sum(g * (seed - host)) in kLanes independent partial sums, so it vectorises without
+// reassociating a single running sum.
+template <typename T>
+inline __attribute__((always_inline)) T dot_diff_loop(const T* __restrict__ grad, const T* __restrict__ host,
+                                                      const T* __restrict__ seed, int64_t n) {
+  constexpr int kLanes = 16;
+  T lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int k = 0; k < kLanes; ++k) lanes[k] += grad[i + k] * (seed[i + k] - host[i + k]);
+  }
+  T sum = T(0);
+  for (int k = 0; k < kLanes; ++k) sum += lanes[k];
+  for (; i < n; ++i) sum += grad[i] * (seed[i] - host[i]);
+  return sum;
+}
+
+ESPER_FAST_ISA_CLONES float dot_diff_kernel(const float* grad, const float* host, const float* seed, int64_t n) {
+  return dot_diff_loop(grad, host, seed, n);
+}
+
+ESPER_FAST_ISA_CLONES double dot_diff_kernel(const double* grad, const double* host, const double* seed, int64_t n) {
+  return dot_diff_loop(grad, host, seed, n);
+}
+
 // d_seed = a * g and d_host = (1 - a) * g (each only when its pointer is set); returns
-// sum(g * (seed - host)) when host and seed are given, else 0.
+// sum(g * (seed - host)) when host and seed are given, else 0. A task's span is small enough
+// (kTaskElems) that the second pass over grad reads it from cache.
 template <typename T>
 T backward_math(T* d_host, T* d_seed, const T* grad, const T* host, const T* seed, int64_t n, T a) {
-  if (host == nullptr) {
-    scale_kernel(d_host, d_seed, grad, n, a, T(1) - a);
-    return T(0);
-  }
-  using Vec = Vectorized<T>;
-  const Vec va(a), vb(T(1) - a);
-  Vec vsum(T(0));
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    const Vec g = Vec::loadu(grad + i);
-    if (d_seed != nullptr) (va * g).store(d_seed + i);
-    if (d_host != nullptr) (vb * g).store(d_host + i);
-    vsum = vsum + g * (Vec::loadu(seed + i) - Vec::loadu(host + i));
-  }
-  T sum = at::vec::vec_reduce_all<T>([](auto x, auto y) { return x + y; }, vsum);
-  for (; i < n; ++i) {
-    if (d_seed != nullptr) d_seed[i] = a * grad[i];
-    if (d_host != nullptr) d_host[i] = (T(1) - a) * grad[i];
-    sum += grad[i] * (seed[i] - host[i]);
-  }
-  return sum;
+  scale_kernel(d_host, d_seed, grad, n, a, T(1) - a);
+  return host == nullptr ? T(0) : dot_diff_kernel(grad, host, seed, n);
 }
 
 // ---- half and bfloat16 data: converted to float in small blocks, with plain bit arithmetic
