@@ -66,7 +66,8 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options)
 
 // The build targets the baseline ISA; the element-wise loops are also compiled for AVX2+FMA and
 // the better one is picked when the library loads (torch's own kernels are dispatched likewise).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+// Older compilers may not dispatch target_clones on an ISA level; they build the baseline loops.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__linux__)
 #define ESPER_FAST_ISA_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define ESPER_FAST_ISA_CLONES
