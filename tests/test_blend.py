@@ -122,6 +122,28 @@ def test_blend_long_samples(device, dtype, misaligned):
     check_blend(host, seed, alpha, detach_host=False)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+@pytest.mark.parametrize("misaligned", ["seed", "grad", "none"])
+def test_blend_one_tensor_off_the_vector_grid(device, dtype, misaligned):
+    # One tensor a single element off the 16-byte grid must send the whole call down the
+    # scalar path; odd sample lengths put every sample's edges off the grid as well.
+    shape = (5, 3, 37)
+
+    def make(name):
+        offset = int(misaligned == name)
+        return randn((math.prod(shape) + offset,), dtype, device)[offset:].view(shape)
+
+    host, seed, grad = randn(shape, dtype, device), make("seed"), make("grad")
+    alpha = torch.tensor([0.1, 0.4, 0.6, 0.9, 1.2], dtype=torch.float32, device=device)
+    y = OPS.blend_forward.default(host, seed, alpha, 0.0)
+    assert_close(y, blend_reference(host, seed, alpha))
+    d_host, d_seed, d_alpha = OPS.blend_backward.default(grad, host, seed, alpha, 0.0, True, True, True)
+    a = alpha.clamp(0, 1).to(dtype).reshape(5, 1, 1)
+    assert_close(d_seed, grad * a)
+    assert_close(d_host, grad * (1 - a))
+    check_alpha_grad(d_alpha, host, seed, alpha, grad)
+
+
 # ---------------------------------------------------------------- sizes and layouts
 
 
@@ -324,12 +346,65 @@ def test_kernel_checks_name_the_problem(device):
 
 
 @pytest.mark.cuda
-def test_kernel_rejects_alpha_on_another_device():
+@pytest.mark.parametrize("alpha_shape", [(3,), ()])
+def test_kernel_rejects_alpha_on_another_device(alpha_shape):
+    # A CPU alpha, the 0-dim scalar included, is an error: never a silent read through a sync.
     host = torch.randn(3, 4, device="cuda")
-    with pytest.raises(RuntimeError, match="alpha is on cpu but host is on cuda"):
-        OPS.blend_forward.default(host, host, torch.rand(3), 0.0)
-    with pytest.raises(ValueError, match="alpha is on cpu but host is on cuda"):
-        blend(host, host, torch.rand(3))
+    alpha = torch.rand(alpha_shape)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with pytest.raises(RuntimeError, match="alpha is on cpu but host is on cuda"):
+            OPS.blend_forward.default(host, host, alpha, 0.0)
+        with pytest.raises(RuntimeError, match="alpha is on cpu but host is on cuda"):
+            OPS.blend_backward.default(host, host, host, alpha, 0.0, True, True, True)
+        with pytest.raises(ValueError, match="alpha is on cpu but host is on cuda"):
+            blend(host, host, alpha)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.cuda
+def test_kernel_rejects_grad_on_another_device():
+    # host and seed on the GPU pick the CUDA kernel even when grad_out is on the CPU.
+    host = torch.randn(3, 4, device="cuda")
+    with pytest.raises(RuntimeError, match="grad_out is on cpu but another argument is on a CUDA device"):
+        OPS.blend_backward.default(torch.randn(3, 4), host, host, None, 0.5, True, True, False)
+
+
+@pytest.mark.cuda
+def test_cuda_blend_past_int32_indexing():
+    # Two samples of 2**30 + 19 bfloat16 elements: offsets past int32 in the vector loop, in the
+    # per-sample edges and (one element off the 16-byte grid) in the scalar path.
+    per_sample = 2**30 + 19
+    numel = 2 * per_sample
+    free, _ = torch.cuda.mem_get_info()
+    if free < 12 * numel * 2:
+        pytest.skip("needs about 52 GB of free GPU memory")
+    host_off_grid = torch.randn(numel + 1, device="cuda", dtype=torch.bfloat16)[1:].view(2, per_sample)
+    host = host_off_grid.clone()
+    seed = torch.randn(2, per_sample, device="cuda", dtype=torch.bfloat16)
+    grad = torch.randn(2, per_sample, device="cuda", dtype=torch.bfloat16)
+    alpha = torch.tensor([0.25, 0.75], device="cuda")
+    ends = [slice(0, 4099), slice(per_sample - 4099, None)]
+    for h in (host, host_off_grid):
+        y = OPS.blend_forward.default(h, seed, alpha, 0.0)
+        for part in ends:
+            assert_close(y[:, part], blend_reference(host[:, part], seed[:, part], alpha))
+        del y
+    for h in (host, host_off_grid):
+        d_host, d_seed, d_alpha = OPS.blend_backward.default(grad, h, seed, alpha, 0.0, True, True, True)
+        for part in ends:
+            assert_close(d_seed[:, part], (grad[:, part].float() * alpha[:, None]).bfloat16())
+            assert_close(d_host[:, part], (grad[:, part].float() * (1 - alpha[:, None])).bfloat16())
+        del d_host, d_seed
+        expected = torch.zeros(2, dtype=torch.float64, device="cuda")
+        scale = torch.zeros(2, dtype=torch.float64, device="cuda")
+        for start in range(0, per_sample, 2**27):
+            part = slice(start, start + 2**27)
+            terms = grad[:, part].double() * (seed[:, part].double() - host[:, part].double())
+            expected += terms.sum(1)
+            scale += terms.abs().sum(1)
+        assert ((d_alpha.double() - expected).abs() <= 1e-5 * scale + 1e-6).all(), (d_alpha, expected)
 
 
 @pytest.mark.cuda

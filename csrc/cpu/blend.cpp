@@ -3,8 +3,7 @@
 // Work is cut into tasks that never straddle a sample (one alpha value per task), so the
 // per-sample d_alpha is a sum of per-task partials with no atomics and a fixed order.
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -21,8 +20,6 @@
 
 namespace esper_fast::blend {
 namespace {
-
-using at::vec::Vectorized;
 
 // Elements per task: large enough to amortise scheduling, small enough to balance threads.
 constexpr int64_t kTaskElems = 32768;
@@ -65,42 +62,93 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options)
   return out;
 }
 
-// ---- float math over float or double data: at::vec::Vectorized straight from memory.
+// ---- float math over float or double data.
 
-template <typename T, bool kSmallAlpha>
-void lerp_math(T* out, const T* host, const T* seed, int64_t n, T a) {
-  using Vec = Vectorized<T>;
-  const Vec va(a), vb(T(1) - a);
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    const Vec h = Vec::loadu(host + i), s = Vec::loadu(seed + i);
-    (kSmallAlpha ? h + va * (s - h) : s - (s - h) * vb).store(out + i);
+// The build targets the baseline ISA; the element-wise loops are also compiled for AVX2+FMA and
+// the better one is picked when the library loads (torch's own kernels are dispatched likewise).
+// Older compilers may not dispatch target_clones on an ISA level; they build the baseline loops.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__linux__)
+#define ESPER_FAST_ISA_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define ESPER_FAST_ISA_CLONES
+#endif
+
+// torch.lerp's form: one multiply-add from the nearer end (fused where the ISA has FMA, as
+// torch's vectorised lerp is).
+template <typename T>
+inline __attribute__((always_inline)) void lerp_loop(T* __restrict__ out, const T* __restrict__ host,
+                                                     const T* __restrict__ seed, int64_t n, T a) {
+  const bool small = a < T(0.5);
+  const T coeff = small ? a : a - T(1);
+  const T* __restrict__ base = small ? host : seed;
+  for (int64_t i = 0; i < n; ++i) out[i] = base[i] + coeff * (seed[i] - host[i]);
+}
+
+ESPER_FAST_ISA_CLONES void lerp_kernel(float* out, const float* host, const float* seed, int64_t n, float a) {
+  lerp_loop(out, host, seed, n, a);
+}
+
+ESPER_FAST_ISA_CLONES void lerp_kernel(double* out, const double* host, const double* seed, int64_t n, double a) {
+  lerp_loop(out, host, seed, n, a);
+}
+
+// d_seed = a * g and d_host = b * g, either pointer may be null.
+template <typename T>
+inline __attribute__((always_inline)) void scale_loop(T* __restrict__ d_host, T* __restrict__ d_seed,
+                                                      const T* __restrict__ grad, int64_t n, T a, T b) {
+  if (d_host != nullptr && d_seed != nullptr) {
+    for (int64_t i = 0; i < n; ++i) {
+      d_seed[i] = a * grad[i];
+      d_host[i] = b * grad[i];
+    }
+  } else if (d_seed != nullptr) {
+    for (int64_t i = 0; i < n; ++i) d_seed[i] = a * grad[i];
+  } else if (d_host != nullptr) {
+    for (int64_t i = 0; i < n; ++i) d_host[i] = b * grad[i];
   }
-  for (; i < n; ++i) out[i] = lerp_value(host[i], seed[i], a);
+}
+
+ESPER_FAST_ISA_CLONES void scale_kernel(float* d_host, float* d_seed, const float* grad, int64_t n, float a, float b) {
+  scale_loop(d_host, d_seed, grad, n, a, b);
+}
+
+ESPER_FAST_ISA_CLONES void scale_kernel(double* d_host, double* d_seed, const double* grad, int64_t n, double a,
+                                        double b) {
+  scale_loop(d_host, d_seed, grad, n, a, b);
+}
+
+// sum(g * (seed - host)) in kLanes independent partial sums, so it vectorises without
+// reassociating a single running sum.
+template <typename T>
+inline __attribute__((always_inline)) T dot_diff_loop(const T* __restrict__ grad, const T* __restrict__ host,
+                                                      const T* __restrict__ seed, int64_t n) {
+  constexpr int kLanes = 16;
+  T lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int k = 0; k < kLanes; ++k) lanes[k] += grad[i + k] * (seed[i + k] - host[i + k]);
+  }
+  T sum = T(0);
+  for (int k = 0; k < kLanes; ++k) sum += lanes[k];
+  for (; i < n; ++i) sum += grad[i] * (seed[i] - host[i]);
+  return sum;
+}
+
+ESPER_FAST_ISA_CLONES float dot_diff_kernel(const float* grad, const float* host, const float* seed, int64_t n) {
+  return dot_diff_loop(grad, host, seed, n);
+}
+
+ESPER_FAST_ISA_CLONES double dot_diff_kernel(const double* grad, const double* host, const double* seed, int64_t n) {
+  return dot_diff_loop(grad, host, seed, n);
 }
 
 // d_seed = a * g and d_host = (1 - a) * g (each only when its pointer is set); returns
-// sum(g * (seed - host)) when host and seed are given, else 0.
+// sum(g * (seed - host)) when host and seed are given, else 0. A task's span is small enough
+// (kTaskElems) that the second pass over grad reads it from cache.
 template <typename T>
 T backward_math(T* d_host, T* d_seed, const T* grad, const T* host, const T* seed, int64_t n, T a) {
-  using Vec = Vectorized<T>;
-  const Vec va(a), vb(T(1) - a);
-  Vec vsum(T(0));
-  const bool reduce = host != nullptr;
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    const Vec g = Vec::loadu(grad + i);
-    if (d_seed != nullptr) (va * g).store(d_seed + i);
-    if (d_host != nullptr) (vb * g).store(d_host + i);
-    if (reduce) vsum = vsum + g * (Vec::loadu(seed + i) - Vec::loadu(host + i));
-  }
-  T sum = reduce ? at::vec::vec_reduce_all<T>([](auto x, auto y) { return x + y; }, vsum) : T(0);
-  for (; i < n; ++i) {
-    if (d_seed != nullptr) d_seed[i] = a * grad[i];
-    if (d_host != nullptr) d_host[i] = (T(1) - a) * grad[i];
-    if (reduce) sum += grad[i] * (seed[i] - host[i]);
-  }
-  return sum;
+  scale_kernel(d_host, d_seed, grad, n, a, T(1) - a);
+  return host == nullptr ? T(0) : dot_diff_kernel(grad, host, seed, n);
 }
 
 // ---- half and bfloat16 data: converted to float in small blocks, with plain bit arithmetic
@@ -169,17 +217,17 @@ inline void from_float(const float* src, c10::Half* dst, int64_t n) {
 
 // ---- the spans a task runs, for every dtype.
 
-template <typename scalar_t, bool kSmallAlpha>
+template <typename scalar_t>
 void lerp_span(scalar_t* out, const scalar_t* host, const scalar_t* seed, int64_t n, acc_t<scalar_t> a) {
   if constexpr (std::is_same_v<scalar_t, acc_t<scalar_t>>) {
-    lerp_math<scalar_t, kSmallAlpha>(out, host, seed, n, a);
+    lerp_kernel(out, host, seed, n, a);
   } else {
     float h[kBlock], s[kBlock], y[kBlock];
     for (int64_t b = 0; b < n; b += kBlock) {
       const int64_t m = std::min(kBlock, n - b);
       to_float(host + b, h, m);
       to_float(seed + b, s, m);
-      lerp_math<float, kSmallAlpha>(y, h, s, m, a);
+      lerp_kernel(y, h, s, m, a);
       from_float(y, out + b, m);
     }
   }
@@ -236,11 +284,7 @@ at::Tensor blend_forward_cpu(const at::Tensor& host, const at::Tensor& seed, con
       for (int64_t t = first; t < last; ++t) {
         const acc a = applied_alpha<scalar_t>(alpha_ptr, tasks.group(t), value);
         const int64_t b = tasks.begin(t), n = tasks.length(t);
-        if (a < acc(0.5)) {
-          lerp_span<scalar_t, true>(op + b, hp + b, sp + b, n, a);
-        } else {
-          lerp_span<scalar_t, false>(op + b, hp + b, sp + b, n, a);
-        }
+        lerp_span<scalar_t>(op + b, hp + b, sp + b, n, a);
       }
     });
   });
@@ -341,6 +385,92 @@ TORCH_LIBRARY_IMPL(esper_fast, CPU, m) {
   m.impl("blend_forward", &blend_forward_cpu);
   m.impl("blend_backward", &blend_backward_cpu);
   m.impl("ste_forward", &ste_forward_cpu);
+}
+
+// ---- autograd, for every device (this file is in every build). In C++ rather than through
+// torch.library.register_autograd: the Python autograd layer cost as much as a 2 MiB blend on
+// CPU. The backward is still the blend_backward op, so torch.compile traces it.
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+class BlendFunction : public torch::autograd::Function<BlendFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& host, const at::Tensor& seed,
+                            const std::optional<at::Tensor>& alpha, double alpha_value) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("esper_fast::blend_forward", "")
+                               .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
+                                                 const std::optional<at::Tensor>&, double)>();
+    at::Tensor out;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      out = op.call(host, seed, alpha, alpha_value);
+    }
+    const bool has_alpha = alpha.has_value() && alpha->defined();
+    ctx->saved_data["alpha_value"] = alpha_value;
+    ctx->saved_data["has_alpha"] = has_alpha;
+    // host and seed are kept only for d_alpha; a float alpha needs nothing saved.
+    if (has_alpha && alpha->requires_grad()) {
+      ctx->save_for_backward({host, seed, *alpha});
+    } else {
+      ctx->save_for_backward({at::Tensor(), at::Tensor(), has_alpha ? *alpha : at::Tensor()});
+    }
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("esper_fast::blend_backward", "")
+            .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                const std::optional<at::Tensor>&, double, bool, bool, bool)>();
+    const auto saved = ctx->get_saved_variables();
+    const bool has_alpha = ctx->saved_data["has_alpha"].toBool();
+    const bool need_host = ctx->needs_input_grad(0), need_seed = ctx->needs_input_grad(1);
+    const bool need_alpha = has_alpha && saved[0].defined() && ctx->needs_input_grad(2);
+    auto optional = [](const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; };
+    auto [d_host, d_seed, d_alpha] =
+        op.call(grads[0], need_alpha ? optional(saved[0]) : std::nullopt,
+                need_alpha ? optional(saved[1]) : std::nullopt, optional(saved[2]),
+                ctx->saved_data["alpha_value"].toDouble(), need_host, need_seed, need_alpha);
+    return {need_host ? d_host : at::Tensor(), need_seed ? d_seed : at::Tensor(),
+            need_alpha ? d_alpha : at::Tensor(), at::Tensor()};
+  }
+};
+
+class SteFunction : public torch::autograd::Function<SteFunction> {
+ public:
+  static at::Tensor forward(AutogradContext*, const at::Tensor& host, const at::Tensor& seed) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("esper_fast::ste_forward", "")
+                               .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return op.call(host, seed);
+  }
+
+  static variable_list backward(AutogradContext*, variable_list grads) {
+    return {grads[0], grads[0]};
+  }
+};
+
+at::Tensor blend_forward_autograd(const at::Tensor& host, const at::Tensor& seed,
+                                  const std::optional<at::Tensor>& alpha, double alpha_value) {
+  return BlendFunction::apply(host, seed, alpha, alpha_value);
+}
+
+at::Tensor ste_forward_autograd(const at::Tensor& host, const at::Tensor& seed) {
+  return SteFunction::apply(host, seed);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(esper_fast, Autograd, m) {
+  m.impl("blend_forward", &blend_forward_autograd);
+  m.impl("ste_forward", &ste_forward_autograd);
 }
 
 }  // namespace esper_fast::blend

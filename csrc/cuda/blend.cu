@@ -184,6 +184,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   }
 }
 
+// The CUDA kernel runs when any argument is on the GPU (host and seed of the backward too,
+// even when unused); the guard's tensor must be one of them, or CUDAGuard asserts internally.
+void check_cuda(const at::Tensor& t, const char* name, const char* op) {
+  TORCH_CHECK(t.is_cuda(), "esper_fast.", op, ": ", name, " is on ", t.device(),
+              " but another argument is on a CUDA device; move every tensor to the same device");
+}
+
 bool aligned(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % kVecBytes == 0;
 }
@@ -252,6 +259,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blend_backward_cuda(
   TORCH_CHECK(!need_alpha_grad || (host.has_value() && seed.has_value() && alpha.has_value()),
               "esper_fast.blend_backward: need_alpha_grad needs host, seed and alpha");
   const int64_t groups = alpha.has_value() ? alpha_groups(*alpha, grad_out, "blend_backward") : 1;
+  check_cuda(grad_out, "grad_out", "blend_backward");
   const c10::cuda::CUDAGuard guard(grad_out.device());
   const auto format = dense_format(grad_out);
   const auto g = in_format(grad_out, format);

@@ -11,6 +11,9 @@ contiguous, and so is a ``seed`` (or incoming gradient) whose layout differs fro
 
 Neither op synchronises with the device: a float alpha is passed as a kernel argument and a
 tensor alpha is read by the kernel where it lives.
+
+Autograd is registered in C++ (csrc/cpu/blend.cpp, one per-call cost instead of the Python
+layer's); the backward is the ``blend_backward`` custom op. This module adds the fake kernels.
 """
 
 from __future__ import annotations
@@ -155,40 +158,3 @@ def _blend_backward_fake(grad_out, host, seed, alpha, alpha_value, need_host_gra
 def _ste_forward_fake(host, seed):
     _check_pair(host, seed, "ste_forward")
     return torch.empty(host.shape, dtype=host.dtype, device=host.device, memory_format=_dense_format(host))
-
-
-# ---------------------------------------------------------------- autograd
-
-
-def _blend_setup_context(ctx, inputs, output):
-    host, seed, alpha, alpha_value = inputs
-    ctx.alpha_value = alpha_value
-    ctx.need_host_grad = ctx.needs_input_grad[0]
-    ctx.need_seed_grad = ctx.needs_input_grad[1]
-    ctx.need_alpha_grad = alpha is not None and ctx.needs_input_grad[2]
-    # host and seed are kept only for d_alpha; a float alpha needs nothing saved.
-    if ctx.need_alpha_grad:
-        ctx.save_for_backward(host, seed, alpha)
-    else:
-        ctx.save_for_backward(None, None, alpha)
-
-
-def _blend_backward(ctx, grad):
-    host, seed, alpha = ctx.saved_tensors
-    d_host, d_seed, d_alpha = _blend_backward_op(
-        grad, host, seed, alpha, ctx.alpha_value, ctx.need_host_grad, ctx.need_seed_grad, ctx.need_alpha_grad
-    )
-    return (
-        d_host if ctx.need_host_grad else None,
-        d_seed if ctx.need_seed_grad else None,
-        d_alpha if ctx.need_alpha_grad else None,
-        None,
-    )
-
-
-def _ste_backward(ctx, grad):
-    return grad, grad
-
-
-torch.library.register_autograd("esper_fast::blend_forward", _blend_backward, setup_context=_blend_setup_context)
-torch.library.register_autograd("esper_fast::ste_forward", _ste_backward, setup_context=lambda ctx, inputs, output: None)
