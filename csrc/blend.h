@@ -86,4 +86,34 @@ inline at::Tensor alpha_grad_like(const at::Tensor& group_sums, const at::Tensor
   return group_sums.to(alpha.scalar_type()).reshape(alpha.sizes());
 }
 
+// blend_backward's inputs, checked and in the layout the kernels walk: the incoming gradient,
+// plus host and seed when d_alpha is wanted. Call it under the device guard: a layout the
+// kernels cannot walk is copied.
+struct BackwardInputs {
+  int64_t groups;
+  at::MemoryFormat format;
+  at::Tensor grad, host, seed;
+};
+
+inline BackwardInputs backward_inputs(const at::Tensor& grad_out, const std::optional<at::Tensor>& host,
+                                      const std::optional<at::Tensor>& seed, const std::optional<at::Tensor>& alpha,
+                                      bool need_alpha_grad) {
+  check_floating(grad_out, "grad_out");
+  TORCH_CHECK(!need_alpha_grad || (host.has_value() && seed.has_value() && alpha.has_value()),
+              "esper_fast.blend_backward: need_alpha_grad needs host, seed and alpha");
+  BackwardInputs in;
+  in.groups = alpha.has_value() ? alpha_groups(*alpha, grad_out, "blend_backward") : 1;
+  in.format = dense_format(grad_out);
+  in.grad = in_format(grad_out, in.format);
+  if (need_alpha_grad) {
+    check_pair(*host, *seed, "blend_backward");
+    check_same_dtype(grad_out, "grad_out", *host, "host");
+    check_same_device(grad_out, "grad_out", *host, "host");
+    check_same_shape(grad_out, "grad_out", *host, "host");
+    in.host = in_format(*host, in.format);
+    in.seed = in_format(*seed, in.format);
+  }
+  return in;
+}
+
 }  // namespace esper_fast::blend

@@ -295,22 +295,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blend_backward_cpu(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& host, const std::optional<at::Tensor>& seed,
     const std::optional<at::Tensor>& alpha, double alpha_value, bool need_host_grad, bool need_seed_grad,
     bool need_alpha_grad) {
-  check_floating(grad_out, "grad_out");
-  TORCH_CHECK(!need_alpha_grad || (host.has_value() && seed.has_value() && alpha.has_value()),
-              "esper_fast.blend_backward: need_alpha_grad needs host, seed and alpha");
-  const int64_t groups = alpha.has_value() ? alpha_groups(*alpha, grad_out, "blend_backward") : 1;
-  const auto format = dense_format(grad_out);
-  const auto g = in_format(grad_out, format);
-  at::Tensor h, s;
-  if (need_alpha_grad) {
-    check_pair(*host, *seed, "blend_backward");
-    check_same_dtype(grad_out, "grad_out", *host, "host");
-    check_same_device(grad_out, "grad_out", *host, "host");
-    check_same_shape(grad_out, "grad_out", *host, "host");
-    h = in_format(*host, format);
-    s = in_format(*seed, format);
-  }
-  const auto grad_options = grad_out.options().memory_format(format);
+  const BackwardInputs in = backward_inputs(grad_out, host, seed, alpha, need_alpha_grad);
+  const int64_t groups = in.groups;
+  const at::Tensor &g = in.grad, &h = in.host, &s = in.seed;
+  const auto grad_options = grad_out.options().memory_format(in.format);
   const auto none = at::empty({0}, grad_out.options());
   at::Tensor d_host = need_host_grad ? empty_output(grad_out.sizes(), grad_options) : none;
   at::Tensor d_seed = need_seed_grad ? empty_output(grad_out.sizes(), grad_options) : none;
