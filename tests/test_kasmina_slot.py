@@ -217,9 +217,9 @@ def test_to_moves_where_new_seeds_go():
     assert slot.to("meta") is slot and slot.device == torch.device("meta")
     slot.to(torch.float64)
     assert slot.device == torch.device("meta")
-    slot.to(device="cpu")
     slot.germinate("norm")
-    assert slot.seed.scale.device.type == "cpu"
+    assert slot.seed.scale.device.type == "meta"
+    assert slot._alpha_value.device.type == "meta"
 
 
 def test_empty_slot():
@@ -537,3 +537,20 @@ def test_compiled_slot_in_blending_is_lerp():
         # isolate_gradients is off in BLENDING: the host gets gradient only through the seed branch
         expected = torch.autograd.grad(slot.seed(x), x, torch.full_like(x, alpha))[0]
         torch.testing.assert_close(x.grad, expected)
+
+
+def test_compiled_slot_follows_the_alpha_ramp_without_recompiling():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    slot = make_slot(S.BLENDING, blueprint="norm")
+    compiled = torch.compile(slot, fullgraph=True, backend="aot_eager")
+    x = host_input()
+    for alpha in (0.1, 0.3, 0.5, 0.7, 0.9, 1.0):
+        slot.set_alpha(alpha)
+        torch.testing.assert_close(compiled(x), slot(x))
+    with slot.force_alpha(0.0):
+        torch.testing.assert_close(compiled(x), x)
+    torch.testing.assert_close(compiled(x), slot(x))  # alpha 1.0 back after force_alpha
+    assert counters["stats"]["unique_graphs"] == 1

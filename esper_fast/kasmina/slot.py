@@ -7,9 +7,10 @@ before FOSSILIZED may be culled, which drops the seed.
 
 The forward pass (see :meth:`SeedSlot.forward`) is plain Python control flow on stage,
 alpha and flags, and fused custom ops on tensors, with no host synchronisation:
-torch.compile(fullgraph=True) traces it into one graph per (stage, alpha == 0, flags)
-combination. Alpha reaches the blend operator as a Python float, so a new alpha costs a
-recompile unless dynamo keeps it symbolic; the ramp moves alpha once per epoch.
+torch.compile(fullgraph=True) traces it into one graph per (stage, flags) combination.
+A compiled forward reads alpha from a device copy kept by :meth:`SeedSlot.set_alpha` and
+:meth:`SeedSlot.force_alpha`, so the alpha ramp does not recompile it (set alpha through
+them, not by writing ``state.alpha``); eager passes the Python float, as the original does.
 """
 
 from __future__ import annotations
@@ -207,6 +208,9 @@ class SeedSlot(nn.Module):
         self.state: SeedState | None = None
         self.alpha_schedule: AlphaSchedule | None = None
         self.isolate_gradients: bool = False
+        # state.alpha mirrored on the device: a compiled forward reads this tensor, so a new
+        # alpha is new data for the same graph rather than a recompile.
+        self.register_buffer("_alpha_value", torch.zeros((), device=self.device), persistent=False)
 
     def to(self, *args, **kwargs):
         """``nn.Module.to``, also placing future seeds on the new device."""
@@ -252,8 +256,14 @@ class SeedSlot(nn.Module):
         """Set the blend weight, clamped to [0, 1]; a no-op without a seed."""
         if self.state is None:
             return
-        self.state.alpha = max(0.0, min(1.0, float(alpha)))
+        self._write_alpha(self.state, max(0.0, min(1.0, float(alpha))))
         self.state.metrics.current_alpha = self.state.alpha
+
+    def _write_alpha(self, state: SeedState, value: float) -> None:
+        # Every alpha change goes through here, keeping the device copy current (no sync).
+        state.alpha = value
+        with torch.no_grad():
+            self._alpha_value.fill_(value)
 
     def start_blending(self, total_steps: int, temperature: float = 1.0) -> None:
         """Start a sigmoid alpha ramp of ``total_steps`` steps (see :class:`AlphaSchedule`)."""
@@ -281,12 +291,12 @@ class SeedSlot(nn.Module):
             yield
             return
         previous_alpha, previous_schedule = state.alpha, self.alpha_schedule
-        state.alpha = max(0.0, min(1.0, float(value)))
+        self._write_alpha(state, max(0.0, min(1.0, float(value))))
         self.alpha_schedule = None
         try:
             yield
         finally:
-            state.alpha = previous_alpha
+            self._write_alpha(state, previous_alpha)
             self.alpha_schedule = previous_schedule
 
     # ---------------------------------------------------------------- lifecycle
@@ -316,6 +326,7 @@ class SeedSlot(nn.Module):
         state.transition(SeedStage.GERMINATED)
 
         self.seed, self.state = seed, state
+        self._write_alpha(state, state.alpha)
         self.alpha_schedule = None
         self.isolate_gradients = False
         self._emit("germinated", blueprint_id=blueprint_id, params=state.metrics.seed_param_count)
@@ -465,10 +476,12 @@ class SeedSlot(nn.Module):
             return host_features
         seed_input = host_features.detach() if self.isolate_gradients else host_features
         seed_features = seed(seed_input)
-        alpha = state.alpha
-        if state.stage == SeedStage.TRAINING and alpha == 0.0:
+        if state.stage == SeedStage.TRAINING and state.alpha == 0.0:
             return ste_forward(host_features, seed_features)
         detach_host = not (self.topology == "transformer" and state.stage in _HOST_GRADIENT_STAGES)
+        # Eager passes the float (the original's semantics, no tensor read); a compiled graph
+        # reads the device copy so that the alpha ramp does not recompile it every step.
+        alpha = self._alpha_value if torch.compiler.is_compiling() else state.alpha
         return blend_with_isolation(host_features, seed_features, alpha, detach_host=detach_host)
 
     def extra_repr(self) -> str:
