@@ -65,20 +65,12 @@ def _state_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
-def _snapshot_setup(build):
-    def setup(device):
-        model = build(device)
-        return {"model": model, "governor": TolariaGovernor(model), "pinned": snapshot_pinned_reference(model)}
-
-    return setup
-
-
-def _device_resident_setup(build):
+def _snapshot_setup(build, snapshot_mode="host"):
     def setup(device):
         model = build(device)
         return {
             "model": model,
-            "governor": TolariaGovernor(model, snapshot_mode="device"),
+            "governor": TolariaGovernor(model, snapshot_mode=snapshot_mode),
             "pinned": snapshot_pinned_reference(model),
         }
 
@@ -174,7 +166,7 @@ for _name, _build, _devices, _rounds in MODELS[:2]:
         Case(
             family="snapshot",
             name=f"snapshot {_name} device-resident vs pinned per-tensor",
-            setup=_device_resident_setup(_build),
+            setup=_snapshot_setup(_build, snapshot_mode="device"),
             reference=_snapshot_pinned,
             fast=_snapshot_fast,
             bytes_moved=_bytes,

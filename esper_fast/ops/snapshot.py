@@ -67,8 +67,7 @@ class _Slot:
     """One buffer and the layout of the snapshot it holds."""
 
     __slots__ = (
-        "buffer", "signature", "placement", "keys", "offsets", "views", "extras", "index", "order", "single_call",
-        "cuda_devices",
+        "buffer", "signature", "placement", "keys", "offsets", "views", "extras", "index", "order", "cuda_devices",
     )
 
     def __init__(self):
@@ -81,7 +80,6 @@ class _Slot:
         self.extras = {}  # key -> deep-copied non-tensor value
         self.index = None  # key -> position in `views`
         self.order = None  # every key of a mapping with extras, in its order
-        self.single_call = True  # one operator call covers every tensor (one device, buffer-compatible)
         self.cuda_devices = []  # CUDA devices among the tensors: where capture records events
 
 
@@ -189,10 +187,7 @@ class HostSnapshot:
         slot.extras = {k: copy.deepcopy(v) for k, v in extras.items()}
         slot.order = list(tensors.keys()) if extras else None
         with torch.no_grad():
-            if slot.single_call:
-                snapshot_pack(values, slot.buffer, slot.offsets)
-            else:
-                self._transfer(slot, values, range(len(values)), to_buffer=True)
+            self._transfer(slot, values, range(len(values)), to_buffer=True)
         if not slot.cuda_devices:
             self._commit(index)
         else:
@@ -328,7 +323,6 @@ class HostSnapshot:
         else:
             placement = ("host", bool(cuda_devices))
         slot.cuda_devices = cuda_devices
-        slot.single_call = len(devices) <= 1 and (placement[0] == "host" or not devices or devices[0] == placement[1])
         nbytes = [t.numel() * t.element_size() for t in values]
         # Small tensors first, each device's in one run: on CUDA they share a dense staging
         # range, which also writes the padding between them, so no other device's tensor may
