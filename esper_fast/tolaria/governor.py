@@ -119,7 +119,6 @@ class TolariaGovernor:
         self.optimizers = _as_optimizer_list(optimizers)
         self.optimizer_rollback = optimizer_rollback
         self.snapshot_mode = snapshot_mode
-        self._pending_panic = False
         self._panic_loss: float | None = None
         device_resident = snapshot_mode == "device"
         self._model_snapshot = HostSnapshot(device_resident=device_resident)
@@ -216,15 +215,13 @@ class TolariaGovernor:
         if math.isnan(loss) or math.isinf(loss):
             return self._panic_now(loss)
         history = self.loss_history
-        if len(history) >= MIN_HISTORY:
-            mean = sum(history) / len(history)
-            healthy = mean < LOBOTOMY_HEALTHY_FRACTION * self.random_guess_loss
-            if healthy and abs(loss - self.random_guess_loss) < LOBOTOMY_TOLERANCE * self.random_guess_loss:
-                return self._panic_now(loss)
         if len(history) < MIN_HISTORY:
             history.append(loss)
             return False
         mean, std = self._history_stats()
+        healthy = mean < LOBOTOMY_HEALTHY_FRACTION * self.random_guess_loss
+        if healthy and abs(loss - self.random_guess_loss) < LOBOTOMY_TOLERANCE * self.random_guess_loss:
+            return self._panic_now(loss)
         is_anomaly = (
             loss > self.absolute_threshold
             and loss > mean + self.sensitivity * std
@@ -232,16 +229,13 @@ class TolariaGovernor:
         )
         if is_anomaly:
             self.consecutive_panics += 1
-            self._pending_panic = True
             self._panic_loss = loss
             return self.consecutive_panics >= self.min_panics_before_rollback
         history.append(loss)
         self.consecutive_panics = 0
-        self._pending_panic = False
         return False
 
     def _panic_now(self, loss: float) -> bool:
-        self._pending_panic = False
         self._panic_loss = loss
         self.consecutive_panics = self.min_panics_before_rollback
         return True
@@ -296,7 +290,6 @@ class TolariaGovernor:
 
         self._rollback_optimizers(_as_optimizer_list(optimizer) + _as_optimizer_list(optimizers))
         self.consecutive_panics = 0
-        self._pending_panic = False
         return GovernorReport(
             reason="Structural Collapse",
             loss_at_panic=self._panic_loss if self._panic_loss is not None else float("nan"),
@@ -359,6 +352,5 @@ class TolariaGovernor:
         """Clear the loss history and panic state, and take a fresh snapshot (a new episode)."""
         self.loss_history.clear()
         self.consecutive_panics = 0
-        self._pending_panic = False
         self._panic_loss = None
         self.snapshot()
