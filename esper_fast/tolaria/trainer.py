@@ -176,9 +176,11 @@ def _run_fused_pass(model, loader, criterion, device, task_type, per_class) -> _
     return fused
 
 
-def _read(passes: list[_FusedPass]) -> list[MetricsResult]:
-    """One device-to-host read for every pass that saw a batch (all on one device)."""
-    return MetricsAccumulator.compute_all([p.accumulator for p in passes])
+def _read(passes: list[_FusedPass]) -> list[MetricsResult | None]:
+    """One device-to-host read for every pass that saw a batch (all on one device); None for
+    a pass that saw none."""
+    results = iter(MetricsAccumulator.compute_all([p.accumulator for p in passes if p.accumulator is not None]))
+    return [None if p.accumulator is None else next(results) for p in passes]
 
 
 # ---------------------------------------------------------------- validation: reference path
@@ -259,29 +261,22 @@ def validate_and_get_metrics(
     was_training = model.training
     model.eval()
     try:
+        train_batches = itertools.islice(trainloader, TRAIN_METRIC_BATCHES)
         with torch.no_grad():
             if using_reference():
                 val = _run_reference_pass(model, testloader, criterion, device, task_type, per_class, num_classes)
-                if val is None:
-                    raise ValueError("validate_and_get_metrics: testloader is empty; cannot compute validation metrics")
-                train = _run_reference_pass(
-                    model, itertools.islice(trainloader, TRAIN_METRIC_BATCHES), criterion, device, task_type,
-                    False, num_classes,
-                )
-                if train is None:
-                    raise ValueError("validate_and_get_metrics: trainloader is empty; cannot compute training metrics")
+                train = _run_reference_pass(model, train_batches, criterion, device, task_type, False, num_classes)
             else:
-                val_pass = _run_fused_pass(model, testloader, criterion, device, task_type, per_class)
-                if val_pass.accumulator is None:
-                    raise ValueError("validate_and_get_metrics: testloader is empty; cannot compute validation metrics")
-                train_pass = _run_fused_pass(
-                    model, itertools.islice(trainloader, TRAIN_METRIC_BATCHES), criterion, device, task_type, False
-                )
-                if train_pass.accumulator is None:
-                    raise ValueError("validate_and_get_metrics: trainloader is empty; cannot compute training metrics")
-                val, train = _read([val_pass, train_pass])
+                val, train = _read([
+                    _run_fused_pass(model, testloader, criterion, device, task_type, per_class),
+                    _run_fused_pass(model, train_batches, criterion, device, task_type, False),
+                ])
     finally:
         model.train(was_training)
+    if val is None:
+        raise ValueError("validate_and_get_metrics: testloader is empty; cannot compute validation metrics")
+    if train is None:
+        raise ValueError("validate_and_get_metrics: trainloader is empty; cannot compute training metrics")
 
     val_loss = float(val.loss)
     per_class_acc = _per_class_accuracy(val, num_classes) if per_class else None
@@ -325,9 +320,7 @@ def validate_with_attribution(
                     with seed_slot.force_alpha(0.0):
                         baseline_outputs = model(inputs)
                     baseline_pass.add(baseline_outputs, labels)
-                real = baseline = None
-                if real_pass.accumulator is not None:
-                    real, baseline = _read([real_pass, baseline_pass])
+                real, baseline = _read([real_pass, baseline_pass])
     finally:
         model.train(was_training)
 
