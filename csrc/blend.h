@@ -86,6 +86,25 @@ inline at::Tensor alpha_grad_like(const at::Tensor& group_sums, const at::Tensor
   return group_sums.to(alpha.scalar_type()).reshape(alpha.sizes());
 }
 
+// blend_forward's inputs, checked and in the layout the kernels walk (seed in host's). Call
+// it under the device guard: a layout the kernels cannot walk is copied.
+struct ForwardInputs {
+  int64_t groups;
+  at::MemoryFormat format;
+  at::Tensor host, seed;
+};
+
+inline ForwardInputs forward_inputs(const at::Tensor& host, const at::Tensor& seed,
+                                    const std::optional<at::Tensor>& alpha) {
+  check_pair(host, seed, "blend_forward");
+  ForwardInputs in;
+  in.groups = alpha.has_value() ? alpha_groups(*alpha, host, "blend_forward") : 1;
+  in.format = dense_format(host);
+  in.host = in_format(host, in.format);
+  in.seed = in_format(seed, in.format);
+  return in;
+}
+
 // blend_backward's inputs, checked and in the layout the kernels walk: the incoming gradient,
 // plus host and seed when d_alpha is wanted. Call it under the device guard: a layout the
 // kernels cannot walk is copied.

@@ -216,13 +216,11 @@ Launch plan_launch(int64_t groups, int64_t group_numel, int vec) {
 
 at::Tensor blend_forward_cuda(const at::Tensor& host, const at::Tensor& seed, const std::optional<at::Tensor>& alpha,
                               double alpha_value) {
-  check_pair(host, seed, "blend_forward");
-  const int64_t groups = alpha.has_value() ? alpha_groups(*alpha, host, "blend_forward") : 1;
   const c10::cuda::CUDAGuard guard(host.device());
-  const auto format = dense_format(host);
-  const auto h = in_format(host, format);
-  const auto s = in_format(seed, format);
-  auto out = at::empty(host.sizes(), host.options().memory_format(format));
+  const ForwardInputs in = forward_inputs(host, seed, alpha);
+  const int64_t groups = in.groups;
+  const at::Tensor &h = in.host, &s = in.seed;
+  auto out = at::empty(host.sizes(), host.options().memory_format(in.format));
   const int64_t numel = host.numel();
   if (numel == 0) return out;
   const at::Tensor alpha_k = alpha.has_value() ? alpha_for_kernel(*alpha, host.scalar_type()) : at::Tensor();
