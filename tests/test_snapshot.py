@@ -2,6 +2,8 @@
 
 import gc
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from esper_fast.ops import HostSnapshot
 from esper_fast.ops.snapshot import snapshot_pack, snapshot_unpack
 
 CUDA = torch.cuda.is_available()
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _random_like_dtype(shape, dtype, device):
@@ -121,6 +124,35 @@ def test_pack_rejects_bad_arguments():
         snapshot_pack([t], torch.empty(64, dtype=torch.uint8), [0, 8])
     with pytest.raises(RuntimeError, match="element size"):
         snapshot_pack([t], torch.empty(128, dtype=torch.uint8), [2])
+
+
+_OFFSET_NEAR_INT64_MAX = """
+import sys
+import torch
+import esper_fast  # noqa: F401
+from esper_fast.ops.snapshot import snapshot_pack, snapshot_unpack
+
+device = sys.argv[1]
+t = torch.randn(4, device=device)
+pin = device == "cuda"
+for offset in (2**63 - 8, 2**63 - 16, 2**62):
+    for op in (snapshot_pack, snapshot_unpack):
+        try:
+            op([t], torch.zeros(64, dtype=torch.uint8, pin_memory=pin), [offset])
+        except RuntimeError as exc:
+            assert "does not fit" in str(exc), exc
+        else:
+            raise SystemExit(f"{op.__name__} accepted offset {offset} for a 64-byte buffer")
+print("rejected")
+"""
+
+
+def test_pack_rejects_an_offset_whose_end_overflows(device):
+    """offset + nbytes past INT64_MAX must not wrap into range (the copy would write anywhere).
+    In a child process: before the check was overflow-safe this crashed the interpreter."""
+    done = subprocess.run([sys.executable, "-c", _OFFSET_NEAR_INT64_MAX, device], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")})
+    assert done.returncode == 0 and "rejected" in done.stdout, (done.returncode, done.stdout, done.stderr[-2000:])
 
 
 def test_pack_rejects_a_buffer_starting_off_the_element_size(device):

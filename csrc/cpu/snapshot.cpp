@@ -26,8 +26,10 @@ void check_snapshot_args(at::TensorList tensors, const at::Tensor& buffer, at::I
     TORCH_CHECK(t.device() == tensors[0].device(), "esper_fast: snapshot tensor ", i, " is on ", t.device(),
                 " but tensor 0 is on ", tensors[0].device(), "; pack one device per call");
     const int64_t nbytes = t.numel() * static_cast<int64_t>(t.element_size());
-    TORCH_CHECK(offsets[i] >= 0 && offsets[i] + nbytes <= capacity, "esper_fast: snapshot tensor ", i, " (",
-                nbytes, " bytes at offset ", offsets[i], ") does not fit the ", capacity, "-byte buffer");
+    // offsets[i] + nbytes could wrap past INT64_MAX: compare against capacity - nbytes instead.
+    TORCH_CHECK(offsets[i] >= 0 && nbytes <= capacity && offsets[i] <= capacity - nbytes,
+                "esper_fast: snapshot tensor ", i, " (", nbytes, " bytes at offset ", offsets[i],
+                ") does not fit the ", capacity, "-byte buffer");
     TORCH_CHECK(offsets[i] % static_cast<int64_t>(t.element_size()) == 0, "esper_fast: snapshot offset ",
                 offsets[i], " of tensor ", i, " is not a multiple of its element size ", t.element_size());
     // Strided tensors are copied through typed views of the buffer, which must be aligned.
