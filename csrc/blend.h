@@ -48,30 +48,69 @@ inline int64_t alpha_groups(const at::Tensor& alpha, const at::Tensor& like, con
   return like.size(0);
 }
 
-// alpha as the kernels read it: dense, in the math type of `dtype` (float, or double for
-// float64), so the clamp mask sees alpha's own value; the kernels round it to `dtype` as the
-// reference does. A float32 alpha for float32/float16/bfloat16 inputs is used as it is.
-inline at::Tensor alpha_for_kernel(const at::Tensor& alpha, at::ScalarType dtype) {
-  const auto math_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  return alpha.to(math_dtype).contiguous().reshape({-1});
+// alpha as the kernels read it: dense, float64 kept as it is and any other dtype as float32
+// (exact for float16 and bfloat16), so the clamp and the gradient mask see the value the caller
+// passed; the kernels round the clamped value to the data type, as the reference does.
+inline at::Tensor alpha_for_kernel(const at::Tensor& alpha) {
+  const auto dtype = alpha.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return alpha.to(dtype).contiguous().reshape({-1});
+}
+
+// A kernel's view of the alpha tensor prepared by alpha_for_kernel, or of none (data == nullptr).
+struct AlphaArg {
+  const void* data = nullptr;
+  bool is_double = false;
+
+  C10_HOST_DEVICE double operator[](int64_t group) const {
+    return is_double ? static_cast<const double*>(data)[group]
+                     : static_cast<double>(static_cast<const float*>(data)[group]);
+  }
+};
+
+inline AlphaArg alpha_arg(const at::Tensor& alpha_k) {
+  AlphaArg arg;
+  if (alpha_k.defined()) {
+    arg.data = alpha_k.const_data_ptr();
+    arg.is_double = alpha_k.scalar_type() == at::kDouble;
+  }
+  return arg;
 }
 
 // alpha clamped to [0, 1]; NaN stays NaN, as torch.clamp does.
-template <typename acc_t>
-C10_HOST_DEVICE inline acc_t clamp_unit(acc_t a) {
-  return a < acc_t(0) ? acc_t(0) : (a > acc_t(1) ? acc_t(1) : a);
+template <typename T>
+C10_HOST_DEVICE inline T clamp_unit(T a) {
+  return a < T(0) ? T(0) : (a > T(1) ? T(1) : a);
 }
 
-// torch.clamp's gradient rule: the gradient passes where 0 <= alpha <= 1 (never for NaN).
-template <typename acc_t>
-C10_HOST_DEVICE inline bool clamp_passes_grad(acc_t a) {
-  return a >= acc_t(0) && a <= acc_t(1);
+// torch.clamp's gradient rule: the gradient passes where 0 <= alpha <= 1 (never for NaN). Taken
+// on alpha's own value: 1 + 2**-30 in float64 is outside even though it rounds to 1 in float32.
+C10_HOST_DEVICE inline bool clamp_passes_grad(double a) {
+  return a >= 0.0 && a <= 1.0;
 }
 
-// The per-sample alpha a kernel applies: clamped, rounded to the data type like the reference.
+// The alpha a kernel applies to group `group`: the tensor's value clamped in its own precision,
+// then rounded to the data type like the reference's alpha.clamp(0, 1).to(dtype); else the float
+// alpha, already clamped and in the math type.
 template <typename scalar_t, typename acc_t>
-C10_HOST_DEVICE inline acc_t applied_alpha(const acc_t* alpha, int64_t group, acc_t alpha_value) {
-  return alpha == nullptr ? alpha_value : clamp_unit(static_cast<acc_t>(static_cast<scalar_t>(alpha[group])));
+C10_HOST_DEVICE inline acc_t applied_alpha(AlphaArg alpha, int64_t group, acc_t alpha_value) {
+  return alpha.data == nullptr ? alpha_value : static_cast<acc_t>(static_cast<scalar_t>(clamp_unit(alpha[group])));
+}
+
+// The factors of the backward, d_seed = seed * g and d_host = host * g, exactly as torch.lerp's
+// autograd forms them: for a float alpha (alpha_value, complement) with the complement 1 - alpha
+// taken in double and then rounded (torch multiplies by the Scalar 1 - weight.toDouble()); for a
+// tensor alpha, the complement of the applied alpha in the data type (torch's 1 - weight tensor).
+template <typename acc_t>
+struct GradScales {
+  acc_t seed, host;
+};
+
+template <typename scalar_t, typename acc_t>
+C10_HOST_DEVICE inline GradScales<acc_t> grad_scales(AlphaArg alpha, int64_t group, acc_t alpha_value,
+                                                     acc_t complement) {
+  if (alpha.data == nullptr) return {alpha_value, complement};
+  const acc_t a = applied_alpha<scalar_t, acc_t>(alpha, group, alpha_value);
+  return {a, static_cast<acc_t>(static_cast<scalar_t>(acc_t(1) - a))};
 }
 
 // torch.lerp's formula: exact at both ends (alpha 0 gives host, alpha 1 gives seed).
@@ -80,14 +119,27 @@ C10_HOST_DEVICE inline T lerp_value(T h, T s, acc_t a) {
   return a < acc_t(0.5) ? h + T(a) * (s - h) : s - (s - h) * T(acc_t(1) - a);
 }
 
+// A float alpha as the kernels take it: clamped, in the math type, with its complement formed
+// in double.
+template <typename acc_t>
+struct FloatAlpha {
+  acc_t value, complement;
+  explicit FloatAlpha(double alpha_value) {
+    const double clamped = clamp_unit(alpha_value);
+    value = static_cast<acc_t>(clamped);
+    complement = static_cast<acc_t>(1.0 - clamped);
+  }
+};
+
 // d_alpha shaped and typed like alpha, from the per-group sums of g * (seed - host) (already
 // zero where the clamp blocks the gradient).
 inline at::Tensor alpha_grad_like(const at::Tensor& group_sums, const at::Tensor& alpha) {
   return group_sums.to(alpha.scalar_type()).reshape(alpha.sizes());
 }
 
-// blend_forward's inputs, checked and in the layout the kernels walk (seed in host's). Call
-// it under the device guard: a layout the kernels cannot walk is copied.
+// blend_forward's inputs, checked and in the layout the kernels walk (seed in host's; a layout
+// the kernels cannot walk is copied, on the tensor's own device). The device checks come first,
+// so the CUDA kernel calls it before building its device guard.
 struct ForwardInputs {
   int64_t groups;
   at::MemoryFormat format;

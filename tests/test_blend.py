@@ -144,6 +144,88 @@ def test_blend_one_tensor_off_the_vector_grid(device, dtype, misaligned):
     check_alpha_grad(d_alpha, host, seed, alpha, grad)
 
 
+def test_blend_alpha_grad_mask_sees_alpha_own_value(device):
+    # float64 gates just outside [0, 1] round onto the bounds in float32 data; torch.clamp's
+    # gradient mask is taken on the float64 value, so their d_alpha is 0, not sum(g * (seed - host)).
+    host, seed = randn((5, 33), torch.float32, device), randn((5, 33), torch.float32, device)
+    alpha = torch.tensor([1 + 2**-30, -1e-50, 1.0, 0.0, -(2**-1074)], dtype=torch.float64, device=device,
+                         requires_grad=True)
+    grad_out = torch.randn_like(host)
+    y, _, ds, da = run(blend, host, seed, alpha, grad_out)
+    yr, _, dsr, dar = run(blend_reference, host, seed, alpha, grad_out)
+    assert torch.equal(y, yr) and torch.equal(ds, dsr)
+    assert torch.equal(y[[0, 2]], seed[[0, 2]]) and torch.equal(y[[1, 3, 4]], host[[1, 3, 4]])
+    assert da[[0, 1, 4]].tolist() == [0.0, 0.0, 0.0] and dar[[0, 1, 4]].tolist() == [0.0, 0.0, 0.0]
+    assert (da[[2, 3]] != 0).all()
+    check_alpha_grad(da, host, seed, alpha, grad_out)
+    # The op itself, as the CUDA and CPU kernels see it.
+    d_alpha = OPS.blend_backward.default(grad_out, host, seed, alpha.detach(), 0.0, False, False, True)[2]
+    assert d_alpha[[0, 1, 4]].tolist() == [0.0, 0.0, 0.0]
+
+
+# ---------------------------------------------------------------- bit for bit against torch.lerp
+
+# Float gates on both sides of the lerp's branch point and at its ends, and ones whose complement
+# differs between 1 - float(alpha) and float(1 - alpha).
+BIT_ALPHAS = [0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0, 0.123456789]
+
+
+def lerp_autograd(host, seed, weight, grad_out):
+    """torch.lerp's output and autograd's d_host, d_seed: the original's exact numbers."""
+    h, s = host.detach().clone().requires_grad_(True), seed.detach().clone().requires_grad_(True)
+    y = torch.lerp(h, s, weight)
+    return (y, *torch.autograd.grad(y, (h, s), grad_out))
+
+
+def blend_autograd(host, seed, alpha, grad_out):
+    h, s = host.detach().clone().requires_grad_(True), seed.detach().clone().requires_grad_(True)
+    y = blend(h, s, alpha, detach_host=False)
+    return (y, *torch.autograd.grad(y, (h, s), grad_out))
+
+
+def assert_bit_equal(actual, expected, what):
+    for name, a, e in zip(("forward", "d_host", "d_seed"), actual, expected):
+        assert a.dtype == e.dtype and a.shape == e.shape, f"{what} {name}"
+        differ = a != e
+        assert torch.equal(a, e), (f"{what} {name}: {int(differ.sum())}/{a.numel()} differ, first "
+                                   f"{a[differ][:3].tolist()} vs {e[differ][:3].tolist()}")
+
+
+BIT_CASES = [((3, 5, 7, 11), torch.contiguous_format), ((3, 5, 7, 11), torch.channels_last), ((4099,), None)]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES + [torch.float64])
+@pytest.mark.parametrize("shape,memory_format", BIT_CASES, ids=["contiguous", "channels_last", "1d_odd"])
+def test_blend_float_alpha_is_bit_identical_to_torch_lerp(device, dtype, shape, memory_format):
+    # The original calls torch.lerp(host, seed, float_alpha): forward, d_host = g * (1 - alpha) with
+    # the complement in double, and d_seed = g * alpha must come out bit for bit.
+    host = randn(shape, dtype, device, memory_format or torch.contiguous_format)
+    seed = randn(shape, dtype, device, memory_format or torch.contiguous_format)
+    grad_out = randn(shape, dtype, device, memory_format or torch.contiguous_format)
+    for alpha in BIT_ALPHAS:
+        assert_bit_equal(blend_autograd(host, seed, alpha, grad_out), lerp_autograd(host, seed, alpha, grad_out),
+                         f"{dtype} alpha={alpha}")
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES + [torch.float64])
+@pytest.mark.parametrize("alpha_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape,memory_format", BIT_CASES[:2], ids=["contiguous", "channels_last"])
+def test_blend_tensor_alpha_is_bit_identical_to_torch_lerp(device, dtype, alpha_dtype, shape, memory_format):
+    # A tensor gate: the original's weight is alpha.clamp(0, 1).to(dtype), and lerp's d_host is
+    # g * (1 - weight) with the complement in the weight's dtype.
+    gates = torch.tensor(BIT_ALPHAS + [-0.2, 1.3], dtype=alpha_dtype, device=device)
+    host = randn((len(gates),) + shape[1:], dtype, device, memory_format)
+    seed = randn(host.shape, dtype, device, memory_format)
+    grad_out = randn(host.shape, dtype, device, memory_format)
+    weight = gates.clamp(0, 1).to(dtype).reshape(-1, 1, 1, 1)
+    assert_bit_equal(blend_autograd(host, seed, gates, grad_out), lerp_autograd(host, seed, weight, grad_out),
+                     f"{dtype} per-sample {alpha_dtype}")
+    for gate in gates:
+        weight = gate.clamp(0, 1).to(dtype)
+        assert_bit_equal(blend_autograd(host, seed, gate, grad_out), lerp_autograd(host, seed, weight, grad_out),
+                         f"{dtype} single {alpha_dtype} {gate.item()}")
+
+
 # ---------------------------------------------------------------- sizes and layouts
 
 
@@ -361,6 +443,19 @@ def test_kernel_rejects_alpha_on_another_device(alpha_shape):
             blend(host, host, alpha)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.cuda
+def test_kernel_rejects_cpu_host_with_cuda_seed_or_alpha():
+    # A CUDA seed or alpha picks the CUDA kernel for a CPU host: the op's own message, checked
+    # before any CUDA guard is built on the host's (CPU) device.
+    host = torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match="seed is on cuda:0 but host is on cpu"):
+        OPS.blend_forward.default(host, host.cuda(), None, 0.5)
+    with pytest.raises(RuntimeError, match="alpha is on cuda:0 but host is on cpu"):
+        OPS.blend_forward.default(host, host, torch.rand(3, device="cuda"), 0.0)
+    with pytest.raises(RuntimeError, match="seed is on cuda:0 but host is on cpu"):
+        OPS.ste_forward.default(host, host.cuda())
 
 
 @pytest.mark.cuda

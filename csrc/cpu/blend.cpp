@@ -142,12 +142,12 @@ ESPER_FAST_ISA_CLONES double dot_diff_kernel(const double* grad, const double* h
   return dot_diff_loop(grad, host, seed, n);
 }
 
-// d_seed = a * g and d_host = (1 - a) * g (each only when its pointer is set); returns
+// d_seed = a * g and d_host = b * g (each only when its pointer is set); returns
 // sum(g * (seed - host)) when host and seed are given, else 0. A task's span is small enough
 // (kTaskElems) that the second pass over grad reads it from cache.
 template <typename T>
-T backward_math(T* d_host, T* d_seed, const T* grad, const T* host, const T* seed, int64_t n, T a) {
-  scale_kernel(d_host, d_seed, grad, n, a, T(1) - a);
+T backward_math(T* d_host, T* d_seed, const T* grad, const T* host, const T* seed, int64_t n, T a, T b) {
+  scale_kernel(d_host, d_seed, grad, n, a, b);
   return host == nullptr ? T(0) : dot_diff_kernel(grad, host, seed, n);
 }
 
@@ -235,9 +235,9 @@ void lerp_span(scalar_t* out, const scalar_t* host, const scalar_t* seed, int64_
 
 template <typename scalar_t>
 acc_t<scalar_t> backward_span(scalar_t* d_host, scalar_t* d_seed, const scalar_t* grad, const scalar_t* host,
-                              const scalar_t* seed, int64_t n, acc_t<scalar_t> a) {
+                              const scalar_t* seed, int64_t n, GradScales<acc_t<scalar_t>> scales) {
   if constexpr (std::is_same_v<scalar_t, acc_t<scalar_t>>) {
-    return backward_math<scalar_t>(d_host, d_seed, grad, host, seed, n, a);
+    return backward_math<scalar_t>(d_host, d_seed, grad, host, seed, n, scales.seed, scales.host);
   } else {
     float g[kBlock], h[kBlock], s[kBlock], dh[kBlock], ds[kBlock];
     const bool reduce = host != nullptr;
@@ -250,7 +250,7 @@ acc_t<scalar_t> backward_span(scalar_t* d_host, scalar_t* d_seed, const scalar_t
         to_float(seed + b, s, m);
       }
       sum += backward_math<float>(d_host ? dh : nullptr, d_seed ? ds : nullptr, g, reduce ? h : nullptr,
-                                  reduce ? s : nullptr, m, a);
+                                  reduce ? s : nullptr, m, scales.seed, scales.host);
       if (d_seed != nullptr) from_float(ds, d_seed + b, m);
       if (d_host != nullptr) from_float(dh, d_host + b, m);
     }
@@ -268,19 +268,19 @@ at::Tensor blend_forward_cpu(const at::Tensor& host, const at::Tensor& seed, con
   auto out = empty_output(host.sizes(), host.options().memory_format(in.format));
   const int64_t numel = host.numel();
   if (numel == 0) return out;
-  const at::Tensor alpha_k = alpha.has_value() ? alpha_for_kernel(*alpha, host.scalar_type()) : at::Tensor();
+  const at::Tensor alpha_k = alpha.has_value() ? alpha_for_kernel(*alpha) : at::Tensor();
+  const AlphaArg alphas = alpha_arg(alpha_k);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, host.scalar_type(), "blend_forward_cpu", [&] {
     using acc = acc_t<scalar_t>;
-    const acc* alpha_ptr = alpha_k.defined() ? alpha_k.data_ptr<acc>() : nullptr;
-    const acc value = clamp_unit(static_cast<acc>(alpha_value));
+    const acc value = FloatAlpha<acc>(alpha_value).value;
     const scalar_t* hp = h.const_data_ptr<scalar_t>();
     const scalar_t* sp = s.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     const Tasks tasks(groups, numel / groups);
     at::parallel_for(0, tasks.count, tasks.grain, [&](int64_t first, int64_t last) {
       for (int64_t t = first; t < last; ++t) {
-        const acc a = applied_alpha<scalar_t>(alpha_ptr, tasks.group(t), value);
+        const acc a = applied_alpha<scalar_t>(alphas, tasks.group(t), value);
         const int64_t b = tasks.begin(t), n = tasks.length(t);
         lerp_span<scalar_t>(op + b, hp + b, sp + b, n, a);
       }
@@ -302,7 +302,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blend_backward_cpu(
   at::Tensor d_seed = need_seed_grad ? empty_output(grad_out.sizes(), grad_options) : none;
   at::Tensor d_alpha = none;
   const int64_t numel = grad_out.numel();
-  const at::Tensor alpha_k = alpha.has_value() ? alpha_for_kernel(*alpha, grad_out.scalar_type()) : at::Tensor();
+  const at::Tensor alpha_k = alpha.has_value() ? alpha_for_kernel(*alpha) : at::Tensor();
+  const AlphaArg alphas = alpha_arg(alpha_k);
   const auto sum_dtype = grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const Tasks tasks(groups, groups == 0 ? 0 : numel / groups);
   at::Tensor partials = need_alpha_grad ? at::empty({numel == 0 ? 0 : tasks.count}, grad_out.options().dtype(sum_dtype))
@@ -311,8 +312,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blend_backward_cpu(
   if (numel > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "blend_backward_cpu", [&] {
       using acc = acc_t<scalar_t>;
-      const acc* alpha_ptr = alpha_k.defined() ? alpha_k.data_ptr<acc>() : nullptr;
-      const acc value = clamp_unit(static_cast<acc>(alpha_value));
+      const FloatAlpha<acc> value(alpha_value);
       const scalar_t* gp = g.const_data_ptr<scalar_t>();
       const scalar_t* hp = need_alpha_grad ? h.const_data_ptr<scalar_t>() : nullptr;
       const scalar_t* sp = need_alpha_grad ? s.const_data_ptr<scalar_t>() : nullptr;
@@ -321,12 +321,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blend_backward_cpu(
       acc* part = need_alpha_grad ? partials.mutable_data_ptr<acc>() : nullptr;
       at::parallel_for(0, tasks.count, tasks.grain, [&](int64_t first, int64_t last) {
         for (int64_t t = first; t < last; ++t) {
-          const acc a = applied_alpha<scalar_t>(alpha_ptr, tasks.group(t), value);
+          const auto scales = grad_scales<scalar_t>(alphas, tasks.group(t), value.value, value.complement);
           const int64_t b = tasks.begin(t), n = tasks.length(t);
           const acc partial = backward_span<scalar_t>(dhp == nullptr ? nullptr : dhp + b,
                                                       dsp == nullptr ? nullptr : dsp + b, gp + b,
                                                       hp == nullptr ? nullptr : hp + b,
-                                                      sp == nullptr ? nullptr : sp + b, n, a);
+                                                      sp == nullptr ? nullptr : sp + b, n, scales);
           if (part != nullptr) part[t] = partial;
         }
       });
@@ -338,11 +338,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blend_backward_cpu(
     if (numel > 0) {
       AT_DISPATCH_FLOATING_TYPES(sum_dtype, "blend_alpha_grad_cpu", [&] {
         const scalar_t* part = partials.const_data_ptr<scalar_t>();
-        const scalar_t* alpha_ptr = alpha_k.const_data_ptr<scalar_t>();
         scalar_t* out = sums.mutable_data_ptr<scalar_t>();
         for (int64_t t = 0; t < tasks.count; ++t) out[tasks.group(t)] += part[t];
         for (int64_t gi = 0; gi < groups; ++gi) {
-          if (!clamp_passes_grad(alpha_ptr[gi])) out[gi] = scalar_t(0);
+          if (!clamp_passes_grad(alphas[gi])) out[gi] = scalar_t(0);
         }
       });
     }

@@ -67,8 +67,8 @@ __device__ __forceinline__ acc block_sum(acc value, acc* shared) {
 template <typename scalar_t, int kVec>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     blend_forward_kernel(scalar_t* __restrict__ out, const scalar_t* __restrict__ host,
-                         const scalar_t* __restrict__ seed, const acc_t<scalar_t>* __restrict__ alpha,
-                         acc_t<scalar_t> alpha_value, int64_t group_numel, int64_t tiles_per_group, int64_t tiles) {
+                         const scalar_t* __restrict__ seed, AlphaArg alpha, acc_t<scalar_t> alpha_value,
+                         int64_t group_numel, int64_t tiles_per_group, int64_t tiles) {
   using acc = acc_t<scalar_t>;
   using P = Pack<scalar_t, kVec>;
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
@@ -120,8 +120,8 @@ template <typename scalar_t, int kVec, bool kAlphaGrad>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     blend_backward_kernel(scalar_t* __restrict__ d_host, scalar_t* __restrict__ d_seed,
                           acc_t<scalar_t>* __restrict__ alpha_grad, const scalar_t* __restrict__ grad,
-                          const scalar_t* __restrict__ host, const scalar_t* __restrict__ seed,
-                          const acc_t<scalar_t>* __restrict__ alpha, acc_t<scalar_t> alpha_value, int64_t group_numel,
+                          const scalar_t* __restrict__ host, const scalar_t* __restrict__ seed, AlphaArg alpha,
+                          acc_t<scalar_t> alpha_value, acc_t<scalar_t> alpha_complement, int64_t group_numel,
                           int64_t tiles_per_group, int64_t tiles) {
   using acc = acc_t<scalar_t>;
   using P = Pack<scalar_t, kVec>;
@@ -129,8 +129,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const int64_t group = tile / tiles_per_group;
     const int64_t first_vec = (tile - group * tiles_per_group) * kTileVecs;
-    const acc a = applied_alpha<scalar_t>(alpha, group, alpha_value);
-    const acc b = acc(1) - a;
+    const GradScales<acc> scales = grad_scales<scalar_t>(alpha, group, alpha_value, alpha_complement);
+    const acc a = scales.seed, b = scales.host;
     const GroupSpan span = group_span<kVec>(group, group_numel);
     acc partial = acc(0);
 
@@ -216,32 +216,33 @@ Launch plan_launch(int64_t groups, int64_t group_numel, int vec) {
 
 at::Tensor blend_forward_cuda(const at::Tensor& host, const at::Tensor& seed, const std::optional<at::Tensor>& alpha,
                               double alpha_value) {
-  const c10::cuda::CUDAGuard guard(host.device());
+  // The checks first: a CPU host with a CUDA seed or alpha gets their message, not CUDAGuard's assert.
   const ForwardInputs in = forward_inputs(host, seed, alpha);
+  const c10::cuda::CUDAGuard guard(host.device());
   const int64_t groups = in.groups;
   const at::Tensor &h = in.host, &s = in.seed;
   auto out = at::empty(host.sizes(), host.options().memory_format(in.format));
   const int64_t numel = host.numel();
   if (numel == 0) return out;
-  const at::Tensor alpha_k = alpha.has_value() ? alpha_for_kernel(*alpha, host.scalar_type()) : at::Tensor();
+  const at::Tensor alpha_k = alpha.has_value() ? alpha_for_kernel(*alpha) : at::Tensor();
+  const AlphaArg alphas = alpha_arg(alpha_k);
   const auto stream = at::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, host.scalar_type(), "blend_forward_cuda", [&] {
     using acc = acc_t<scalar_t>;
     constexpr int kVec = kVecBytes / sizeof(scalar_t);
-    const acc* alpha_ptr = alpha_k.defined() ? alpha_k.const_data_ptr<acc>() : nullptr;
-    const acc value = clamp_unit(static_cast<acc>(alpha_value));
+    const acc value = FloatAlpha<acc>(alpha_value).value;
     const scalar_t* hp = h.const_data_ptr<scalar_t>();
     const scalar_t* sp = s.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     const int64_t group_numel = numel / groups;
     if (aligned(hp) && aligned(sp) && aligned(op)) {
       const Launch l = plan_launch(groups, group_numel, kVec);
-      blend_forward_kernel<scalar_t, kVec><<<l.blocks, kThreads, 0, stream>>>(op, hp, sp, alpha_ptr, value, group_numel,
+      blend_forward_kernel<scalar_t, kVec><<<l.blocks, kThreads, 0, stream>>>(op, hp, sp, alphas, value, group_numel,
                                                                               l.tiles_per_group, l.tiles);
     } else {
       const Launch l = plan_launch(groups, group_numel, 1);
-      blend_forward_kernel<scalar_t, 1><<<l.blocks, kThreads, 0, stream>>>(op, hp, sp, alpha_ptr, value, group_numel,
+      blend_forward_kernel<scalar_t, 1><<<l.blocks, kThreads, 0, stream>>>(op, hp, sp, alphas, value, group_numel,
                                                                            l.tiles_per_group, l.tiles);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -265,15 +266,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blend_backward_cuda(
   const auto sum_dtype = grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor sums = need_alpha_grad ? at::zeros({groups}, grad_out.options().dtype(sum_dtype)) : at::Tensor();
   const int64_t numel = grad_out.numel();
-  const at::Tensor alpha_k = alpha.has_value() ? alpha_for_kernel(*alpha, grad_out.scalar_type()) : at::Tensor();
+  const at::Tensor alpha_k = alpha.has_value() ? alpha_for_kernel(*alpha) : at::Tensor();
+  const AlphaArg alphas = alpha_arg(alpha_k);
   const auto stream = at::cuda::getCurrentCUDAStream();
 
   if (numel > 0 && (need_host_grad || need_seed_grad || need_alpha_grad)) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "blend_backward_cuda", [&] {
       using acc = acc_t<scalar_t>;
       constexpr int kVec = kVecBytes / sizeof(scalar_t);
-      const acc* alpha_ptr = alpha_k.defined() ? alpha_k.const_data_ptr<acc>() : nullptr;
-      const acc value = clamp_unit(static_cast<acc>(alpha_value));
+      const FloatAlpha<acc> value(alpha_value);
       const scalar_t* gp = g.const_data_ptr<scalar_t>();
       const scalar_t* hp = need_alpha_grad ? h.const_data_ptr<scalar_t>() : nullptr;
       const scalar_t* sp = need_alpha_grad ? s.const_data_ptr<scalar_t>() : nullptr;
@@ -288,7 +289,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blend_backward_cuda(
         constexpr bool kA = decltype(alpha_grad_tag)::value;
         const Launch l = plan_launch(groups, group_numel, kV);
         blend_backward_kernel<scalar_t, kV, kA><<<l.blocks, kThreads, 0, stream>>>(
-            dhp, dsp, sums_ptr, gp, hp, sp, alpha_ptr, value, group_numel, l.tiles_per_group, l.tiles);
+            dhp, dsp, sums_ptr, gp, hp, sp, alphas, value.value, value.complement, group_numel, l.tiles_per_group,
+            l.tiles);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
       using Vec = std::integral_constant<int, kVec>;
