@@ -346,6 +346,60 @@ def test_blend_gradcheck(device):
     assert torch.autograd.gradcheck(lambda s, a: blend(host.detach(), s, a), (seed, outside))
 
 
+@pytest.mark.parametrize("alpha_kind", ["per_sample", "single_tensor", "outside_clamp", "float"])
+def test_blend_gradgradcheck(device, alpha_kind):
+    # Second-order gradients (gradient penalties) are real: blend_backward is differentiable again.
+    host = torch.randn(3, 2, 5, dtype=torch.float64, device=device, requires_grad=True)
+    seed = torch.randn(3, 2, 5, dtype=torch.float64, device=device, requires_grad=True)
+    if alpha_kind == "float":
+        assert torch.autograd.gradgradcheck(lambda h, s: blend(h, s, 0.35, detach_host=False), (host, seed))
+        return
+    values = {"per_sample": [0.2, 0.6, 0.85], "single_tensor": 0.4, "outside_clamp": [-0.4, 1.3, 0.5]}[alpha_kind]
+    alpha = torch.tensor(values, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda h, s, a: blend(h, s, a, detach_host=False), (host, seed, alpha))
+    assert torch.autograd.gradgradcheck(lambda s, a: blend(host.detach(), s, a), (seed, alpha))
+
+
+def test_blend_gradient_penalty_matches_reference(device):
+    """d/d(inputs) of a penalty on every first-order gradient, against torch.lerp's double backward."""
+    host = torch.randn(4, 3, 5, dtype=torch.float64, device=device)
+    seed = torch.randn(4, 3, 5, dtype=torch.float64, device=device)
+    alpha = torch.tensor([0.2, 0.7, 1.4, 0.5], dtype=torch.float64, device=device)
+    weight = torch.randn(4, 3, 5, dtype=torch.float64, device=device)
+
+    def penalty_grads(fn, a):
+        h, s = host.clone().requires_grad_(True), seed.clone().requires_grad_(True)
+        a = a.clone().requires_grad_(True) if isinstance(a, torch.Tensor) else a
+        inputs = (h, s, a) if isinstance(a, torch.Tensor) else (h, s)
+        y = fn(h, s, a, False)
+        first = torch.autograd.grad((y * weight * y).sum(), inputs, create_graph=True)
+        penalty = sum((f**2).sum() for f in first)
+        return torch.autograd.grad(penalty, inputs)
+
+    for a in (alpha, alpha[1].clone(), 0.3):
+        fast, ref = penalty_grads(blend, a), penalty_grads(blend_reference, a)
+        for name, f, r in zip(("host", "seed", "alpha"), fast, ref):
+            torch.testing.assert_close(f, r, rtol=1e-10, atol=1e-12, msg=lambda m: f"d penalty / d {name}: {m}")
+        if isinstance(a, torch.Tensor):
+            assert (fast[2] != 0).any(), "the penalty's alpha gradient must not vanish"
+
+
+def test_ste_gradgradcheck(device):
+    host = torch.randn(3, 4, dtype=torch.float64, device=device, requires_grad=True)
+    seed = torch.randn(3, 4, dtype=torch.float64, device=device)
+    assert torch.autograd.gradgradcheck(lambda h: ste(h, seed) * h, (host,))
+    # The seed's gradient (g, by design) carries second-order terms too: a penalty on it.
+    h, s = host.detach().clone().requires_grad_(True), seed.clone().requires_grad_(True)
+    w = torch.randn(3, 4, dtype=torch.float64, device=device, requires_grad=True)
+    for fn in (ste, ste_reference):
+        (gs,) = torch.autograd.grad((fn(h, s) ** 2 * w).sum(), s, create_graph=True)
+        dw, dh = torch.autograd.grad((gs**2).sum(), (w, h))
+        if fn is ste:
+            fast = (dw, dh)
+    torch.testing.assert_close(fast[0], dw, rtol=0, atol=0)
+    torch.testing.assert_close(fast[1], dh, rtol=0, atol=0)
+
+
 def test_ste_gradcheck(device):
     # Only host's gradient is a true derivative; seed's (by design not one) is checked exactly in
     # test_ste_gradients.
@@ -366,6 +420,9 @@ def test_opcheck(device, memory_format):
     plain_alpha = alpha.detach()
     torch.library.opcheck(OPS.blend_backward.default, (grad, None, None, None, 0.4, True, True, False))
     torch.library.opcheck(OPS.blend_backward.default, (grad, host, seed, plain_alpha, 0.0, False, True, True))
+    # blend_backward is differentiable (double backward): its autograd kernel, traced too.
+    torch.library.opcheck(OPS.blend_backward.default, (make(True), make(True), make(True), alpha, 0.0, True, True, True))
+    torch.library.opcheck(OPS.blend_backward.default, (make(True), None, None, None, 0.4, True, True, False))
     torch.library.opcheck(OPS.ste_forward.default, (make(True), make(True)))
 
 
