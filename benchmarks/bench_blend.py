@@ -138,6 +138,29 @@ def _cases():
             params={"shape": "32x256x384", "dtype": "fp32", "numel": 32 * 256 * 384, "alpha": "per-sample, grad"},
         )
     )
+    # Small per-sample groups: [2**20, 16] and [2**20, 3] with a trainable alpha per row. One tile
+    # per group left most threads idle; the CUDA kernels pack whole groups into each tile.
+    for width in (16, 3):
+        def setup_rows(device, width=width):
+            state = _tensors((2**20, width), torch.contiguous_format, torch.float32, device, True, True)
+            state["alpha"] = torch.rand(2**20, device=device, requires_grad=True)
+            return state
+
+        cases.append(
+            Case(
+                family="blend",
+                name=f"lerp fwd+bwd per-sample alpha grad 1Mx{width} fp32",
+                setup=setup_rows,
+                reference=_lerp_step(blend_reference, detach_host=False),
+                fast=_lerp_step(blend, detach_host=False),
+                # as the 32x256x384 gate case, plus reading alpha and writing d_alpha (one per row)
+                bytes_moved=lambda state: 8 * state["grad"].numel() * 4 + 2 * state["alpha"].numel() * 4,
+                devices=("cuda",),
+                goal="never slower",
+                params={"shape": f"{2**20}x{width}", "dtype": "fp32", "numel": 2**20 * width,
+                        "alpha": "per-sample, grad"},
+            )
+        )
     return cases
 
 

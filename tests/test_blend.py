@@ -573,6 +573,58 @@ def test_cuda_blend_does_not_synchronise():
     assert alpha.grad is not None
 
 
+# Per-sample groups small enough for the CUDA kernels' packed tiles (<= 1024 elements), one past
+# it, a group of one element, and the sizes the benchmarks time, shrunk.
+SMALL_GROUPS = [(4097, 16), (4097, 3), (3001, 1), (7, 1024), (7, 1025), (2, 513)]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES + [torch.float64])
+@pytest.mark.parametrize("shape", SMALL_GROUPS, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_blend_small_per_sample_groups(device, dtype, shape):
+    host, seed = randn(shape, dtype, device), randn(shape, dtype, device)
+    alpha = torch.rand(shape[0], device=device) * 1.4 - 0.2  # some gates beyond the clamp
+    alpha.requires_grad_(True)
+    grad_out = randn(shape, dtype, device)
+    y, dh, ds, da = run(blend, host, seed, alpha, grad_out, detach_host=False)
+    weight = alpha.detach().clamp(0, 1).to(dtype)[:, None]
+    assert_bit_equal((y, dh, ds), lerp_autograd(host, seed, weight, grad_out), f"{dtype} {shape}")
+    check_alpha_grad(da, host, seed, alpha, grad_out)
+    # Without d_alpha the kernels take their other variant.
+    d_host, d_seed, _ = OPS.blend_backward.default(grad_out, None, None, alpha.detach(), 0.0, True, True, False)
+    assert torch.equal(d_host, dh) and torch.equal(d_seed, ds)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("alpha_kind", ["single_tensor", "per_sample", "float"])
+def test_cuda_blend_more_tiles_than_resident_blocks(alpha_kind):
+    # (8, 2**20) float32: 256 tiles per sample, 2048 in all, more than the resident grid, so
+    # blocks stride over tiles and each sample's d_alpha adds many tile sums.
+    shape = (8, 2**20)
+    host, seed, grad_out = (torch.randn(shape, device="cuda") for _ in range(3))
+    alpha = {"single_tensor": torch.tensor(0.3, device="cuda"), "float": 0.7,
+             "per_sample": torch.linspace(-0.1, 1.1, 8, device="cuda")}[alpha_kind]
+    if isinstance(alpha, torch.Tensor):
+        alpha.requires_grad_(True)
+    y, dh, ds, da = run(blend, host, seed, alpha, grad_out, detach_host=False)
+    weight = alpha.detach().clamp(0, 1).reshape(-1, 1) if isinstance(alpha, torch.Tensor) else alpha
+    assert_bit_equal((y, dh, ds), lerp_autograd(host, seed, weight, grad_out), alpha_kind)
+    if isinstance(alpha, torch.Tensor):
+        check_alpha_grad(da, host, seed, alpha, grad_out)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", [(8, 2**20), (2**16, 16), (2**16, 3), (3, 4099)], ids=str)
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_cuda_blend_alpha_grad_is_the_same_from_run_to_run(shape, per_sample):
+    # No float atomics: d_alpha is added in an order fixed by the shapes, so every run gives the
+    # same bits.
+    host, seed, grad_out = (torch.randn(shape, device="cuda") for _ in range(3))
+    alpha = torch.rand(shape[0] if per_sample else 1, device="cuda")
+    results = {OPS.blend_backward.default(grad_out, host, seed, alpha, 0.0, False, False, True)[2].cpu().numpy().tobytes()
+               for _ in range(20)}
+    assert len(results) == 1
+
+
 def test_reference_mode_routes_to_reference():
     host, seed = torch.randn(2, 3), torch.randn(2, 3)
     with reference_mode():
