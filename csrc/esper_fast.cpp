@@ -30,6 +30,7 @@ TORCH_LIBRARY(esper_fast, m) {
       "blend_backward(Tensor grad_out, Tensor? host, Tensor? seed, Tensor? alpha, float alpha_value, "
       "bool need_host_grad, bool need_seed_grad, bool need_alpha_grad) -> (Tensor, Tensor, Tensor)");
   // Straight-through estimator: y == host bit for bit; the gradient goes to host and seed alike.
+  // y is a tensor of its own; on CPU it shares host's memory copy-on-write until either is written.
   m.def("ste_forward(Tensor host, Tensor seed) -> Tensor");
   // ---- end blend family ----
 

@@ -307,7 +307,31 @@ def test_ste_is_host_bit_for_bit(device, dtype):
     seed = randn(host.shape, dtype, device)
     y = ste(host, seed)
     assert torch.equal(bits(y), bits(host))
-    assert y.data_ptr() != host.data_ptr()
+
+
+@pytest.mark.parametrize("write", ["output", "host"])
+def test_ste_output_is_a_tensor_of_its_own(device, write):
+    # Whatever shares memory underneath, writing one of host and y leaves the other unchanged.
+    host, seed = randn((6, 33), torch.float32, device), randn((6, 33), torch.float32, device)
+    saved = host.clone()
+    y = ste(host, seed)
+    (y if write == "output" else host).add_(1.0)
+    assert torch.equal(host if write == "output" else y, saved)
+    assert torch.equal(y if write == "output" else host, saved + 1.0)
+    assert not torch._C._is_alias_of(y, host)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced", "transposed"])
+def test_ste_cpu_moves_no_bytes_for_a_whole_dense_tensor(layout):
+    # The least work: a copy-on-write clone of a whole dense host; other layouts are copied.
+    base = torch.randn(4, 3, 5, 6)
+    host = {"contiguous": base, "channels_last": base.contiguous(memory_format=torch.channels_last),
+            "sliced": base[1:], "transposed": base.transpose(2, 3)}[layout]
+    y = ste(host, torch.randn_like(host))
+    shared = layout in ("contiguous", "channels_last")
+    assert torch._C._is_cow_tensor(y) == shared
+    assert y.stride() == (host.stride() if shared else y.contiguous().stride())
+    assert torch.equal(y, host)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)

@@ -1,8 +1,10 @@
-// CPU kernels of the blend family: lerp forward, its fused backward, and the STE copy.
+// CPU kernels of the blend family: lerp forward, its fused backward, and the STE.
 //
 // Work is cut into tasks that never straddle a sample (one alpha value per task), so the
 // per-sample d_alpha is a sum of per-task partials with no atomics and a fixed order.
 #include <ATen/Parallel.h>
+#include <ATen/ops/_lazy_clone.h>
+#include <c10/core/impl/COW.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -350,15 +352,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blend_backward_cpu(
   return {d_host, d_seed, d_alpha};
 }
 
+// Whether host can be shared copy-on-write: the whole of a plain allocation (a view into a larger
+// buffer would keep all of it alive), laid out in a format the kernels keep, in memory whose
+// DataPtr the copy-on-write machinery can take over (not pinned or mapped memory, for example).
+bool can_share_copy_on_write(const at::Tensor& host, at::MemoryFormat format) {
+  if (!host.is_contiguous(format) || host.storage_offset() != 0) return false;
+  const c10::StorageImpl& storage = *host.storage().unsafeGetStorageImpl();
+  return storage.nbytes() == host.nbytes() &&
+         (c10::impl::cow::has_simple_data_ptr(storage) || c10::impl::cow::is_cow_data_ptr(storage.data_ptr()));
+}
+
+// The output has host's values and is a tensor of its own. No byte needs to move for that: a
+// copy-on-write clone shares host's memory and copies it only if host or the output is written
+// later (by then usually one of them is gone, and the other takes the memory over). Other
+// layouts get a byte copy (NaN payloads and -0.0 included) in the kernels' format.
 at::Tensor ste_forward_cpu(const at::Tensor& host, const at::Tensor& seed) {
   check_pair(host, seed, "ste_forward");
   const auto format = dense_format(host);
+  if (can_share_copy_on_write(host, format)) return at::_lazy_clone(host);
   const auto h = in_format(host, format);
   auto out = empty_output(host.sizes(), host.options().memory_format(format));
   const int64_t bytes = h.numel() * h.element_size();
   const auto* src = static_cast<const char*>(h.const_data_ptr());
   auto* dst = static_cast<char*>(out.mutable_data_ptr());
-  // A byte copy: the output is the host bit for bit, NaN payloads and -0.0 included.
   constexpr int64_t kChunkBytes = 1 << 18;
   at::parallel_for(0, bytes, kChunkBytes, [&](int64_t first, int64_t last) {
     std::memcpy(dst + first, src + first, last - first);

@@ -2,8 +2,10 @@
 
 ``blend(host, seed, alpha)`` is ``host + a * (seed - host)`` with ``a = clamp(alpha, 0, 1)``,
 one CPU or CUDA kernel per direction (the backward writes ``d_seed``, ``d_host`` and the
-per-sample ``d_alpha`` in one pass). ``ste(host, seed)`` returns a copy of ``host`` whose
-gradient flows to both ``host`` and ``seed``.
+per-sample ``d_alpha`` in one pass). ``ste(host, seed)`` returns ``host``'s values as a tensor
+of its own, whose gradient flows to both ``host`` and ``seed``: on CPU a copy-on-write clone
+(no byte moves unless ``host`` or the result is written afterwards), on CUDA one device copy
+(copy-on-write would copy outside the stream order, with a synchronous cudaMemcpy).
 
 Layouts: contiguous, channels_last and channels_last_3d inputs are read in place and the
 output keeps that memory format. Any other layout (transposed, sliced...) is first copied to
@@ -60,7 +62,8 @@ def blend(host: torch.Tensor, seed: torch.Tensor, alpha, detach_host: bool = Tru
 
 def ste(host: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
     """Straight-through estimator: the value of ``host`` (bit for bit, NaN and -0.0 included),
-    with the incoming gradient passed unchanged to both ``host`` and ``seed``."""
+    with the incoming gradient passed unchanged to both ``host`` and ``seed``. The result never
+    aliases ``host``: writing one leaves the other as it was."""
     _check_pair(host, seed, "ste")
     if using_reference():
         return ste_reference(host, seed)
