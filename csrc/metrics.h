@@ -11,15 +11,15 @@ namespace metrics {
 
 // Slots of the state tensor. The two loss slots hold float64 bit patterns.
 enum Slot : int64_t {
-  kLossSum = 0,      // float64: sum over batches of the batch-mean loss
-  kLossScratch = 1,  // float64: this batch's CE sum while a CUDA launch is in flight
+  kLossSum = 0,  // float64: sum over batches of the batch-mean loss
+  kUnused1 = 1,  // always 0 (the CUDA kernel's batch sums live in a per-launch workspace)
   kBatches = 2,
   kCorrect = 3,
   kTotal = 4,
-  kValidScratch = 5,  // rows of this batch that enter the loss, while a CUDA launch is in flight
-  kErrors = 6,        // targets outside [0, C) other than ignore_index
-  kBadValue = 7,      // one such target
-  kBlocksDone = 8,    // CUDA last-block-done ticket, always 0 between launches
+  kUnused5 = 5,      // always 0, as kUnused1
+  kErrors = 6,       // targets outside [0, C) other than ignore_index
+  kBadValue = 7,     // the first such target (lowest row) of the first batch that had one
+  kBlocksDone = 8,   // CUDA last-block-done ticket, always 0 between launches
   kHeader = 10,       // then class_total[C], class_correct[C] when per-class counting is on
 };
 

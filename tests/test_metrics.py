@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import esper_fast  # noqa: F401  (registers torch.ops.esper_fast)
@@ -41,7 +41,7 @@ def _assert_loss(actual, expected, what="loss"):
 @pytest.mark.parametrize("per_class", [False, True], ids=["total", "per_class"])
 @pytest.mark.parametrize("rows", [0, 1, 7, 4097])
 @pytest.mark.parametrize("classes", [1, 2, 10, 1000, 50257])
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES + [torch.float64], ids=str)
 def test_matches_reference(device, dtype, classes, rows, per_class):
     rows = _rows_for(classes, rows)
     logits = (torch.randn(rows, classes) * 4).to(device=device, dtype=dtype)
@@ -178,6 +178,21 @@ def test_out_of_range_target_raises_at_compute(device, classes, bad):
     assert acc.compute().batches == 1
 
 
+@pytest.mark.parametrize("rows,classes", [(20000, 10), (300, 2000)])
+def test_out_of_range_reports_the_first_bad_target(device, rows, classes):
+    """Several bad targets spread over the rows (over many CUDA blocks): the lowest row's is named,
+    and a later batch's bad targets do not replace it."""
+    targets = torch.randint(0, classes, (rows,))
+    bad_rows = [rows - 1, 3, rows // 2, 7, rows // 3]
+    for k, row in enumerate(bad_rows):
+        targets[row] = classes + 100 + k  # the value names the row it was put in
+    acc = MetricsAccumulator(classes, device)
+    acc.update(torch.randn(rows, classes, device=device), targets.to(device))
+    acc.update(torch.randn(4, classes, device=device), torch.full((4,), -5, device=device))
+    with pytest.raises(ValueError, match=rf"9 target\(s\) outside .*e\.g\. {classes + 101}\b"):
+        acc.compute()
+
+
 def test_accumulates_mean_of_batch_means(device):
     """val_loss = sum of per-batch criterion values / batches, as the original computes it."""
     criterion = nn.CrossEntropyLoss()
@@ -310,7 +325,7 @@ def test_opcheck(device, classes, per_class, with_loss):
     torch.library.opcheck(torch.ops.esper_fast.metrics_update.default, (logits, targets, loss, state, -100))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     rows=st.integers(0, 40),
     classes=st.integers(1, 70),
@@ -319,15 +334,15 @@ def test_opcheck(device, classes, per_class, with_loss):
     ignore_every=st.integers(0, 5),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_property_random_batches_match_reference(rows, classes, levels, dtype, ignore_every, seed):
+def test_property_random_batches_match_reference(device, rows, classes, levels, dtype, ignore_every, seed):
     """Invariants over random shapes with heavy ties: counts exact, loss close, sums consistent."""
     g = torch.Generator().manual_seed(seed)
     logits = torch.randint(0, levels, (rows, classes), generator=g).to(dtype) * 0.75
     targets = torch.randint(0, classes, (rows,), generator=g)
     if ignore_every:
         targets[::ignore_every] = -100
-    acc = MetricsAccumulator(classes, "cpu", per_class=True)
-    acc.update(logits, targets)
+    acc = MetricsAccumulator(classes, device, per_class=True)
+    acc.update(logits.to(device), targets.to(device))
     result = acc.compute()
     loss, ref = _expected(logits, targets, True)
     _assert_loss(result.loss, loss)
@@ -403,3 +418,97 @@ def test_cuda_misaligned_rows_and_many_blocks():
             _assert_loss(result.loss, loss)
             assert result.correct == int(ref["correct"])
             assert result.class_correct == ref["class_correct"].tolist()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("rows,classes", [(20000, 10), (300000, 2), (3000, 1025)])
+def test_cuda_more_rows_than_the_grid(rows, classes):
+    """More rows than one pass of the grid (8 blocks per SM for short rows, 2048 threads per SM
+    for long ones): blocks stride over the rows, and every block's partial reaches the sums."""
+    logits = torch.randn(rows, classes, device="cuda") * 3
+    targets = torch.randint(0, classes, (rows,), device="cuda")
+    targets[::7] = -100
+    acc = MetricsAccumulator(classes, "cuda", per_class=True)
+    acc.update(logits, targets)
+    result = acc.compute()
+    loss, ref = _expected(logits, targets, True)
+    _assert_loss(result.loss, loss)
+    assert result.total == rows and result.correct == int(ref["correct"])
+    assert result.class_total == ref["class_total"].tolist()
+    assert result.class_correct == ref["class_correct"].tolist()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("rows,classes", [(300000, 10), (4000, 4099)])
+def test_cuda_loss_is_the_same_from_run_to_run(rows, classes):
+    """The batch's cross-entropy sum is added block by block in a fixed order (no float atomics):
+    the accumulated bits are identical over runs."""
+    logits = torch.randn(rows, classes, device="cuda") * 4
+    targets = torch.randint(0, classes, (rows,), device="cuda")
+    states = set()
+    for _ in range(10):
+        acc = MetricsAccumulator(classes, "cuda")
+        acc.update(logits, targets)
+        acc.update(logits[: rows // 3], targets[: rows // 3])
+        states.add(tuple(acc.state.tolist()))
+    assert len(states) == 1
+
+
+@pytest.mark.cuda
+def test_cuda_logits_past_int32_elements():
+    """42800 x 50257 bfloat16: 2.15e9 elements, row offsets past 2**31."""
+    rows, classes = 42800, 50257
+    free, _ = torch.cuda.mem_get_info()
+    if free < 8 * 2**30:
+        pytest.skip("needs about 8 GB of free GPU memory")
+    logits = torch.randn(rows, classes, device="cuda", dtype=torch.bfloat16)
+    targets = torch.randint(0, classes, (rows,), device="cuda")
+    # The last rows' argmax at known places, far past 2**31 elements.
+    logits[-3:, 17] = 30.0
+    targets[-2:] = 17
+    acc = MetricsAccumulator(classes, "cuda")
+    acc.update(logits, targets)
+    result = acc.compute()
+    loss_sum, correct = 0.0, 0
+    for start in range(0, rows, 2000):
+        x, t = logits[start : start + 2000], targets[start : start + 2000]
+        loss_sum += nn.functional.cross_entropy(x.double(), t, reduction="sum").item()
+        correct += int((x.argmax(1) == t).sum())
+    _assert_loss(result.loss, loss_sum / rows)
+    assert result.correct == correct and result.total == rows
+
+
+@pytest.mark.cuda
+def test_cuda_update_on_a_side_stream():
+    """The kernel runs on the current stream: logits written behind a sleep on that stream are
+    read after the write."""
+    logits = torch.randn(512, 1000, device="cuda")
+    targets = torch.randint(0, 1000, (512,), device="cuda")
+    acc = MetricsAccumulator(1000, "cuda", per_class=True)
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)
+        logits.mul_(-3.0)
+        acc.update(logits, targets)
+    side.synchronize()
+    loss, ref = _expected(logits, targets, True)
+    result = acc.compute()
+    _assert_loss(result.loss, loss)
+    assert result.correct == int(ref["correct"]) and result.class_correct == ref["class_correct"].tolist()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_cuda_update_on_the_second_device_while_the_first_is_current():
+    torch.cuda.set_device(0)
+    for classes in (10, 2000):
+        logits = torch.randn(300, classes, device="cuda:1")
+        targets = torch.randint(0, classes, (300,), device="cuda:1")
+        acc = MetricsAccumulator(classes, "cuda:1", per_class=True)
+        acc.update(logits, targets)
+        result = acc.compute()
+        loss, ref = _expected(logits.cpu(), targets.cpu(), True)
+        _assert_loss(result.loss, loss)
+        assert result.correct == int(ref["correct"]) and result.class_total == ref["class_total"].tolist()
+    assert torch.cuda.current_device() == 0

@@ -1,7 +1,8 @@
 // metrics_update on CUDA: one read of the logits, online max / sum-exp and torch.argmax order.
 // Short rows (C <= 1024): a group of TPR lanes per row. Long rows: a block per row with 16-byte
-// loads. Both grid-stride over rows; each block adds its partial sums with one set of atomics and
-// the last block to finish turns the batch's CE sum into the batch mean (no host sync).
+// loads. Both grid-stride over rows; each block writes its partial sums to a workspace and the
+// last block to finish adds them in a fixed order and turns the batch's CE sum into the batch
+// mean (no host sync, and the same numbers from run to run).
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -141,23 +142,40 @@ struct RowState {
   }
 };
 
-// Per-thread partial sums of the batch, flushed once per block.
+// Partial sums of the batch: a thread's, a block's, or the whole batch's. `first_bad_row` is the
+// lowest row whose target is out of range (kNoRow if none), so that the value reported is the
+// first bad target, as the CPU kernel reports it.
+constexpr long long kNoRow = std::numeric_limits<long long>::max();
+
 struct BatchPartial {
   double loss = 0.0;
   long long valid = 0;
   long long correct = 0;
+  long long errors = 0;
+  long long first_bad_row = kNoRow;
+
+  __device__ __forceinline__ void add(const BatchPartial& other) {
+    loss += other.loss;
+    valid += other.valid;
+    correct += other.correct;
+    errors += other.errors;
+    first_bad_row = other.first_bad_row < first_bad_row ? other.first_bad_row : first_bad_row;
+  }
 };
+
+// A block's partial in the launch's workspace: int64 slots, the loss as its float64 bit pattern.
+constexpr int kPartialSlots = 5;
 
 // Row epilogue, run by the one thread that holds the row's reduced state.
 template <typename scalar_t, typename math_t>
-__device__ __forceinline__ void finish_row(const RowState<math_t>& st, const scalar_t* row_ptr, int64_t target,
-                                           int64_t classes, int64_t ignore_index, bool want_loss, bool per_class,
-                                           int64_t* state, BatchPartial& part) {
+__device__ __forceinline__ void finish_row(const RowState<math_t>& st, const scalar_t* row_ptr, int64_t row,
+                                           int64_t target, int64_t classes, int64_t ignore_index, bool want_loss,
+                                           bool per_class, int64_t* state, BatchPartial& part) {
   const bool ignored = target == ignore_index;
   if (target < 0 || target >= classes) {
     if (!ignored) {
-      const ull before = atomicAdd(reinterpret_cast<ull*>(state + kErrors), 1ull);
-      if (before == 0) state[kBadValue] = target;
+      part.errors += 1;
+      part.first_bad_row = row < part.first_bad_row ? row : part.first_bad_row;
     }
     return;
   }
@@ -169,59 +187,88 @@ __device__ __forceinline__ void finish_row(const RowState<math_t>& st, const sca
     if (want_loss) part.loss += st.loss(static_cast<math_t>(row_ptr[target]));
   }
   if (per_class) {
+    // Integer atomics: the counts come out the same whatever the order.
     atomicAdd(reinterpret_cast<ull*>(state + kHeader + target), 1ull);
     if (hit) atomicAdd(reinterpret_cast<ull*>(state + kHeader + classes + target), 1ull);
   }
 }
 
-// Block-wide sum of the partials into thread 0; then the block's atomics and the
-// last-block-done finalize of the batch mean. Every thread of the block must call.
-__device__ void flush_block(BatchPartial part, int64_t* state, const double* batch_loss, int64_t rows) {
-  __shared__ double warp_loss[32];
-  __shared__ long long warp_valid[32];
-  __shared__ long long warp_correct[32];
+// The block's sum of `part`, valid in thread 0, in a fixed order: a shuffle tree in each warp,
+// then the warps in order. Every thread of the block must call; `shared` (32 slots) is free again
+// on return.
+__device__ BatchPartial block_partial(BatchPartial part, BatchPartial* shared) {
   for (int offset = 16; offset > 0; offset /= 2) {
-    part.loss += __shfl_xor_sync(0xffffffffu, part.loss, offset);
-    part.valid += __shfl_xor_sync(0xffffffffu, part.valid, offset);
-    part.correct += __shfl_xor_sync(0xffffffffu, part.correct, offset);
+    BatchPartial other;
+    other.loss = __shfl_down_sync(0xffffffffu, part.loss, offset);
+    other.valid = __shfl_down_sync(0xffffffffu, part.valid, offset);
+    other.correct = __shfl_down_sync(0xffffffffu, part.correct, offset);
+    other.errors = __shfl_down_sync(0xffffffffu, part.errors, offset);
+    other.first_bad_row = __shfl_down_sync(0xffffffffu, part.first_bad_row, offset);
+    part.add(other);
   }
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-  if (lane == 0) {
-    warp_loss[warp] = part.loss;
-    warp_valid[warp] = part.valid;
-    warp_correct[warp] = part.correct;
+  if (lane == 0) shared[warp] = part;
+  __syncthreads();
+  BatchPartial total;
+  if (threadIdx.x == 0) {
+    for (int w = 0; w < warps; ++w) total.add(shared[w]);
   }
   __syncthreads();
+  return total;
+}
+
+// Every block writes its partial to `workspace` (no floating-point atomics: the batch's loss
+// would depend on the order the blocks finish in); the last block to finish adds them in a fixed
+// order and updates `state`: the batch mean, counts, and the first bad target. Every thread of
+// the block must call.
+__device__ void flush_block(BatchPartial part, int64_t* state, long long* workspace, const int64_t* targets,
+                            const double* batch_loss, int64_t rows) {
+  __shared__ BatchPartial shared[32];
+  __shared__ bool last_block;
+  const BatchPartial block = block_partial(part, shared);
+  if (threadIdx.x == 0) {
+    long long* slot = workspace + static_cast<int64_t>(blockIdx.x) * kPartialSlots;
+    slot[0] = __double_as_longlong(block.loss);
+    slot[1] = block.valid;
+    slot[2] = block.correct;
+    slot[3] = block.errors;
+    slot[4] = block.first_bad_row;
+    __threadfence();  // the partial is visible before the ticket is
+    const ull ticket = atomicAdd(reinterpret_cast<ull*>(state + kBlocksDone), 1ull);
+    last_block = ticket == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last_block) return;
+  // The last block: every other block's partial is written. Read them past L1 (__ldcg).
+  __threadfence();
+  BatchPartial sum;
+  for (int64_t b = threadIdx.x; b < gridDim.x; b += blockDim.x) {
+    const long long* slot = workspace + b * kPartialSlots;
+    BatchPartial p;
+    p.loss = __longlong_as_double(__ldcg(slot));
+    p.valid = __ldcg(slot + 1);
+    p.correct = __ldcg(slot + 2);
+    p.errors = __ldcg(slot + 3);
+    p.first_bad_row = __ldcg(slot + 4);
+    sum.add(p);
+  }
+  const BatchPartial total = block_partial(sum, shared);
   if (threadIdx.x != 0) return;
-  BatchPartial total;
-  for (int w = 0; w < warps; ++w) {
-    total.loss += warp_loss[w];
-    total.valid += warp_valid[w];
-    total.correct += warp_correct[w];
-  }
-  if (batch_loss == nullptr && total.valid > 0) {
-    atomicAdd(reinterpret_cast<double*>(state + kLossScratch), total.loss);
-    atomicAdd(reinterpret_cast<ull*>(state + kValidScratch), static_cast<ull>(total.valid));
-  }
-  if (total.correct > 0) atomicAdd(reinterpret_cast<ull*>(state + kCorrect), static_cast<ull>(total.correct));
-  __threadfence();
-  const ull ticket = atomicAdd(reinterpret_cast<ull*>(state + kBlocksDone), 1ull);
-  if (ticket != gridDim.x - 1) return;
-  // Last block: every other block's atomics are complete and visible.
-  __threadfence();
-  const double ce_sum = __longlong_as_double(atomicExch(reinterpret_cast<ull*>(state + kLossScratch), 0ull));
-  const long long valid = static_cast<long long>(atomicExch(reinterpret_cast<ull*>(state + kValidScratch), 0ull));
-  const double batch_mean = batch_loss != nullptr ? *batch_loss : ce_sum / static_cast<double>(valid);
+  const double batch_mean = batch_loss != nullptr ? *batch_loss : total.loss / static_cast<double>(total.valid);
   state[kLossSum] = __double_as_longlong(__longlong_as_double(state[kLossSum]) + batch_mean);
   state[kBatches] += 1;
   state[kTotal] += rows;
+  state[kCorrect] += total.correct;
+  if (total.errors > 0 && state[kErrors] == 0) state[kBadValue] = targets[total.first_bad_row];
+  state[kErrors] += total.errors;
   state[kBlocksDone] = 0;
 }
 
 template <typename scalar_t, int TPR>
 __global__ void metrics_short_rows_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict__ targets,
                                           const double* __restrict__ batch_loss, int64_t* __restrict__ state,
-                                          int64_t rows, int64_t classes, int64_t ignore_index, bool per_class) {
+                                          long long* __restrict__ workspace, int64_t rows, int64_t classes,
+                                          int64_t ignore_index, bool per_class) {
   using math_t = at::opmath_type<scalar_t>;
   const int64_t rows_per_block = blockDim.x / TPR;
   const int64_t group = threadIdx.x / TPR;
@@ -240,16 +287,17 @@ __global__ void metrics_short_rows_kernel(const scalar_t* __restrict__ logits, c
     }
     st.reduce_lanes(TPR);
     if (row < rows && lane == 0) {
-      finish_row(st, row_ptr, targets[row], classes, ignore_index, want_loss, per_class, state, part);
+      finish_row(st, row_ptr, row, targets[row], classes, ignore_index, want_loss, per_class, state, part);
     }
   }
-  flush_block(part, state, batch_loss, rows);
+  flush_block(part, state, workspace, targets, batch_loss, rows);
 }
 
 template <typename scalar_t>
 __global__ void metrics_long_rows_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict__ targets,
                                          const double* __restrict__ batch_loss, int64_t* __restrict__ state,
-                                         int64_t rows, int64_t classes, int64_t ignore_index, bool per_class) {
+                                         long long* __restrict__ workspace, int64_t rows, int64_t classes,
+                                         int64_t ignore_index, bool per_class) {
   using math_t = at::opmath_type<scalar_t>;
   constexpr int kVec = 16 / sizeof(scalar_t);
   struct alignas(16) Pack {
@@ -297,11 +345,20 @@ __global__ void metrics_long_rows_kernel(const scalar_t* __restrict__ logits, co
         st.best_index = shared_index[lane];
       }
       st.reduce_lanes(32);
-      if (lane == 0) finish_row(st, row_ptr, targets[row], classes, ignore_index, want_loss, per_class, state, part);
+      if (lane == 0) {
+        finish_row(st, row_ptr, row, targets[row], classes, ignore_index, want_loss, per_class, state, part);
+      }
     }
     __syncthreads();  // the shared slots are reused by the next row
   }
-  flush_block(part, state, batch_loss, rows);
+  flush_block(part, state, workspace, targets, batch_loss, rows);
+}
+
+// Room for every block's partial (kPartialSlots int64 each); each block writes its own, so the
+// workspace needs no clearing.
+long long* partials_workspace(at::Tensor& workspace, const at::Tensor& logits, int64_t blocks) {
+  workspace = at::empty({blocks * kPartialSlots}, logits.options().dtype(at::kLong));
+  return reinterpret_cast<long long*>(workspace.data_ptr<int64_t>());
 }
 
 template <typename scalar_t, int TPR>
@@ -311,8 +368,10 @@ void launch_short(const at::Tensor& logits, const at::Tensor& targets, const dou
   const int64_t rows = logits.size(0);
   const int64_t rows_per_block = kThreads / TPR;
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((rows + rows_per_block - 1) / rows_per_block, max_blocks));
+  at::Tensor workspace;
+  long long* partials = partials_workspace(workspace, logits, blocks);
   metrics_short_rows_kernel<scalar_t, TPR><<<blocks, kThreads, 0, stream>>>(
-      logits.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(), batch_loss, state.data_ptr<int64_t>(), rows,
+      logits.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(), batch_loss, state.data_ptr<int64_t>(), partials, rows,
       logits.size(1), ignore_index, per_class);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -344,9 +403,11 @@ void metrics_update_cuda(const at::Tensor& logits, const at::Tensor& targets, co
     } else {
       const int threads = classes >= 16384 ? 512 : 256;
       const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(rows, sms * (2048 / threads)));
+      at::Tensor workspace;
+      long long* partials = partials_workspace(workspace, logits, blocks);
       metrics_long_rows_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
-          logits.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(), loss_ptr, state.data_ptr<int64_t>(), rows, classes,
-          ignore_index, per_class);
+          logits.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(), loss_ptr, state.data_ptr<int64_t>(), partials, rows,
+          classes, ignore_index, per_class);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });

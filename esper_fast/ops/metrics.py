@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 
 # Offsets into the state tensor; they mirror csrc/metrics.h.
-_LOSS_SUM, _LOSS_SCRATCH, _BATCHES, _CORRECT, _TOTAL = 0, 1, 2, 3, 4
-_VALID_SCRATCH, _ERRORS, _BAD_VALUE, _BLOCKS_DONE = 5, 6, 7, 8
+_LOSS_SUM, _UNUSED_1, _BATCHES, _CORRECT, _TOTAL = 0, 1, 2, 3, 4
+_UNUSED_5, _ERRORS, _BAD_VALUE, _BLOCKS_DONE = 5, 6, 7, 8
 _HEADER = 10
 
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
