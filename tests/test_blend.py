@@ -649,6 +649,26 @@ def test_cuda_blend_alpha_grad_is_the_same_from_run_to_run(shape, per_sample):
     assert len(results) == 1
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_denormals_are_not_flushed(dtype):
+    # Built without --use_fast_math: float32 ops keep denormals (no .ftz), so alpha 0 gives the
+    # host and alpha 1 the seed bit for bit, and small alphas match torch.lerp's CUDA kernel.
+    tiny = torch.finfo(dtype).tiny
+    host = torch.tensor([tiny / 3, -tiny / 7, tiny * 2**-10, -tiny * 2**-20, 0.0, 1.0] * 50, dtype=dtype, device="cuda")
+    seed = torch.tensor([tiny / 5, tiny / 2, -tiny * 2**-12, tiny * 2**-15, tiny / 9, 2.0] * 50, dtype=dtype,
+                        device="cuda")
+    assert (host[:4] != 0).all() and (host.abs()[:4] < tiny).all()
+    grad_out = host.flip(0).clone()
+    for alpha in (0.0, 1.0, 1e-3, 0.25, 0.75):
+        assert_bit_equal(blend_autograd(host, seed, alpha, grad_out), lerp_autograd(host, seed, alpha, grad_out),
+                         f"{dtype} alpha={alpha}")
+    per_sample = torch.tensor([0.0, 1.0], dtype=dtype, device="cuda")
+    y = blend(host.view(2, -1), seed.view(2, -1), per_sample)
+    assert torch.equal(bits(y[0]), bits(host.view(2, -1)[0])) and torch.equal(bits(y[1]), bits(seed.view(2, -1)[1]))
+    assert torch.equal(bits(ste(host, seed)), bits(host))
+
+
 def test_reference_mode_routes_to_reference():
     host, seed = torch.randn(2, 3), torch.randn(2, 3)
     with reference_mode():

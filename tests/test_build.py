@@ -1,6 +1,10 @@
 """The compiled extension is the one in use: no silent fallback to Python."""
 
+import ast
 import os
+import re
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -63,3 +67,62 @@ def test_public_wrappers_dispatch_to_the_extension():
     with _RecordOps() as recorded:
         (esper_fast.ops.blend(host, seed, 0.3, detach_host=False).sum() + esper_fast.ops.ste(host, seed).sum()).backward()
     assert {"esper_fast::blend_forward", "esper_fast::blend_backward", "esper_fast::ste_forward"} <= recorded.names
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _setup_list(name):
+    """The literal list assigned to `name` in setup.py, read without running setup()."""
+    with open(os.path.join(ROOT, "setup.py")) as f:
+        tree = ast.parse(f.read())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"setup.py assigns no {name}")
+
+
+# Float32 arithmetic that --use_fast_math (or -ftz=true) turns into its .ftz form.
+_FTZ = re.compile(r"\b(?:add|sub|mul|fma|div|max|min|setp|ex2|rcp|sqrt)\.[\w.]*ftz[\w.]*f32")
+
+_PROBE = r"""
+__global__ void probe(float* out, const float* a, const float* b, const float* c, int n) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) out[i] = a[i] * b[i] + c[i] + __expf(a[i]) + (a[i] > b[i] ? a[i] : b[i]) + a[i] / b[i];
+}
+"""
+
+
+def test_nvcc_flags_keep_denormals(tmp_path):
+    # The extension's nvcc flags must not flush float32 denormals to zero.
+    flags = _setup_list("nvcc_flags")
+    assert not {"--use_fast_math", "-use_fast_math", "-ftz=true", "--ftz=true"} & set(flags), flags
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not found: the flags were checked, not the PTX they produce")
+    source = tmp_path / "probe.cu"
+    source.write_text(_PROBE)
+    ptx = tmp_path / "probe.ptx"
+    done = subprocess.run([nvcc, "-ptx", "-arch=sm_90", *flags, str(source), "-o", str(ptx)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    text = ptx.read_text()
+    assert re.search(r"\bfma\.rn\.f32", text), "the probe kernel compiled to no float32 math"
+    assert not _FTZ.findall(text), _FTZ.findall(text)[:5]
+
+
+@pytest.mark.cuda
+def test_built_kernels_keep_denormals():
+    # The machine code of the built extension: no float32 instruction with .FTZ.
+    if not esper_fast._C.cuda_compiled:
+        pytest.skip("a CPU-only build")
+    cuobjdump = shutil.which("cuobjdump") or next(
+        (p for p in ("/usr/local/cuda/bin/cuobjdump",) if os.path.exists(p)), None)
+    if cuobjdump is None:
+        pytest.skip("cuobjdump not found")
+    done = subprocess.run([cuobjdump, "-sass", esper_fast.extension_path()], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Function :" in done.stdout, "no device code found in the extension"
+    flushed = sorted(set(re.findall(r"\b[A-Z0-9]+\.FTZ\b[\w.]*", done.stdout)))
+    assert not flushed, flushed[:10]

@@ -455,6 +455,25 @@ def test_cuda_loss_is_the_same_from_run_to_run(rows, classes):
 
 
 @pytest.mark.cuda
+def test_cuda_denormal_logits_are_not_flushed():
+    """argmax of [0.0, 1e-40] is 1 (no .ftz: the kernels keep float32 denormals)."""
+    tiny = torch.finfo(torch.float32).tiny
+    logits = torch.tensor([[0.0, 1e-40], [1e-40, 0.0], [-1e-40, 0.0], [tiny / 4, tiny / 2], [-tiny / 2, -tiny / 4]])
+    logits = torch.cat([logits, torch.zeros(3, 2)]).repeat(5, 1)
+    expected = logits.argmax(1)
+    assert expected[:5].tolist() == [1, 0, 1, 1, 1]
+    for classes in (2, 1500):  # the short-row and the long-row kernel
+        wide = torch.full((logits.shape[0], classes), -1.0)
+        wide[:, classes - 2 :] = logits
+        targets = wide.argmax(1)
+        acc = MetricsAccumulator(classes, "cuda", per_class=True)
+        acc.update(wide.cuda(), targets.cuda())
+        result = acc.compute()
+        assert result.correct == wide.shape[0]
+        assert result.class_correct == torch.bincount(targets, minlength=classes).tolist()
+
+
+@pytest.mark.cuda
 def test_cuda_logits_past_int32_elements():
     """42800 x 50257 bfloat16: 2.15e9 elements, row offsets past 2**31."""
     rows, classes = 42800, 50257
