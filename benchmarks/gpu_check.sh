@@ -3,15 +3,18 @@
 #   1. build the extension in place against that machine's python3 and torch (sm_90 only,
 #      ptxas register/spill report in the build log),
 #   2. run every CUDA test (pytest -m cuda) with a junit xml,
-#   3. run compute-sanitizer memcheck over benchmarks/memcheck_ops.py (beside step 2),
+#   3. run compute-sanitizer over benchmarks/memcheck_ops.py beside step 2: memcheck over every
+#      check, then racecheck and synccheck over the checks whose kernels use shared memory,
+#      barriers and warp shuffles (blend, metrics),
 #   4. time every benchmark case with CUDA events (benchmarks/gpu_report.py),
 #   5. merge everything into gpu_report.json and print a short table last.
 # Each step has its own timeout cut from one overall budget, so the whole run ends in time
 # even when a step hangs; a failed step is recorded and the next steps still run. Exit 0 only
 # when every step passed (performance goals are reported, not enforced).
 #
-# Output in $OUT (default benchmarks/results), 7 files: gpu_report.json, gpu_check.log (this
-# script's output), build.log, tests.log, tests_junit.xml, memcheck.log, bench.log.
+# Output in $OUT (default benchmarks/results), 9 files: gpu_report.json, gpu_check.log (this
+# script's output), build.log, tests.log, tests_junit.xml, memcheck.log, racecheck.log,
+# synccheck.log, bench.log.
 #
 # Settings: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 450: seconds for the whole
 # run), GPU_CHECK_SKIP (step names to skip, e.g. "build" to reuse an in-place build),
@@ -32,7 +35,9 @@ STEPS=$WORK/steps.tsv
 # Caps per step, and the least time kept back for the steps after it (kill grace included).
 BUILD_CAP=240
 TESTS_CAP=210
-MEMCHECK_CAP=150
+MEMCHECK_CAP=120
+RACECHECK_CAP=70
+SYNCCHECK_CAP=60
 BENCH_CAP=200
 TESTS_MIN=60
 BENCH_MIN=60
@@ -125,19 +130,29 @@ step_tests() {
         --junitxml="$OUT/tests_junit.xml" "${per_test[@]}" ${GPU_CHECK_PYTEST_ARGS:-}
 }
 
-step_memcheck() {
-    local sanitizer
+# sanitize TOOL [memcheck_ops.py arguments]: one compute-sanitizer tool over the ops script.
+sanitize() {
+    local tool=$1 sanitizer
+    shift
     if ! sanitizer=$(find_sanitizer); then
         echo "compute-sanitizer not found: the ops run without it, and the step fails"
-        "$PYTHON" benchmarks/memcheck_ops.py
+        "$PYTHON" benchmarks/memcheck_ops.py "$@"
         return 3
     fi
     "$sanitizer" --version | tail -n 1
     # Without the caching allocator every tensor is its own allocation, so memcheck sees
     # an access past a tensor's end.
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool memcheck --error-exitcode 3 --print-limit 100 \
-        "$PYTHON" benchmarks/memcheck_ops.py
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool "$tool" --error-exitcode 3 --print-limit 100 \
+        "$PYTHON" benchmarks/memcheck_ops.py "$@"
 }
+
+step_memcheck() { sanitize memcheck; }
+
+# Shared-memory hazards and barrier / shuffle misuse; slower tools, so only the kernels that
+# have such things run under them.
+step_racecheck() { sanitize racecheck --checks blend,metrics; }
+
+step_synccheck() { sanitize synccheck --checks blend,metrics; }
 
 step_bench() {
     # The report script spends at most this much on the cases and keeps what it measured.
@@ -145,7 +160,16 @@ step_bench() {
         ${GPU_CHECK_ONLY:+--only "$GPU_CHECK_ONLY"}
 }
 
-export -f find_sanitizer step_build step_tests step_memcheck step_bench
+export -f find_sanitizer sanitize step_build step_tests step_memcheck step_racecheck step_synccheck step_bench
+
+# The sanitizer steps one after the other (they share the GPU with the tests).
+run_sanitizers() {
+    local reserve=$1
+    run_step memcheck "$MEMCHECK_CAP" "$reserve" "$OUT/memcheck.log" bash -c step_memcheck
+    run_step racecheck "$RACECHECK_CAP" "$reserve" "$OUT/racecheck.log" bash -c step_racecheck
+    run_step synccheck "$SYNCCHECK_CAP" "$reserve" "$OUT/synccheck.log" bash -c step_synccheck
+    return 0
+}
 
 main() {
     echo "esper_fast gpu-check: $(date -u +%FT%TZ), budget ${BUDGET}s, output $OUT"
@@ -154,12 +178,12 @@ main() {
     run_step build "$BUILD_CAP" $((TESTS_MIN + BENCH_MIN + FINALIZE_S + 2 * GRACE_S)) "$OUT/build.log" \
         bash -c step_build
 
-    # Memcheck runs beside the tests: both are mostly host-bound, and the time is short.
-    local reserve=$((BENCH_MIN + FINALIZE_S + GRACE_S)) memcheck_pid
-    run_step memcheck "$MEMCHECK_CAP" "$reserve" "$OUT/memcheck.log" bash -c step_memcheck &
-    memcheck_pid=$!
+    # The sanitizers run beside the tests: both are mostly host-bound, and the time is short.
+    local reserve=$((BENCH_MIN + FINALIZE_S + GRACE_S)) sanitizers_pid
+    run_sanitizers "$reserve" &
+    sanitizers_pid=$!
     run_step tests "$TESTS_CAP" "$reserve" "$OUT/tests.log" bash -c step_tests
-    wait "$memcheck_pid"
+    wait "$sanitizers_pid"
 
     # Timing runs alone on the card.
     run_step bench "$BENCH_CAP" "$FINALIZE_S" "$OUT/bench.log" bash -c step_bench
@@ -167,7 +191,8 @@ main() {
     echo "== finalize: $(date -u +%T), $SECONDS s elapsed"
     timeout -k 5 $((FINALIZE_S - 10)) "$PYTHON" benchmarks/gpu_report.py --finalize --out "$OUT" \
         --steps "$STEPS" --build-log "$OUT/build.log" --junit "$OUT/tests_junit.xml" \
-        --tests-log "$OUT/tests.log" --memcheck-log "$OUT/memcheck.log"
+        --tests-log "$OUT/tests.log" --memcheck-log "$OUT/memcheck.log" \
+        --racecheck-log "$OUT/racecheck.log" --synccheck-log "$OUT/synccheck.log"
     local rc=$?
     if (( rc > 1 )); then
         echo "finalize failed (rc $rc); the steps were:"
@@ -178,7 +203,8 @@ main() {
     return $rc
 }
 
-rm -f "$OUT"/{gpu_report.json,gpu_report.json.tmp,gpu_check.log,build.log,tests.log,tests_junit.xml,memcheck.log,bench.log}
+rm -f "$OUT"/{gpu_report.json,gpu_report.json.tmp,gpu_check.log,build.log,tests.log,tests_junit.xml,memcheck.log} \
+    "$OUT"/{racecheck.log,synccheck.log,bench.log}
 main 2>&1 | tee "$OUT/gpu_check.log"
 status=${PIPESTATUS[0]}
 rm -rf "$WORK"

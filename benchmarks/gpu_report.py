@@ -14,8 +14,8 @@ Two modes:
 
 ``python3 benchmarks/gpu_report.py --finalize --out DIR [--steps F] [--junit F] ...``
     Used by ``benchmarks/gpu_check.sh`` after its steps: merges the build log (ptxas
-    registers and spills), the test results (junit xml), the memcheck log and each step's
-    status into the report, prints the table and exits 0 only if every step passed.
+    registers and spills), the test results (junit xml), the memcheck, racecheck and synccheck
+    logs and each step's status into the report, prints the table and exits 0 only if every step passed.
 
 The report goes to ``$OUT`` when set, else ``benchmarks/results/``. Performance goals are
 reported (met / not met / not judged) but do not decide the exit status: the check passes
@@ -624,7 +624,8 @@ _CHECK_LINE = re.compile(r"^memcheck_ops: check (\S+): (ok|FAILED)(.*)$")
 
 
 def summarize_memcheck(log_path: str | None) -> dict:
-    """compute-sanitizer's error count and memcheck_ops.py's per-check results."""
+    """compute-sanitizer's error count and memcheck_ops.py's per-check results (any tool's log:
+    memcheck and synccheck end with an ERROR SUMMARY, racecheck with a RACECHECK SUMMARY)."""
     summary = {"sanitizer": False, "errors": None, "checks": {}, "failed_checks": []}
     if not log_path or not os.path.exists(log_path):
         return summary
@@ -633,7 +634,8 @@ def summarize_memcheck(log_path: str | None) -> dict:
     for line in lines:
         if "COMPUTE-SANITIZER" in line:
             summary["sanitizer"] = True
-        errors = re.search(r"ERROR SUMMARY: (\d+) error", line)
+        errors = re.search(r"ERROR SUMMARY: (\d+) error", line) or re.search(
+            r"RACECHECK SUMMARY: \d+ hazards? displayed \((\d+) errors?", line)
         if errors:
             summary["errors"] = int(errors.group(1))
         check = _CHECK_LINE.match(line.strip())
@@ -651,8 +653,12 @@ def _step_ok(steps: dict, name: str) -> bool:
     return steps.get(name, {}).get("status") == "ok"
 
 
+SANITIZER_STEPS = ("memcheck", "racecheck", "synccheck")
+
+
 def finalize(out_dir: str, steps_path: str | None, build_log: str | None, junit: str | None,
-             tests_log: str | None, memcheck_log: str | None) -> tuple[dict, bool]:
+             tests_log: str | None, memcheck_log: str | None, racecheck_log: str | None = None,
+             synccheck_log: str | None = None) -> tuple[dict, bool]:
     """Merge the steps' outcomes into the report in ``out_dir`` (created if missing)."""
     path = os.path.join(out_dir, REPORT_NAME)
     report = {}
@@ -681,9 +687,12 @@ def finalize(out_dir: str, steps_path: str | None, build_log: str | None, junit:
     tests = summarize_tests(junit, tests_log)
     tests["ok"] = (_step_ok(steps, "tests") and tests["passed"] > 0
                    and tests["failed"] == 0 and tests["errors"] == 0)
-    memcheck = summarize_memcheck(memcheck_log)
-    memcheck["ok"] = (_step_ok(steps, "memcheck") and memcheck["sanitizer"] and memcheck["errors"] == 0
-                      and bool(memcheck["checks"]) and not memcheck["failed_checks"])
+    sanitizers = {}
+    for name, log in zip(SANITIZER_STEPS, (memcheck_log, racecheck_log, synccheck_log)):
+        summary = summarize_memcheck(log)
+        summary["ok"] = (_step_ok(steps, name) and summary["sanitizer"] and summary["errors"] == 0
+                         and bool(summary["checks"]) and not summary["failed_checks"])
+        sanitizers[name] = summary
     cases = report.get("cases", [])
     bench = {
         "cases": len(cases),
@@ -694,8 +703,8 @@ def finalize(out_dir: str, steps_path: str | None, build_log: str | None, junit:
     }
     bench["ok"] = (_step_ok(steps, "bench") and bench["ok_cases"] > 0
                    and not bench["error_cases"] and not bench["import_problems"])
-    report.update(build=build, tests=tests, memcheck=memcheck, bench=bench)
-    report["ok"] = all(part["ok"] for part in (build, tests, memcheck, bench))
+    report.update(build=build, tests=tests, bench=bench, **sanitizers)
+    report["ok"] = all(part["ok"] for part in (build, tests, bench, *sanitizers.values()))
     write_json(path, report)
     return report, report["ok"]
 
@@ -762,15 +771,16 @@ def _steps_line(report: dict) -> str:
         seconds = step.get("seconds")
         return f"{name} {word}{f' ({seconds:.0f} s)' if seconds is not None else ''}"
 
-    build, tests, memcheck, bench = (report.get(k, {}) for k in ("build", "tests", "memcheck", "bench"))
+    build, tests, bench = (report.get(k, {}) for k in ("build", "tests", "bench"))
     spills = build.get("spilling_kernels")
     parts = [
         state("build", build.get("ok")) + f", {len(build.get('kernels', []))} kernels"
         + (f", {spills} spilling" if spills else ""),
         state("tests", tests.get("ok")) + f": {tests.get('passed', 0)} passed, {tests.get('failed', 0)} failed, "
         f"{tests.get('errors', 0)} errors, {tests.get('skipped', 0)} skipped",
-        state("memcheck", memcheck.get("ok")) + f": {_fmt(memcheck.get('errors'), 'd', '?')} errors, "
-        f"{len(memcheck.get('checks', {})) - len(memcheck.get('failed_checks', []))}/{len(memcheck.get('checks', {}))} checks",
+        *(state(name, tool.get("ok")) + f": {_fmt(tool.get('errors'), 'd', '?')} errors, "
+          f"{len(tool.get('checks', {})) - len(tool.get('failed_checks', []))}/{len(tool.get('checks', {}))} checks"
+          for name, tool in ((n, report.get(n, {})) for n in SANITIZER_STEPS)),
         state("bench", bench.get("ok")) + f": {bench.get('ok_cases', 0)}/{bench.get('cases', 0)} cases"
         + (f", {len(bench.get('import_problems', []))} modules not imported" if bench.get("import_problems") else ""),
     ]
@@ -824,6 +834,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--junit", default=None)
     parser.add_argument("--tests-log", default=None)
     parser.add_argument("--memcheck-log", default=None)
+    parser.add_argument("--racecheck-log", default=None)
+    parser.add_argument("--synccheck-log", default=None)
     args = parser.parse_args(argv)
     out_dir = args.out or default_out_dir()
 
@@ -833,7 +845,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.finalize:
-        report, ok = finalize(out_dir, args.steps, args.build_log, args.junit, args.tests_log, args.memcheck_log)
+        report, ok = finalize(out_dir, args.steps, args.build_log, args.junit, args.tests_log, args.memcheck_log,
+                              args.racecheck_log, args.synccheck_log)
         print(f"report: {os.path.join(out_dir, REPORT_NAME)} (commit it as "
               f"benchmarks/results/{report.get('suggested_name')})", flush=True)
         print(format_table(report), flush=True)

@@ -1,4 +1,5 @@
-"""A short run of every esper_fast op family on CUDA, for ``compute-sanitizer --tool memcheck``.
+"""A short run of every esper_fast op family on CUDA, for ``compute-sanitizer`` (memcheck over
+every check; racecheck and synccheck over the blend and metrics checks, ``--checks blend,metrics``).
 
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python3 benchmarks/memcheck_ops.py
 
@@ -9,10 +10,12 @@ Every check runs whatever happened before it and prints one line,
 ``memcheck_ops: check <name>: ok`` or ``... FAILED <reason>``; the exit status is 1 if any
 check failed. Without the PyTorch caching allocator (the variable above) every tensor is its
 own allocation, so an access past a tensor's end is an access past an allocation's end.
+``--checks a,b`` runs only the checks whose names start with one of the given prefixes.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import traceback
@@ -92,6 +95,33 @@ def blend_per_sample_alpha_channels_last():
             assert_close(seed.grad, r_seed.grad, what=f"{what} d_seed")
             # d_alpha sums a whole sample: rounding grows with its length.
             torch.testing.assert_close(alpha.grad.float(), r_alpha.grad.float(), rtol=5e-2, atol=5e-2)
+
+
+@check
+def blend_small_groups_and_long_groups():
+    """Per-sample groups of 3 and 16 elements (packed tiles, d_alpha summed in shared memory) and
+    groups of several tiles (tile sums added by a second kernel)."""
+    from esper_fast.ops import blend, reference
+
+    for dtype in (torch.float32, torch.bfloat16):
+        for shape, per_sample in (((4097, 3), True), ((513, 16), True), ((3, 70001), True), ((2, 70001), False)):
+            host, seed = _pair(shape, dtype)
+            alpha = torch.rand(shape[0] if per_sample else 1, device=DEVICE).requires_grad_()
+            out = blend(host, seed, alpha, detach_host=False)
+            grad = torch.randn_like(out)
+            out.backward(grad)
+            r_host, r_seed = host.detach().clone().requires_grad_(), seed.detach().clone().requires_grad_()
+            r_alpha = alpha.detach().clone().requires_grad_()
+            ref = reference.blend_reference(r_host, r_seed, r_alpha, False)
+            ref.backward(grad)
+            what = f"blend {dtype} {shape} per_sample={per_sample}"
+            assert_close(out, ref, what=what)
+            assert_close(host.grad, r_host.grad, what=f"{what} d_host")
+            assert_close(seed.grad, r_seed.grad, what=f"{what} d_seed")
+            expected = (grad.double() * (seed - host).detach().double()).reshape(shape[0], -1).sum(1)
+            expected = expected if per_sample else expected.sum().reshape(1)
+            scale = (grad.double() * (seed - host).detach().double()).abs().sum()
+            assert (alpha.grad.double() - expected).abs().max() <= 1e-2 * scale + 1e-3, f"{what} d_alpha"
 
 
 @check
@@ -205,7 +235,15 @@ def snapshot_mapping_async_device_resident():
             assert torch.equal(t, s), f"{options or capture_kwargs}: tensor {index} not restored bit for bit"
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="esper_fast ops under compute-sanitizer")
+    parser.add_argument("--checks", default="", help="comma-separated name prefixes (default: every check)")
+    args = parser.parse_args([] if argv is None else argv)
+    prefixes = [p for p in args.checks.split(",") if p]
+    checks = [fn for fn in CHECKS if not prefixes or fn.__name__.startswith(tuple(prefixes))]
+    if not checks:
+        print(f"memcheck_ops: no check matches {args.checks!r}", flush=True)
+        return 1
     if not torch.cuda.is_available():
         print("memcheck_ops: CUDA is not available", flush=True)
         return 1
@@ -214,7 +252,7 @@ def main() -> int:
     print(f"memcheck_ops: torch {torch.__version__}, {torch.cuda.get_device_name()}, "
           f"kernels {esper_fast.kernels_available()['cuda']}", flush=True)
     failed = 0
-    for fn in CHECKS:
+    for fn in checks:
         torch.manual_seed(0)
         try:
             fn()
@@ -225,9 +263,9 @@ def main() -> int:
             detail = traceback.format_exception_only(type(exc), exc)[-1].strip().replace("\n", " ")
             print(f"memcheck_ops: check {fn.__name__}: FAILED {detail}", flush=True)
             traceback.print_exc()
-    print(f"memcheck_ops: {len(CHECKS)} checks, {failed} failed", flush=True)
+    print(f"memcheck_ops: {len(checks)} checks, {failed} failed", flush=True)
     return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -669,6 +669,41 @@ def test_cuda_denormals_are_not_flushed(dtype):
     assert torch.equal(bits(ste(host, seed)), bits(host))
 
 
+@pytest.mark.cuda
+def test_cuda_blend_on_a_side_stream():
+    # The kernels run on the current stream: inputs written behind a sleep on that stream are read
+    # after the write, and the outputs are complete once that stream is.
+    host, seed, grad_out = (torch.randn(64, 1000, device="cuda") for _ in range(3))
+    alpha = torch.rand(64, device="cuda", requires_grad=True)
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)
+        host.add_(1.0)
+        grad_out.mul_(2.0)
+        y, dh, ds, da = run(blend, host, seed, alpha, grad_out, detach_host=False)
+        s = ste(host, seed)
+    side.synchronize()
+    weight = alpha.detach().clamp(0, 1)[:, None]
+    assert_bit_equal((y, dh, ds), lerp_autograd(host, seed, weight, grad_out), "side stream")
+    check_alpha_grad(da, host, seed, alpha, grad_out)
+    assert torch.equal(s, host)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_cuda_blend_on_the_second_device_while_the_first_is_current():
+    torch.cuda.set_device(0)
+    host, seed, grad_out = (torch.randn(6, 3, 5, 7, device="cuda:1") for _ in range(3))
+    alpha = torch.rand(6, device="cuda:1", requires_grad=True)
+    y, dh, ds, da = run(blend, host, seed, alpha, grad_out, detach_host=False)
+    assert y.device == dh.device == da.device == torch.device("cuda:1")
+    weight = alpha.detach().clamp(0, 1).reshape(-1, 1, 1, 1)
+    assert_bit_equal((y, dh, ds), lerp_autograd(host, seed, weight, grad_out), "cuda:1")
+    check_alpha_grad(da, host, seed, alpha, grad_out)
+    assert torch.equal(ste(host, seed), host) and torch.cuda.current_device() == 0
+
+
 def test_reference_mode_routes_to_reference():
     host, seed = torch.randn(2, 3), torch.randn(2, 3)
     with reference_mode():

@@ -195,6 +195,21 @@ memcheck_ops: 2 checks, 1 failed
 ========= ERROR SUMMARY: 0 errors
 """
 
+RACECHECK_LOG = """\
+========= COMPUTE-SANITIZER
+memcheck_ops: check blend_scalar_alpha: ok
+memcheck_ops: check metrics_c10: ok
+memcheck_ops: 2 checks, 0 failed
+========= RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)
+"""
+
+SYNCCHECK_LOG = """\
+========= COMPUTE-SANITIZER
+memcheck_ops: check blend_scalar_alpha: ok
+memcheck_ops: 1 checks, 0 failed
+========= ERROR SUMMARY: 0 errors
+"""
+
 
 def _finalize_inputs(tmp_path, steps, report=None):
     out = tmp_path / "out"
@@ -202,6 +217,8 @@ def _finalize_inputs(tmp_path, steps, report=None):
     (out / "build.log").write_text(PTXAS_LOG)
     (out / "tests_junit.xml").write_text(JUNIT)
     (out / "memcheck.log").write_text(MEMCHECK_LOG)
+    (out / "racecheck.log").write_text(RACECHECK_LOG)
+    (out / "synccheck.log").write_text(SYNCCHECK_LOG)
     (tmp_path / "steps.tsv").write_text("".join(
         f"{name}\t{status}\t{rc}\t12\t200\t{name}.log\n" for name, status, rc in steps))
     base = {"torch": "2.11.0", "device": "cuda", "card": {"name": "NVIDIA H100 80GB HBM3"},
@@ -216,11 +233,13 @@ def _finalize_inputs(tmp_path, steps, report=None):
 
 def _finalize(gpu_report, out, tmp_path):
     return gpu_report.finalize(str(out), str(tmp_path / "steps.tsv"), str(out / "build.log"),
-                               str(out / "tests_junit.xml"), str(out / "tests.log"), str(out / "memcheck.log"))
+                               str(out / "tests_junit.xml"), str(out / "tests.log"), str(out / "memcheck.log"),
+                               str(out / "racecheck.log"), str(out / "synccheck.log"))
 
 
 def test_finalize_merges_step_results(gpu_report, tmp_path):
-    steps = [("build", "ok", 0), ("memcheck", "failed", 1), ("tests", "failed", 1), ("bench", "ok", 0)]
+    steps = [("build", "ok", 0), ("memcheck", "failed", 1), ("racecheck", "failed", 3), ("synccheck", "ok", 0),
+             ("tests", "failed", 1), ("bench", "ok", 0)]
     out = _finalize_inputs(tmp_path, steps)
     report, ok = _finalize(gpu_report, out, tmp_path)
     assert ok is False and report["ok"] is False
@@ -241,27 +260,40 @@ def test_finalize_merges_step_results(gpu_report, tmp_path):
     memcheck = report["memcheck"]
     assert memcheck["sanitizer"] and memcheck["errors"] == 0
     assert memcheck["failed_checks"] == ["snapshot_capture_restore"] and memcheck["ok"] is False
+    racecheck, synccheck = report["racecheck"], report["synccheck"]
+    assert racecheck["errors"] == 1 and not racecheck["failed_checks"] and racecheck["ok"] is False
+    assert synccheck["errors"] == 0 and list(synccheck["checks"]) == ["blend_scalar_alpha"] and synccheck["ok"] is True
     assert report["bench"]["ok"] is True
 
     table = gpu_report.format_table(report)
     assert table.splitlines()[-1] == "RESULT: FAIL"
     assert "tests.test_metrics::test_c[cuda]" in table and "ste 64M" in table
+    assert "racecheck failed (12 s): 1 errors, 2/2 checks" in table and "synccheck ok (12 s)" in table
 
 
 def test_finalize_passes_only_when_every_step_passes(gpu_report, tmp_path):
-    steps = [("build", "ok", 0), ("memcheck", "ok", 0), ("tests", "ok", 0), ("bench", "ok", 0)]
+    steps = [("build", "ok", 0), ("memcheck", "ok", 0), ("racecheck", "ok", 0), ("synccheck", "ok", 0),
+             ("tests", "ok", 0), ("bench", "ok", 0)]
     out = _finalize_inputs(tmp_path, steps)
     (out / "memcheck.log").write_text(MEMCHECK_LOG.replace(
         "FAILED TypeError: HostSnapshot has none of ('capture',)", "ok"))
+    (out / "racecheck.log").write_text(RACECHECK_LOG.replace("1 hazard displayed (1 error", "0 hazards displayed (0 errors"))
     (out / "tests_junit.xml").write_text(JUNIT.replace(
         '<failure message="AssertionError: 3 != 4">trace</failure>', ""))
     report, ok = _finalize(gpu_report, out, tmp_path)
-    assert ok is True, {k: report[k]["ok"] for k in ("build", "tests", "memcheck", "bench")}
+    assert ok is True, {k: report[k]["ok"] for k in ("build", "tests", "memcheck", "racecheck", "synccheck", "bench")}
     assert gpu_report.format_table(report).splitlines()[-1] == "RESULT: PASS"
+    # A sanitizer step that did not run fails the check.
+    steps_file = tmp_path / "steps.tsv"
+    steps_file.write_text("".join(line for line in steps_file.read_text().splitlines(keepends=True)
+                                  if not line.startswith("synccheck")))
+    report, ok = _finalize(gpu_report, out, tmp_path)
+    assert ok is False and report["synccheck"]["ok"] is False
 
 
 def test_finalize_marks_a_case_cut_off_by_a_crash(gpu_report, tmp_path):
-    steps = [("build", "ok", 0), ("memcheck", "ok", 0), ("tests", "ok", 0), ("bench", "timeout", 124)]
+    steps = [("build", "ok", 0), ("memcheck", "ok", 0), ("racecheck", "ok", 0), ("synccheck", "ok", 0),
+             ("tests", "ok", 0), ("bench", "timeout", 124)]
     report = {"torch": "2.11.0", "device": "cuda", "cases": [{"family": "snapshot", "name": "1B", "status": "running"}],
               "bench_state": "running 1B"}
     out = _finalize_inputs(tmp_path, steps, report)

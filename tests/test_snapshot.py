@@ -481,3 +481,63 @@ def test_cuda_dropped_snapshot_keeps_its_pinned_block_until_queued_copies_finish
     reused.fill_(7)  # in the snapshot's block, the queued capture would overwrite it
     torch.cuda.synchronize()
     assert bool((reused == 7).all())
+
+
+@pytest.mark.cuda
+def test_cuda_capture_on_a_side_stream_records_its_event_there():
+    """Copies go on the current stream, and a non-blocking capture's event is recorded on it: with
+    that stream asleep, the capture is still pending, and it commits the values written behind
+    the sleep."""
+    tensors = [torch.randn(1000, device="cuda"), torch.randn(3 << 20, device="cuda"), torch.randn(7, device="cuda")]
+    torch.cuda.synchronize()
+    snap = HostSnapshot()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(100_000_000)
+        for t in tensors:
+            t.add_(1.0)
+        assert snap.capture(tensors, non_blocking=True) is None
+    assert not snap.poll(), "committed before the side stream got to the copies"
+    snap.wait()
+    side.synchronize()
+    _assert_bit_exact(snap.state, tensors)
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)
+        for t in tensors:
+            t.zero_()
+        snap.restore(tensors)
+    side.synchronize()
+    expected = snap.state
+    _assert_bit_exact(tensors, expected)
+
+
+@pytest.mark.cuda
+def test_cuda_device_resident_snapshot_of_a_tensor_at_an_odd_storage_offset():
+    # randn(101)[1:]: the data starts 4 bytes into its allocation, off the 16-byte vector grid.
+    tensors = [torch.randn(101, device="cuda")[1:], torch.randn(33, device="cuda", dtype=torch.float16)[3:]]
+    expected = [t.clone() for t in tensors]
+    for device_resident in (True, False):
+        snap = HostSnapshot(device_resident=device_resident)
+        views = snap.capture(tensors)
+        torch.cuda.synchronize()
+        _assert_bit_exact(views, expected)
+        _poison(tensors)
+        snap.restore(tensors)
+        torch.cuda.synchronize()
+        _assert_bit_exact(tensors, expected)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_cuda_snapshot_on_the_second_device_while_the_first_is_current():
+    torch.cuda.set_device(0)
+    tensors = _mixed_tensors("cuda:1")
+    expected = [t.clone() for t in tensors]
+    for device_resident in (False, True):
+        snap = HostSnapshot(device_resident=device_resident)
+        snap.capture(tensors)
+        _poison(tensors)
+        snap.restore(tensors)
+        torch.cuda.synchronize(1)
+        _assert_bit_exact(tensors, expected)
+    assert torch.cuda.current_device() == 0
