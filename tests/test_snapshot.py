@@ -489,8 +489,10 @@ def test_cuda_capture_on_a_side_stream_records_its_event_there():
     that stream asleep, the capture is still pending, and it commits the values written behind
     the sleep."""
     tensors = [torch.randn(1000, device="cuda"), torch.randn(3 << 20, device="cuda"), torch.randn(7, device="cuda")]
-    torch.cuda.synchronize()
     snap = HostSnapshot()
+    for _ in range(2):  # both buffers allocated up front: no pinned allocation while the stream sleeps
+        snap.capture(tensors)
+    torch.cuda.synchronize()
     side = torch.cuda.Stream()
     with torch.cuda.stream(side):
         torch.cuda._sleep(100_000_000)

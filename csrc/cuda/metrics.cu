@@ -147,12 +147,15 @@ struct RowState {
 // first bad target, as the CPU kernel reports it.
 constexpr long long kNoRow = std::numeric_limits<long long>::max();
 
+// No default member initializers: the type also lives in __shared__ memory, which takes no
+// constructors. Start sums from none().
 struct BatchPartial {
-  double loss = 0.0;
-  long long valid = 0;
-  long long correct = 0;
-  long long errors = 0;
-  long long first_bad_row = kNoRow;
+  double loss;
+  long long valid, correct, errors, first_bad_row;
+
+  __device__ __forceinline__ static BatchPartial none() {
+    return {0.0, 0, 0, 0, kNoRow};
+  }
 
   __device__ __forceinline__ void add(const BatchPartial& other) {
     loss += other.loss;
@@ -209,7 +212,7 @@ __device__ BatchPartial block_partial(BatchPartial part, BatchPartial* shared) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
   if (lane == 0) shared[warp] = part;
   __syncthreads();
-  BatchPartial total;
+  BatchPartial total = BatchPartial::none();
   if (threadIdx.x == 0) {
     for (int w = 0; w < warps; ++w) total.add(shared[w]);
   }
@@ -241,7 +244,7 @@ __device__ void flush_block(BatchPartial part, int64_t* state, long long* worksp
   if (!last_block) return;
   // The last block: every other block's partial is written. Read them past L1 (__ldcg).
   __threadfence();
-  BatchPartial sum;
+  BatchPartial sum = BatchPartial::none();
   for (int64_t b = threadIdx.x; b < gridDim.x; b += blockDim.x) {
     const long long* slot = workspace + b * kPartialSlots;
     BatchPartial p;
@@ -274,7 +277,7 @@ __global__ void metrics_short_rows_kernel(const scalar_t* __restrict__ logits, c
   const int64_t group = threadIdx.x / TPR;
   const int lane = threadIdx.x % TPR;
   const bool want_loss = batch_loss == nullptr;
-  BatchPartial part;
+  BatchPartial part = BatchPartial::none();
   // The loop bound is uniform over the block so every lane reaches the shuffles.
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * rows_per_block; base < rows;
        base += static_cast<int64_t>(gridDim.x) * rows_per_block) {
@@ -307,7 +310,7 @@ __global__ void metrics_long_rows_kernel(const scalar_t* __restrict__ logits, co
   __shared__ int64_t shared_index[32];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
   const bool want_loss = batch_loss == nullptr;
-  BatchPartial part;
+  BatchPartial part = BatchPartial::none();
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const scalar_t* row_ptr = logits + row * classes;
     // Rows of odd width start anywhere: a scalar head up to the first 16-byte boundary.
