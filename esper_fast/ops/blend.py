@@ -40,11 +40,15 @@ def blend(host: torch.Tensor, seed: torch.Tensor, alpha, detach_host: bool = Tru
         alpha: a Python float, or a tensor on host's device holding one value (shape ``[]``
             or ``[1]``) or one value per sample (``[B]`` or ``[B, 1, ..., 1]``, B = host.size(0)).
             A tensor alpha that requires grad receives ``sum over the sample of g * (seed - host)``
-            in its own shape and dtype, zero for a value outside [0, 1] (torch.clamp's rule).
+            in its own shape and dtype, zero for a value outside [0, 1] (torch.clamp's rule, on
+            alpha's own value: a float64 1 + 2**-30 is outside even on float32 data).
         detach_host: when True (the default) no gradient flows to ``host``.
 
-    Returns a new tensor in host's memory format. Raises ValueError for mismatched or
-    unsupported inputs. Under torch.compile a float alpha is a constant of the graph; pass a
+    Returns a new tensor in host's memory format. The output, d_host and d_seed are bit for bit
+    those of the original ``torch.lerp`` and its autograd (for a float alpha, d_host scales by
+    1 - alpha formed in double, as torch does); d_alpha is a float32 (float64 for float64 data)
+    sum in a fixed order. Second-order gradients are supported. Raises ValueError for
+    mismatched or unsupported inputs. Under torch.compile a float alpha is a constant of the graph; pass a
     0-dim tensor when it changes every step.
     """
     _check_pair(host, seed, "blend")
