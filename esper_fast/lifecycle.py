@@ -30,7 +30,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
-from esper_fast.kasmina.stages import SeedStage
+from esper_fast.leyline import SeedStage
 
 DEFAULT_BLUEPRINT = {"cnn": "conv_light", "transformer": "lora"}
 METRICS_FILE = "metrics.jsonl"
@@ -266,8 +266,11 @@ class SeedController:
         self.slot = model.seed_slot
         # The gates' dwell times follow this controller's schedule; the quality checks keep
         # their defaults (G2's accuracy gain, G3's alpha, G5's positive contribution).
+        # G2's seed-gradient check needs a ratio this controller does not measure.
         self.slot.gates = QualityGates(
-            min_blending_epochs=schedule.blending_epochs, min_training_epochs=schedule.incubation_epochs
+            min_blending_epochs=schedule.blending_epochs,
+            min_seed_gradient_ratio=0.0,
+            min_training_epochs=schedule.incubation_epochs,
         )
         self.blueprint = blueprint
         self.schedule = schedule
@@ -465,6 +468,7 @@ class LifecycleRun:
     def __init__(self, config: RunConfig, echo: Callable[[str], None] = print):
         import esper_fast
         from esper_fast.ops.mode import using_reference
+        from esper_fast.kasmina.host import init_gpt_weights
         from esper_fast.runtime import get_task_spec
         from esper_fast.tolaria import TolariaGovernor, create_model
 
@@ -481,7 +485,11 @@ class LifecycleRun:
         self.data = load_data(config, spec)
         echo(f"data: {self.data.description}")
         self.model = create_model(spec, config.device)
+        if self.task_type == "lm":
+            # GPT-2 initialisation: the tied head starts near ln(vocab) instead of ~220 nats.
+            init_gpt_weights(self.model.host)
         if config.compile:
+            self.model.seed_slot.compilable = True
             self.model.compile()
         self.criterion = nn.CrossEntropyLoss()
         self.watch = LossWatch(self.criterion, config.device)

@@ -36,7 +36,9 @@ def test_live_seed_is_left_out_of_the_snapshot_under_every_name():
 def test_rollback_with_live_seed_culls_and_restores_host():
     model = _model_with_seed(SeedStage.BLENDING)
     governor = TolariaGovernor(model)
-    before = {k: v.clone() for k, v in model.state_dict().items() if k not in _seed_keys(model)}
+    before = {
+        k: v.clone() for k, v in model.state_dict().items() if k not in _seed_keys(model) and isinstance(v, torch.Tensor)
+    }
     parameters = list(model.get_host_parameters())
     with torch.no_grad():
         for p in model.parameters():

@@ -21,7 +21,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from esper_fast.kasmina.stages import SeedStage
+from esper_fast.leyline import SeedStage
 from esper_fast.ops.mode import using_reference
 from esper_fast.ops.reference import restore_reference, snapshot_reference
 from esper_fast.ops.snapshot import HostSnapshot
@@ -119,7 +119,8 @@ class TolariaGovernor:
         self.optimizers = _as_optimizer_list(optimizers)
         self.optimizer_rollback = optimizer_rollback
         self.snapshot_mode = snapshot_mode
-        self._panic_loss: float | None = None
+        self._pending_panic = False  # an anomaly was seen and not yet cleared by a normal loss
+        self._panic_loss: float | None = None  # the loss that triggered the latest panic
         device_resident = snapshot_mode == "device"
         self._model_snapshot = HostSnapshot(device_resident=device_resident)
         self._optimizer_snapshot = HostSnapshot(device_resident=device_resident)
@@ -157,11 +158,14 @@ class TolariaGovernor:
             keys = self.model.state_dict(keep_vars=True) if prefixes else ()
             exclude = frozenset(key for key in keys if key.startswith(prefixes))
             self._plain_state = snapshot_reference(self.model, exclude=exclude)
+            if prefixes:
+                self._plain_state.update(self._empty_slot_extra_states(list(self._plain_state)))
             self._plain_optimizer_states = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
             return
         state = self.model.state_dict(keep_vars=True)
         if prefixes:
             state = {key: value for key, value in state.items() if not key.startswith(prefixes)}
+            state.update(self._empty_slot_extra_states(list(state)))
         self._model_snapshot.capture(state, non_blocking=non_blocking)
         if self.optimizers:
             params, optimizer_state = self._optimizer_state()
@@ -190,6 +194,13 @@ class TolariaGovernor:
         # A slot may be registered under several names (model.seed_slot and host.slots.<id>).
         modules = self.model.named_modules(remove_duplicate=False)
         return tuple(name + "." for name, module in modules if any(module is m for m in owned))
+
+    def _empty_slot_extra_states(self, keys) -> dict:
+        """The live seed's slot as a snapshot records it: no seed state, no ramp. The seed is
+        culled at rollback, so restoring its lifecycle state would leave a state without a seed."""
+        slot = self._live_seed_slot()
+        names = {name + "._extra_state" for name, m in self.model.named_modules(remove_duplicate=False) if m is slot}
+        return {key: {"seed_state": None, "alpha_schedule": None} for key in keys if key in names}
 
     def _optimizer_state(self):
         """(params per optimizer, flat mapping (optimizer, param, name) -> state value)."""
@@ -229,13 +240,16 @@ class TolariaGovernor:
         )
         if is_anomaly:
             self.consecutive_panics += 1
+            self._pending_panic = True
             self._panic_loss = loss
             return self.consecutive_panics >= self.min_panics_before_rollback
         history.append(loss)
         self.consecutive_panics = 0
+        self._pending_panic = False
         return False
 
     def _panic_now(self, loss: float) -> bool:
+        self._pending_panic = False
         self._panic_loss = loss
         self.consecutive_panics = self.min_panics_before_rollback
         return True
@@ -268,13 +282,14 @@ class TolariaGovernor:
         non-blocking snapshot in flight is waited for, so a rollback always restores a
         complete snapshot. Raises ``RuntimeError`` when there is no snapshot.
         """
+        print("[GOVERNOR] CRITICAL INSTABILITY DETECTED. INITIATING ROLLBACK.")
         mean, std = self._history_stats()
         threshold = mean + self.sensitivity * std
         self._model_snapshot.wait()
         self._optimizer_snapshot.wait()
         state = self.last_good_state
         if state is None:
-            raise RuntimeError("esper_fast: governor rollback with no snapshot to restore")
+            raise RuntimeError("Governor panic before first snapshot!")
 
         slot = self._live_seed_slot()
         if slot is not None:
@@ -352,5 +367,6 @@ class TolariaGovernor:
         """Clear the loss history and panic state, and take a fresh snapshot (a new episode)."""
         self.loss_history.clear()
         self.consecutive_panics = 0
+        self._pending_panic = False
         self._panic_loss = None
         self.snapshot()
