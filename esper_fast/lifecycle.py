@@ -494,7 +494,8 @@ class LifecycleRun:
         self.criterion = nn.CrossEntropyLoss()
         self.watch = LossWatch(self.criterion, config.device)
         vocab = spec.vocab_size if self.task_type == "lm" and spec.vocab_size else self.num_classes
-        self.governor = TolariaGovernor(self.model, random_guess_loss=math.log(vocab))
+        # A rollback culls the live seed; the controller then expects an empty slot.
+        self.governor = TolariaGovernor(self.model, random_guess_loss=math.log(vocab), clear_live_seed_state=True)
         self.base_lr = _base_lr(self.task_type, config.lr)
         self.host_optimizer = _make_optimizer(self.model.get_host_parameters(), self.task_type, self.base_lr)
         self.seed_optimizer = None

@@ -1,10 +1,13 @@
 """The packages together: the governor, the trainer and the fused ops on a real MorphogeneticModel."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn as nn
 
 from esper_fast.kasmina import CNNHost, MorphogeneticModel, SeedStage
+from esper_fast.ops import reference_mode
 from esper_fast.tolaria import TolariaGovernor
 
 
@@ -33,9 +36,20 @@ def test_live_seed_is_left_out_of_the_snapshot_under_every_name():
     assert not seed_keys & set(governor.last_good_state)
 
 
-def test_rollback_with_live_seed_culls_and_restores_host():
+def test_rollback_with_live_seed_keeps_the_snapshot_seed_state_like_the_original():
+    # The original restores the slot's saved lifecycle state after culling the seed's module.
     model = _model_with_seed(SeedStage.BLENDING)
     governor = TolariaGovernor(model)
+    governor.execute_rollback()
+    assert model.seed_slot.seed is None and not model.has_active_seed
+    assert model.seed_slot.state is not None and model.seed_slot.state.stage == SeedStage.BLENDING
+
+
+@pytest.mark.parametrize("reference", [False, True])
+def test_rollback_with_live_seed_culls_and_restores_host(reference):
+    model = _model_with_seed(SeedStage.BLENDING)
+    with reference_mode() if reference else contextlib.nullcontext():
+        governor = TolariaGovernor(model, clear_live_seed_state=True)
     before = {
         k: v.clone() for k, v in model.state_dict().items() if k not in _seed_keys(model) and isinstance(v, torch.Tensor)
     }
@@ -43,7 +57,8 @@ def test_rollback_with_live_seed_culls_and_restores_host():
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
-    report = governor.execute_rollback()
+    with reference_mode() if reference else contextlib.nullcontext():
+        report = governor.execute_rollback()
     assert report.rollback_occurred and report.reason == "Structural Collapse"
     assert model.seed_slot.state is None and model.seed_slot.seed is None
     after = model.state_dict()

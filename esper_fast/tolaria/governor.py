@@ -80,6 +80,11 @@ class TolariaGovernor:
         snapshot_mode: ``"host"`` (one page-locked host buffer, the default) or ``"device"``
             (one copy on the model's device: instant rollback for small models; then
             ``last_good_state`` holds device tensors).
+        clear_live_seed_state: what a rollback leaves in a slot whose live seed it culls.
+            False (the original's behaviour): the slot's lifecycle state saved in the
+            snapshot (``seed_slot._extra_state``) is restored, so when the snapshot was taken
+            with that seed alive, ``seed_state`` afterwards describes a seed whose module is
+            gone. True: the slot is left empty (``seed_state is None``).
 
     ``last_good_state`` maps each state-dict key to a tensor that does not require grad
     (views into the snapshot buffer) and each non-tensor value to a deep copy. Parameters
@@ -100,6 +105,7 @@ class TolariaGovernor:
         optimizers: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
         optimizer_rollback: str = "restore",
         snapshot_mode: str = "host",
+        clear_live_seed_state: bool = False,
     ):
         if snapshot_mode not in _SNAPSHOT_MODES:
             raise ValueError(f"esper_fast: snapshot_mode must be one of {_SNAPSHOT_MODES}, got {snapshot_mode!r}")
@@ -119,6 +125,7 @@ class TolariaGovernor:
         self.optimizers = _as_optimizer_list(optimizers)
         self.optimizer_rollback = optimizer_rollback
         self.snapshot_mode = snapshot_mode
+        self.clear_live_seed_state = clear_live_seed_state
         self._pending_panic = False  # an anomaly was seen and not yet cleared by a normal loss
         self._panic_loss: float | None = None  # the loss that triggered the latest panic
         device_resident = snapshot_mode == "device"
@@ -158,14 +165,15 @@ class TolariaGovernor:
             keys = self.model.state_dict(keep_vars=True) if prefixes else ()
             exclude = frozenset(key for key in keys if key.startswith(prefixes))
             self._plain_state = snapshot_reference(self.model, exclude=exclude)
-            if prefixes:
+            if prefixes and self.clear_live_seed_state:
                 self._plain_state.update(self._empty_slot_extra_states(list(self._plain_state)))
             self._plain_optimizer_states = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
             return
         state = self.model.state_dict(keep_vars=True)
         if prefixes:
             state = {key: value for key, value in state.items() if not key.startswith(prefixes)}
-            state.update(self._empty_slot_extra_states(list(state)))
+            if self.clear_live_seed_state:
+                state.update(self._empty_slot_extra_states(list(state)))
         self._model_snapshot.capture(state, non_blocking=non_blocking)
         if self.optimizers:
             params, optimizer_state = self._optimizer_state()
