@@ -560,10 +560,11 @@ class LifecycleRun:
 
         events = [f"NaN injected at step {poison + 1}"] if poison is not None else []
         rollback = self._governor_check(epoch, losses, events)
-        val_loss, val_acc, train_eval_loss, train_acc, per_class, perplexity = self._validate()
-        attribution = None
-        if controller.stage is not None and self.model.seed_slot.alpha > 0:
-            attribution = self._attribution()
+        # The counterfactual only means something once the seed is in the forward (alpha > 0).
+        measured = self._validate(attribution=controller.stage is not None and self.model.seed_slot.alpha > 0)
+        val_loss, val_acc, train_acc = measured.val_loss, measured.val_accuracy, measured.train_accuracy
+        train_eval_loss, per_class, perplexity = measured.train_loss, measured.per_class_acc, measured.perplexity
+        attribution = measured.attribution
         contribution = None if attribution is None else float(attribution.seed_contribution)
         if not rollback:
             events += controller.end_epoch(epoch, val_acc, contribution)
@@ -653,11 +654,11 @@ class LifecycleRun:
             events += self.controller.cull(epoch, "governor_rollback")
         return True
 
-    def _validate(self):
-        from esper_fast.tolaria import validate_and_get_metrics
+    def _validate(self, attribution: bool):
+        from esper_fast.tolaria import validate_epoch
 
         with self.tally.tracing(start=False):
-            return validate_and_get_metrics(
+            return validate_epoch(
                 self.model,
                 self.train_batches,
                 Batches(self.test_batches, before_batch=self.tally.first_batch_only),
@@ -666,12 +667,8 @@ class LifecycleRun:
                 compute_per_class=self.task_type == "classification",
                 num_classes=self.num_classes,
                 task_type=self.task_type,
+                attribution=attribution,
             )
-
-    def _attribution(self):
-        from esper_fast.tolaria import validate_with_attribution
-
-        return validate_with_attribution(self.model, self.test_batches, self.criterion, self.config.device, self.task_type)
 
     def finish(self, total_time: float) -> dict:
         """Appends the summary to the log, draws the plot, prints the closing report."""

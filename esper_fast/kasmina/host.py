@@ -29,12 +29,36 @@ __all__ = [
     "TransformerHost",
     "MorphogeneticModel",
     "init_gpt_weights",
+    "splits_at_slots",
 ]
 
 
 def _check_injection_point(slots: nn.ModuleDict, slot_id: str) -> None:
     if slot_id not in slots:
         raise ValueError(f"Unknown injection point: {slot_id}")
+
+
+def _defining_class(cls: type, name: str) -> type | None:
+    return next((klass for klass in cls.__mro__ if name in klass.__dict__), None)
+
+
+def splits_at_slots(host: nn.Module) -> bool:
+    """True when ``host.forward_from_slot(host.forward_to_slot(x, s), s)`` is exactly
+    ``host(x)``: the host has both halves, they are defined by the same class as its
+    ``forward`` (a subclass that overrides ``forward`` alone gets False), and no hook would
+    be skipped by calling the halves directly. A custom host opts in by defining
+    ``forward_to_slot(x, slot_id)`` (the features entering the slot) and
+    ``forward_from_slot(features, slot_id)`` (the rest of the forward) beside its forward.
+    """
+    cls = type(host)
+    owner = _defining_class(cls, "forward")
+    if owner is None or owner is nn.Module:
+        return False
+    if not (owner is _defining_class(cls, "forward_to_slot") is _defining_class(cls, "forward_from_slot")):
+        return False
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return False
+    return not (host._forward_hooks or host._forward_pre_hooks or getattr(host, "_compiled_call_impl", None))
 
 
 class CNNHost(nn.Module):
@@ -83,15 +107,40 @@ class CNNHost(nn.Module):
         self.slots[slot_id] = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._head(self._blocks_from(0, self._prepare(x)))
+
+    # The forward in pieces: input layout, blocks with their slots, classifier head. The
+    # slot split below runs the same operations in the same order.
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         if self._memory_format == torch.channels_last:
             x = x.to(memory_format=torch.channels_last)
-        slot = 0
-        for i, block in enumerate(self.blocks):
-            x = self.pool(block(x))
+        return x
+
+    def _blocks_from(self, first: int, x: torch.Tensor, stop_before: str | None = None) -> torch.Tensor:
+        """Blocks ``first..`` and the slots after them; returns the features entering slot
+        ``stop_before`` when it is reached."""
+        for i in range(first, len(self.blocks)):
+            x = self.pool(self.blocks[i](x))
             if i in self._slot_indices:
-                x = self.slots[self._slot_keys[slot]](x)
-                slot += 1
+                key = self._slot_keys[self._slot_indices.index(i)]
+                if key == stop_before:
+                    return x
+                x = self.slots[key](x)
+        return x
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+    def forward_to_slot(self, x: torch.Tensor, slot_id: str) -> torch.Tensor:
+        """The features that enter slot ``slot_id`` (slots before it applied)."""
+        _check_injection_point(self.slots, slot_id)
+        return self._blocks_from(0, self._prepare(x), stop_before=slot_id)
+
+    def forward_from_slot(self, features: torch.Tensor, slot_id: str) -> torch.Tensor:
+        """The rest of the forward from the output of slot ``slot_id``: the logits."""
+        _check_injection_point(self.slots, slot_id)
+        after = self._slot_indices[self._slot_keys.index(slot_id)]
+        return self._head(self._blocks_from(after + 1, features))
 
 
 class CausalSelfAttention(nn.Module):
@@ -218,14 +267,40 @@ class TransformerHost(nn.Module):
         self.slots[slot_id] = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._head(self._layers_from(0, self._embed(x)))
+
+    # The forward in pieces: embeddings, layers with their slots, output head. The slot
+    # split below runs the same operations in the same order.
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
         _, t = x.shape
         if t > self.block_size:
             raise ValueError(f"Sequence length {t} exceeds block_size {self.block_size}")
         pos = torch.arange(t, device=x.device)
-        h = self.drop(self.tok_emb(x) + self.pos_emb(pos))
-        for key, layer in zip(self._slot_keys, self.layers):
-            h = self.slots[key](layer(h))
+        return self.drop(self.tok_emb(x) + self.pos_emb(pos))
+
+    def _layers_from(self, first: int, h: torch.Tensor, stop_before: str | None = None) -> torch.Tensor:
+        """Layers ``first..`` and the slot after each; returns the features entering slot
+        ``stop_before`` when it is reached."""
+        for i in range(first, len(self.layers)):
+            h = self.layers[i](h)
+            key = self._slot_keys[i]
+            if key == stop_before:
+                return h
+            h = self.slots[key](h)
+        return h
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
         return self.head(self.ln_f(h))
+
+    def forward_to_slot(self, x: torch.Tensor, slot_id: str) -> torch.Tensor:
+        """The features that enter slot ``slot_id`` (slots before it applied)."""
+        _check_injection_point(self.slots, slot_id)
+        return self._layers_from(0, self._embed(x), stop_before=slot_id)
+
+    def forward_from_slot(self, features: torch.Tensor, slot_id: str) -> torch.Tensor:
+        """The rest of the forward from the output of slot ``slot_id``: the logits."""
+        _check_injection_point(self.slots, slot_id)
+        return self._head(self._layers_from(self._slot_keys.index(slot_id) + 1, features))
 
 
 class MorphogeneticModel(nn.Module):
@@ -286,6 +361,37 @@ class MorphogeneticModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.host(x)
+
+    def forward_alpha_configs(self, x: torch.Tensor, alphas) -> list[torch.Tensor]:
+        """The model's output for each alpha in ``alphas`` (a float, or a per-sample tensor
+        ``[B]``), as if ``self(x)`` ran inside ``seed_slot.force_alpha(alpha)`` each time.
+
+        When the host splits at its slots (:func:`splits_at_slots`) it is one pass: the host
+        up to the slot runs once, the seed once, and the rest of the host once on every
+        distinct configuration stacked along the batch; configurations the slot makes
+        identical (no live seed, or the straight-through estimator at alpha 0) share one
+        output tensor. Otherwise, one ordinary forward per alpha. For eval without grad:
+        stacking rows is exact only where samples do not interact (BatchNorm in eval).
+        """
+        if not self._splits():
+            outputs = []
+            for alpha in alphas:
+                with self.seed_slot.force_alpha(alpha):
+                    outputs.append(self(x))
+            return outputs
+        host_features = self.host.forward_to_slot(x, self.slot_id)
+        features, groups = self.seed_slot.forward_alpha_configs(host_features, alphas)
+        rows = self.host.forward_from_slot(features, self.slot_id).split(host_features.shape[0])
+        return [rows[g] for g in groups]
+
+    def _splits(self) -> bool:
+        # The one-pass form is used only where it is exactly the ordinary forward.
+        if self._forward_hooks or self._forward_pre_hooks or getattr(self, "_compiled_call_impl", None):
+            return False
+        if _defining_class(type(self), "forward") is not MorphogeneticModel:
+            return False
+        slot = self.seed_slot
+        return splits_at_slots(self.host) and not (slot._forward_hooks or slot._forward_pre_hooks)
 
     def germinate_seed(self, blueprint_id: str, seed_id: str) -> None:
         """Germinate ``blueprint_id`` in the slot, watched by the isolation monitor."""

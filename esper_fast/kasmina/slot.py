@@ -697,6 +697,45 @@ class SeedSlot(nn.Module):
         alpha = self._alpha_value if torch.compiler.is_compiling() else state.alpha
         return blend_with_isolation(host_features, seed_features, alpha, detach_host=detach_host)
 
+    def forward_alpha_configs(self, host_features: torch.Tensor, alphas) -> tuple[torch.Tensor, list[int]]:
+        """The slot's output under each alpha in ``alphas``, the seed run once (eval, no grad).
+
+        Each alpha is a float or a per-sample tensor ``[B]`` (broadcast like ``blend``'s) and
+        gives what :meth:`forward` gives inside ``force_alpha(alpha)``. Returns ``(features,
+        groups)``: the distinct outputs stacked along the batch (``[G * B, ...]``) and, per
+        alpha, the index of its output. The host features themselves are one output (no
+        live seed, or the straight-through estimator at alpha 0); each distinct float alpha
+        is one fused blend (the same scalar kernel as the forward), each tensor alpha one
+        per-sample fused blend.
+        """
+        state = self.state
+        live = self.is_active and is_active_stage(state.stage)
+        outputs: list[torch.Tensor] = []
+        keys: dict = {}
+        groups: list[int] = []
+        seed_features = None
+        for alpha in alphas:
+            is_tensor = isinstance(alpha, torch.Tensor)
+            if not live or (not is_tensor and state.stage == SeedStage.TRAINING and alpha == 0.0):
+                key = "host"
+            else:
+                key = ("tensor", id(alpha)) if is_tensor else ("float", max(0.0, min(1.0, alpha)))
+            if key not in keys:
+                if key == "host":
+                    out = host_features
+                else:
+                    if seed_features is None:
+                        seed_input = host_features.detach() if self.isolate_gradients else host_features
+                        seed_features = self.seed(seed_input)
+                    topology = self.task_config.topology if self.task_config is not None else None
+                    detach_host = not (topology == "transformer" and state.stage in _HOST_GRADIENT_STAGES)
+                    out = blend_with_isolation(host_features, seed_features, alpha, detach_host=detach_host)
+                keys[key] = len(outputs)
+                outputs.append(out)
+            groups.append(keys[key])
+        features = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        return features, groups
+
     @torch.compiler.disable
     def forward(self, host_features: torch.Tensor) -> torch.Tensor:
         """See :meth:`_forward`. Fenced off from torch.compile unless ``compilable``."""

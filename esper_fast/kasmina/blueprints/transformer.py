@@ -106,6 +106,7 @@ class FlexAttentionSeed(nn.Module):
     cached per (sequence length, device, dtype), at most ``_MAX_CACHE_SIZE`` of them."""
 
     _MAX_CACHE_SIZE = 8
+    _keeps_tensors_across_calls = True  # the mask cache: validation must not make inference tensors
 
     def __init__(self, dim: int, n_head: int):
         super().__init__()
