@@ -163,3 +163,45 @@ def test_run_without_a_program_prints_usage_and_fails():
     result = _run("", "-m", "esper_fast.run")
     assert result.returncode == 2
     assert "usage: python -m esper_fast.run" in result.stderr
+
+
+def test_a_program_written_for_esper_runs_on_the_fused_kernels():
+    out = _ok(_run(textwrap.dedent(
+        """
+        import collections
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+        import esper_fast
+        esper_fast.install_as_esper()
+        from esper.leyline import SeedStage
+        from esper.tolaria import (TolariaGovernor, create_model, train_epoch_blended,
+                                   validate_and_get_metrics, validate_with_attribution)
+
+        counts = collections.Counter()
+
+        class Count(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func.namespace == 'esper_fast':
+                    counts[func.name().split('::')[1].split('.')[0]] += 1
+                return func(*args, **(kwargs or {}))
+
+        torch.manual_seed(0)
+        model = create_model('cifar10', 'cpu')
+        model.germinate_seed('conv_light', 'seed_0')
+        model.seed_slot.advance_stage(SeedStage.TRAINING)
+        model.seed_slot.state.transition(SeedStage.BLENDING)
+        model.seed_slot.set_alpha(0.5)
+        data = [(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))) for _ in range(2)]
+        criterion = torch.nn.CrossEntropyLoss()
+        host = torch.optim.SGD(model.get_host_parameters(), lr=0.01)
+        seed = torch.optim.SGD(model.get_seed_parameters(), lr=0.01)
+        governor = TolariaGovernor(model)
+        with Count():
+            train_epoch_blended(model, data, criterion, host, seed, 'cpu')
+            validate_and_get_metrics(model, data, data, criterion, 'cpu', compute_per_class=True)
+            validate_with_attribution(model, data, criterion, 'cpu')
+            governor.snapshot()
+        print(sorted(counts))
+        """
+    )))
+    assert out.strip() == "['blend_backward', 'blend_forward', 'metrics_update', 'snapshot_pack']"
