@@ -101,21 +101,16 @@ def _causal(b, h, q_idx, kv_idx):
     return q_idx >= kv_idx
 
 
-class FlexAttentionSeed(nn.Module):
-    """A causal FlexAttention branch ``x + proj(flex_attention(q, k, v))``; block masks are
-    cached per (sequence length, device, dtype), at most ``_MAX_CACHE_SIZE`` of them."""
+class FlexAttentionSeed(TransformerAttentionSeed):
+    """A causal FlexAttention branch ``x + proj(flex_attention(q, k, v))`` (the attention
+    seed's layers); block masks are cached per (sequence length, device, dtype), at most
+    ``_MAX_CACHE_SIZE`` of them."""
 
     _MAX_CACHE_SIZE = 8
     _keeps_tensors_across_calls = True  # the mask cache: validation must not make inference tensors
 
     def __init__(self, dim: int, n_head: int):
-        super().__init__()
-        self.n_head = n_head
-        self.head_dim = dim // n_head
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
+        super().__init__(dim, n_head)
         self._block_mask_cache: dict[tuple[int, str, str], object] = {}
 
     def _get_causal_block_mask(self, seq_len: int, device: torch.device, dtype: torch.dtype):
