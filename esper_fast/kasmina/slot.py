@@ -740,7 +740,3 @@ class SeedSlot(nn.Module):
     def forward(self, host_features: torch.Tensor) -> torch.Tensor:
         """See :meth:`_forward`. Fenced off from torch.compile unless ``compilable``."""
         return self._forward(host_features)
-
-    def extra_repr(self) -> str:
-        stage = self.state.stage.name if self.state is not None else "EMPTY"
-        return f"slot_id={self.slot_id!r}, channels={self.channels}, stage={stage}, alpha={self.alpha:.3f}"

@@ -31,8 +31,8 @@ def create_model(task: TaskSpec | str = "cifar10", device: str = "cuda") -> nn.M
     Raises RuntimeError ("CUDA ... not available") for a CUDA device without CUDA, and
     ValueError for an unknown task name.
     """
-    _check_device(device)
     spec = get_task_spec(task) if isinstance(task, str) else task
+    _check_device(device)
     return spec.create_model(device=device)
 
 
