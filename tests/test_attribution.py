@@ -344,3 +344,30 @@ def test_training_after_validation_in_inference_mode_works():
     loss = nn.CrossEntropyLoss()(model(data[0][0]), data[0][1])
     loss.backward()
     assert all(p.grad is not None for p in model.seed_slot.seed.parameters())
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_attribution_draws_from_the_global_rng_as_the_two_pass_original(shuffle):
+    model = _grow(_cnn_model(), "conv_light", SeedStage.BLENDING, 0.5)
+    images, labels = torch.randn(20, 3, 32, 32), torch.randint(0, 10, (20,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=8, shuffle=shuffle)
+    states = []
+    for reference in (True, False):
+        torch.manual_seed(5)
+        with reference_mode() if reference else contextlib.nullcontext():
+            validate_with_attribution(model, loader, nn.CrossEntropyLoss(), "cpu")
+        states.append(torch.get_rng_state())
+    assert torch.equal(states[0], states[1])
+    torch.manual_seed(5)
+    list(loader)
+    assert not torch.equal(torch.get_rng_state(), states[1])  # one pass alone draws less
+
+
+def test_lm_per_class_accuracy_is_every_class_at_zero_as_the_original():
+    model = _lm_model()
+    data = _lm_data(n=1)
+    result = validate_and_get_metrics(model, data, data, nn.CrossEntropyLoss(), "cpu", compute_per_class=True,
+                                      num_classes=4, task_type="lm")
+    assert result[4] == {0: 0.0, 1: 0.0, 2: 0.0, 3: 0.0}
+    assert validate_epoch(model, data, data, nn.CrossEntropyLoss(), "cpu", compute_per_class=True, num_classes=4,
+                          task_type="lm").per_class_acc == result[4]

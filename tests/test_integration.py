@@ -166,3 +166,16 @@ def test_blended_training_steps_host_and_seed():
     train_epoch_blended(model, _image_batches(2), nn.CrossEntropyLoss(), host_opt, seed_opt, "cpu")
     assert any(not torch.equal(a, b) for a, b in zip(host_before, model.get_host_parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(seed_before, model.get_seed_parameters()))
+
+
+def test_rollback_hands_over_the_snapshot_seed_state_itself_as_the_original():
+    # The original loads the snapshot's objects as they are: the restored seed state is the
+    # snapshot's, so what happens to it afterwards is what a second rollback restores.
+    model = _model_with_seed(SeedStage.BLENDING)
+    governor = TolariaGovernor(model)
+    governor.execute_rollback()
+    restored = model.seed_slot.state
+    assert restored is governor.last_good_state["seed_slot._extra_state"]["seed_state"]
+    restored.metrics.record_accuracy(50.0)
+    governor.execute_rollback()
+    assert model.seed_slot.state.metrics.epochs_total == 1

@@ -309,7 +309,9 @@ class TolariaGovernor:
             self._model_snapshot.restore(self.model.state_dict(keep_vars=True))
             extras = {key: value for key, value in state.items() if not isinstance(value, torch.Tensor)}
             if extras:
-                self.model.load_state_dict(copy.deepcopy(extras), strict=False)
+                # The snapshot's own objects, as the original hands them over: the restored
+                # seed state is the snapshot's (a later change to it changes the snapshot).
+                self.model.load_state_dict(extras, strict=False)
 
         self._rollback_optimizers(_as_optimizer_list(optimizer) + _as_optimizer_list(optimizers))
         self.consecutive_panics = 0

@@ -344,17 +344,20 @@ def validate_and_get_metrics(
                 ])
     finally:
         model.train(was_training)
-    return _metrics_tuple(val, train, per_class, num_classes, task_type)
+    return _metrics_tuple(val, train, compute_per_class, num_classes, task_type)
 
 
-def _metrics_tuple(val, train, per_class: bool, num_classes: int, task_type: str) -> tuple:
+def _metrics_tuple(val, train, compute_per_class: bool, num_classes: int, task_type: str) -> tuple:
     """``validate_and_get_metrics``'s six values from the two passes' results."""
     if val is None:
         raise ValueError("validate_and_get_metrics: testloader is empty; cannot compute validation metrics")
     if train is None:
         raise ValueError("validate_and_get_metrics: trainloader is empty; cannot compute training metrics")
     val_loss = float(val.loss)
-    per_class_acc = _per_class_accuracy(val, num_classes) if per_class else None
+    per_class_acc = None
+    if compute_per_class:
+        # lm counts nothing per class; the original still returns every class, at 0.0.
+        per_class_acc = _per_class_accuracy(val, num_classes) if task_type != "lm" else dict.fromkeys(range(num_classes), 0.0)
     perplexity = None
     if task_type == "lm":
         perplexity = math.exp(val_loss) if val_loss < PERPLEXITY_LOSS_LIMIT else float("inf")
@@ -392,9 +395,29 @@ def validate_with_attribution(
                     baseline = _run_reference_pass(model, testloader, criterion, device, task_type, False, None)
             else:
                 real, baseline = _read(list(_run_attribution_pass(model, testloader, criterion, device, task_type, False)))
+                _draw_as_a_second_pass(testloader)
     finally:
         model.train(was_training)
     return _attribution_result(real, baseline)
+
+
+def _draw_as_a_second_pass(loader) -> None:
+    """Draw from torch's RNG what the original's second pass over ``loader`` draws.
+
+    The original iterates the test loader twice; a DataLoader draws a base seed from its
+    generator (torch's global RNG when None) for each new iterator, and a shuffling sampler
+    without a generator draws its seed when iterated. Drawing the same numbers keeps every
+    later random number, hence the rest of the run, the original's. (Random draws made by
+    the dataset itself while loading a test batch are not repeated.)
+    """
+    if not isinstance(loader, torch.utils.data.DataLoader):
+        return
+    if not (loader.persistent_workers and loader.num_workers > 0):
+        torch.empty((), dtype=torch.int64).random_(generator=loader.generator)
+    try:
+        next(iter(loader._index_sampler))
+    except StopIteration:
+        pass
 
 
 def validate_epoch(
@@ -445,5 +468,5 @@ def validate_epoch(
                 baseline = rest[0] if rest else None
     finally:
         model.train(was_training)
-    metrics = _metrics_tuple(val, train, per_class, num_classes, task_type)
+    metrics = _metrics_tuple(val, train, compute_per_class, num_classes, task_type)
     return EpochValidation(*metrics, attribution=_attribution_result(val, baseline) if with_attribution else None)
