@@ -26,6 +26,7 @@ class Case:
     devices: tuple = ("cpu", "cuda")
     goal: str = ""                           # the issue's goal for this case, e.g. ">= 3x"
     params: dict = dataclasses.field(default_factory=dict)  # sizes, dtype... for the report
+    floor: Callable[[Any], Any] | None = None  # the work no implementation can skip, timed alike
 
     def id(self) -> str:
         return self.name.replace(" ", "_")
@@ -59,7 +60,7 @@ def bench_params(cases: list[Case]):
     for case in cases:
         for device in case.devices:
             marks = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")] if device == "cuda" else []
-            for impl in ("reference", "fast"):
+            for impl in ("reference", "fast") + (("floor",) if case.floor is not None else ()):
                 params.append(pytest.param(case, device, impl, id=f"{case.id()}-{device}-{impl}", marks=marks))
     return params
 
@@ -67,7 +68,7 @@ def bench_params(cases: list[Case]):
 def run_case(benchmark, case: Case, device: str, impl: str, rounds: int | None = None) -> None:
     """Time one side of a case under pytest-benchmark, grouped so the ratio can be reported."""
     state = case.setup(device)
-    fn = case.reference if impl == "reference" else case.fast
+    fn = {"reference": case.reference, "fast": case.fast, "floor": case.floor}[impl]
     benchmark.group = f"{case.name} [{device}]"
     benchmark.extra_info.update({"impl": impl, "device": device, "family": case.family, **case.params})
     if case.bytes_moved is not None:

@@ -17,6 +17,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
     ) from exc
 
 from esper_fast import ops  # noqa: E402
+from esper_fast.compat import install_as_esper  # noqa: E402
 from esper_fast.tolaria import *  # noqa: E402,F401,F403
 from esper_fast.tolaria import __all__ as _tolaria_all  # noqa: E402
 
@@ -45,4 +46,4 @@ def extension_path() -> str:
     return _C.__file__
 
 
-__all__ = list(_tolaria_all) + ["kernels_available", "extension_path", "ops"]
+__all__ = list(_tolaria_all) + ["kernels_available", "extension_path", "ops", "install_as_esper"]

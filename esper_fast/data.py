@@ -4,7 +4,9 @@ Nothing here downloads. ``cifar10`` uses torchvision's on-disk format when it is
 under the data root; otherwise :func:`synthetic_images` generates a deterministic 10-class
 3x32x32 set that a small CNN learns well above chance in a few CPU epochs without reaching
 100% at once, so a seed has room to help. ``tinystories`` reads a local text file or
-generates a small corpus, tokenised bytewise (ids < 256 fit every vocabulary here).
+generates a small corpus, tokenised bytewise: a text file is read as bytes, never decoded,
+so any file (UTF-8, another encoding, binary) gives one token per byte (ids < 256 fit every
+vocabulary here).
 
 Batches are gathered with one indexing operation per batch (a ``BatchSampler`` handed to the
 ``DataLoader`` as its sampler) instead of one Python call per sample.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 import os
 from pathlib import Path
@@ -42,6 +45,13 @@ class DataBundle:
     source: str          # "cifar10", "synthetic-cifar10", "text-file", "synthetic-text"
     description: str     # one human-readable line, printed at start-up
     num_classes: int | None = None
+    # sha256 of a text file's bytes: a resumed run checks it is still reading the same data
+    fingerprint: str | None = None
+
+    @property
+    def shuffle_generator(self) -> torch.Generator | None:
+        """The generator that orders the training batches (its state is the batch order to come)."""
+        return shuffle_generator(self.trainloader)
 
 
 class ImageBatches(Dataset):
@@ -106,6 +116,12 @@ def batch_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, pi
         num_workers=0,
         pin_memory=pin_memory,
     )
+
+
+def shuffle_generator(loader: DataLoader) -> torch.Generator | None:
+    """The generator of a :func:`batch_loader` that shuffles (None for one that does not)."""
+    order = getattr(loader.sampler, "sampler", None)
+    return getattr(order, "generator", None)
 
 
 # ---------------------------------------------------------------- images
@@ -256,9 +272,29 @@ def synthetic_stories(num_stories: int, seed: int = 0) -> str:
     return "\n".join(stories) + "\n"
 
 
-def encode_bytes(text: str) -> torch.Tensor:
-    """UTF-8 bytes as token ids in [0, 256)."""
-    return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
+def encode_bytes(text: str | bytes) -> torch.Tensor:
+    """Bytes (a ``str`` is UTF-8 encoded first) as int64 token ids in [0, 256)."""
+    data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+    if not data:
+        return torch.empty(0, dtype=torch.long)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+
+
+def read_text_bytes(text_path: str | os.PathLike) -> bytes:
+    """The bytes of a text file for the byte tokenizer; :class:`DataError` if it is missing,
+    unreadable or empty."""
+    path = Path(text_path)
+    if not path.exists():
+        raise DataError(f"text file not found: {text_path}")
+    if not path.is_file():
+        raise DataError(f"--text {text_path} is not a file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read text file {text_path} ({exc.strerror or exc})") from exc
+    if not data:
+        raise DataError(f"text file {text_path} is empty")
+    return data
 
 
 def decode_bytes(tokens) -> str:
@@ -280,12 +316,11 @@ def tinystories_loaders(
     """
     if vocab_size < BYTE_VOCAB_SIZE:
         raise DataError(f"the byte tokenizer needs a vocabulary of at least {BYTE_VOCAB_SIZE}, the model has {vocab_size}")
+    fingerprint = None
     if text_path is not None:
-        path = Path(text_path)
-        if not path.is_file():
-            raise DataError(f"text file not found: {text_path}")
-        text = path.read_text(encoding="utf-8", errors="replace")
-        source, what = "text-file", f"{path}"
+        text = read_text_bytes(text_path)
+        fingerprint = hashlib.sha256(text).hexdigest()
+        source, what = "text-file", f"{text_path}"
     else:
         text = synthetic_stories(synthetic_stories_count, seed=1)
         source, what = "synthetic-text", f"the generated offline story corpus ({synthetic_stories_count} stories)"
@@ -300,4 +335,4 @@ def tinystories_loaders(
     description = f"byte-level text from {what}: {tokens.numel()} tokens, {len(train)} train / {len(test)} val sequences of {seq_len}"
     trainloader = batch_loader(train, batch_size, shuffle=True, seed=seed, pin_memory=pin_memory)
     testloader = batch_loader(test, batch_size, shuffle=False, seed=seed, pin_memory=pin_memory)
-    return DataBundle(trainloader, testloader, source, description)
+    return DataBundle(trainloader, testloader, source, description, fingerprint=fingerprint)

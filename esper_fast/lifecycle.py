@@ -30,7 +30,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
-from esper_fast.kasmina.stages import SeedStage
+from esper_fast.leyline import SeedStage
 
 DEFAULT_BLUEPRINT = {"cnn": "conv_light", "transformer": "lora"}
 METRICS_FILE = "metrics.jsonl"
@@ -266,8 +266,11 @@ class SeedController:
         self.slot = model.seed_slot
         # The gates' dwell times follow this controller's schedule; the quality checks keep
         # their defaults (G2's accuracy gain, G3's alpha, G5's positive contribution).
+        # G2's seed-gradient check needs a ratio this controller does not measure.
         self.slot.gates = QualityGates(
-            min_blending_epochs=schedule.blending_epochs, min_training_epochs=schedule.incubation_epochs
+            min_blending_epochs=schedule.blending_epochs,
+            min_seed_gradient_ratio=0.0,
+            min_training_epochs=schedule.incubation_epochs,
         )
         self.blueprint = blueprint
         self.schedule = schedule
@@ -465,6 +468,7 @@ class LifecycleRun:
     def __init__(self, config: RunConfig, echo: Callable[[str], None] = print):
         import esper_fast
         from esper_fast.ops.mode import using_reference
+        from esper_fast.kasmina.host import init_gpt_weights
         from esper_fast.runtime import get_task_spec
         from esper_fast.tolaria import TolariaGovernor, create_model
 
@@ -481,12 +485,17 @@ class LifecycleRun:
         self.data = load_data(config, spec)
         echo(f"data: {self.data.description}")
         self.model = create_model(spec, config.device)
+        if self.task_type == "lm":
+            # GPT-2 initialisation: the tied head starts near ln(vocab) instead of ~220 nats.
+            init_gpt_weights(self.model.host)
         if config.compile:
+            self.model.seed_slot.compilable = True
             self.model.compile()
         self.criterion = nn.CrossEntropyLoss()
         self.watch = LossWatch(self.criterion, config.device)
         vocab = spec.vocab_size if self.task_type == "lm" and spec.vocab_size else self.num_classes
-        self.governor = TolariaGovernor(self.model, random_guess_loss=math.log(vocab))
+        # A rollback culls the live seed; the controller then expects an empty slot.
+        self.governor = TolariaGovernor(self.model, random_guess_loss=math.log(vocab), clear_live_seed_state=True)
         self.base_lr = _base_lr(self.task_type, config.lr)
         self.host_optimizer = _make_optimizer(self.model.get_host_parameters(), self.task_type, self.base_lr)
         self.seed_optimizer = None
@@ -551,10 +560,11 @@ class LifecycleRun:
 
         events = [f"NaN injected at step {poison + 1}"] if poison is not None else []
         rollback = self._governor_check(epoch, losses, events)
-        val_loss, val_acc, train_eval_loss, train_acc, per_class, perplexity = self._validate()
-        attribution = None
-        if controller.stage is not None and self.model.seed_slot.alpha > 0:
-            attribution = self._attribution()
+        # The counterfactual only means something once the seed is in the forward (alpha > 0).
+        measured = self._validate(attribution=controller.stage is not None and self.model.seed_slot.alpha > 0)
+        val_loss, val_acc, train_acc = measured.val_loss, measured.val_accuracy, measured.train_accuracy
+        train_eval_loss, per_class, perplexity = measured.train_loss, measured.per_class_acc, measured.perplexity
+        attribution = measured.attribution
         contribution = None if attribution is None else float(attribution.seed_contribution)
         if not rollback:
             events += controller.end_epoch(epoch, val_acc, contribution)
@@ -644,11 +654,11 @@ class LifecycleRun:
             events += self.controller.cull(epoch, "governor_rollback")
         return True
 
-    def _validate(self):
-        from esper_fast.tolaria import validate_and_get_metrics
+    def _validate(self, attribution: bool):
+        from esper_fast.tolaria import validate_epoch
 
         with self.tally.tracing(start=False):
-            return validate_and_get_metrics(
+            return validate_epoch(
                 self.model,
                 self.train_batches,
                 Batches(self.test_batches, before_batch=self.tally.first_batch_only),
@@ -657,12 +667,8 @@ class LifecycleRun:
                 compute_per_class=self.task_type == "classification",
                 num_classes=self.num_classes,
                 task_type=self.task_type,
+                attribution=attribution,
             )
-
-    def _attribution(self):
-        from esper_fast.tolaria import validate_with_attribution
-
-        return validate_with_attribution(self.model, self.test_batches, self.criterion, self.config.device, self.task_type)
 
     def finish(self, total_time: float) -> dict:
         """Appends the summary to the log, draws the plot, prints the closing report."""

@@ -130,3 +130,34 @@ def test_tinystories_loaders_reject_missing_or_too_short_text(tmp_path):
         data.tinystories_loaders(text_path=str(short), seq_len=64)
     with pytest.raises(data.DataError, match="vocabulary of at least 256"):
         data.tinystories_loaders(vocab_size=100)
+
+
+def test_a_text_file_is_read_as_bytes_one_token_each(tmp_path):
+    path = tmp_path / "binary.bin"
+    payload = bytes(range(256)) * 40  # not UTF-8: decoding would replace bytes
+    path.write_bytes(payload)
+    bundle = data.tinystories_loaders(text_path=str(path), seq_len=16, batch_size=4)
+    dataset = bundle.trainloader.dataset
+    assert torch.equal(dataset.tokens, torch.tensor(list(payload[: int(len(payload) * 0.9)])))
+    import hashlib
+
+    assert bundle.fingerprint == hashlib.sha256(payload).hexdigest()
+
+
+def test_an_empty_text_file_is_a_data_error(tmp_path):
+    path = tmp_path / "empty.txt"
+    path.write_bytes(b"")
+    with pytest.raises(data.DataError, match="is empty"):
+        data.tinystories_loaders(text_path=str(path))
+    assert data.encode_bytes(b"").shape == (0,)
+
+
+def test_the_shuffle_generator_is_the_batch_order():
+    dataset = data.ImageBatches(*data.synthetic_images(40, seed=0))
+    loader = data.batch_loader(dataset, 8, shuffle=True, seed=3, pin_memory=False)
+    generator = data.shuffle_generator(loader)
+    state = generator.get_state()
+    first = [y for _, y in loader]
+    generator.set_state(state)
+    assert all(torch.equal(a, b) for a, b in zip(first, [y for _, y in loader]))
+    assert data.shuffle_generator(data.batch_loader(dataset, 8, shuffle=False, seed=3, pin_memory=False)) is None

@@ -322,7 +322,7 @@ def test_report_without_panic_has_nan_loss_and_zero_threshold():
 def test_rollback_without_snapshot_raises():
     gov = TolariaGovernor(nn.Linear(2, 2))
     gov.last_good_state = None
-    with pytest.raises(RuntimeError, match="no snapshot"):
+    with pytest.raises(RuntimeError, match="Governor panic before first snapshot!"):
         gov.execute_rollback()
 
 

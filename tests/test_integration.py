@@ -1,10 +1,13 @@
 """The packages together: the governor, the trainer and the fused ops on a real MorphogeneticModel."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn as nn
 
 from esper_fast.kasmina import CNNHost, MorphogeneticModel, SeedStage
+from esper_fast.ops import reference_mode
 from esper_fast.tolaria import TolariaGovernor
 
 
@@ -33,15 +36,29 @@ def test_live_seed_is_left_out_of_the_snapshot_under_every_name():
     assert not seed_keys & set(governor.last_good_state)
 
 
-def test_rollback_with_live_seed_culls_and_restores_host():
+def test_rollback_with_live_seed_keeps_the_snapshot_seed_state_like_the_original():
+    # The original restores the slot's saved lifecycle state after culling the seed's module.
     model = _model_with_seed(SeedStage.BLENDING)
     governor = TolariaGovernor(model)
-    before = {k: v.clone() for k, v in model.state_dict().items() if k not in _seed_keys(model)}
+    governor.execute_rollback()
+    assert model.seed_slot.seed is None and not model.has_active_seed
+    assert model.seed_slot.state is not None and model.seed_slot.state.stage == SeedStage.BLENDING
+
+
+@pytest.mark.parametrize("reference", [False, True])
+def test_rollback_with_live_seed_culls_and_restores_host(reference):
+    model = _model_with_seed(SeedStage.BLENDING)
+    with reference_mode() if reference else contextlib.nullcontext():
+        governor = TolariaGovernor(model, clear_live_seed_state=True)
+    before = {
+        k: v.clone() for k, v in model.state_dict().items() if k not in _seed_keys(model) and isinstance(v, torch.Tensor)
+    }
     parameters = list(model.get_host_parameters())
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
-    report = governor.execute_rollback()
+    with reference_mode() if reference else contextlib.nullcontext():
+        report = governor.execute_rollback()
     assert report.rollback_occurred and report.reason == "Structural Collapse"
     assert model.seed_slot.state is None and model.seed_slot.seed is None
     after = model.state_dict()
@@ -149,3 +166,16 @@ def test_blended_training_steps_host_and_seed():
     train_epoch_blended(model, _image_batches(2), nn.CrossEntropyLoss(), host_opt, seed_opt, "cpu")
     assert any(not torch.equal(a, b) for a, b in zip(host_before, model.get_host_parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(seed_before, model.get_seed_parameters()))
+
+
+def test_rollback_hands_over_the_snapshot_seed_state_itself_as_the_original():
+    # The original loads the snapshot's objects as they are: the restored seed state is the
+    # snapshot's, so what happens to it afterwards is what a second rollback restores.
+    model = _model_with_seed(SeedStage.BLENDING)
+    governor = TolariaGovernor(model)
+    governor.execute_rollback()
+    restored = model.seed_slot.state
+    assert restored is governor.last_good_state["seed_slot._extra_state"]["seed_state"]
+    restored.metrics.record_accuracy(50.0)
+    governor.execute_rollback()
+    assert model.seed_slot.state.metrics.epochs_total == 1

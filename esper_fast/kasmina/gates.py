@@ -1,49 +1,27 @@
 """Quality gates G0-G5: the checks a seed must pass to enter each lifecycle stage.
 
-| gate | entering     | passes when                                                             |
-|------|--------------|-------------------------------------------------------------------------|
-| G0   | GERMINATED   | the seed has a seed_id and a blueprint_id                                |
-| G1   | TRAINING     | the seed is GERMINATED                                                   |
-| G2   | BLENDING     | accuracy improved >= min_training_improvement points in this stage, and  |
-|      |              | the seed spent >= min_training_epochs epochs in it                       |
-| G3   | SHADOWING    | >= min_blending_epochs epochs of blending and alpha >= alpha_complete    |
-| G4   | PROBATIONARY | the seed is SHADOWING                                                    |
-| G5   | FOSSILIZED   | the seed is healthy and helps: counterfactual_contribution >              |
-|      |              | min_fossilize_contribution when measured, else total_improvement > 0     |
+| gate | entering     | passes when                                                                  |
+|------|--------------|------------------------------------------------------------------------------|
+| G0   | GERMINATED   | the seed has a seed_id and a blueprint_id                                     |
+| G1   | TRAINING     | the seed is GERMINATED                                                        |
+| G2   | BLENDING     | accuracy rose >= min_training_improvement points in the stage, isolation      |
+|      |              | violations <= max_isolation_violations, >= min_training_epochs epochs in the  |
+|      |              | stage, and seed_gradient_norm_ratio >= min_seed_gradient_ratio                |
+| G3   | SHADOWING    | >= min_blending_epochs epochs of blending and alpha >= alpha_complete_threshold|
+| G4   | PROBATIONARY | the seed is SHADOWING                                                         |
+| G5   | FOSSILIZED   | a counterfactual contribution was measured, is > min_fossilize_contribution,  |
+|      |              | and the seed is healthy                                                       |
 
-CULLED and the recycling stages have no gate. The thresholds are constructor arguments.
+A target stage without a gate of its own (CULLED and the recycling stages) is checked by G0,
+as in the original. Check names carry the measured numbers (``global_improvement_1.25%``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from enum import IntEnum
+from esper_fast.leyline import GateLevel, GateResult, SeedStage
 
-from esper_fast.kasmina.stages import SeedStage
+__all__ = ["QualityGates", "GateLevel", "GateResult", "GATE_FOR_STAGE"]
 
-
-class GateLevel(IntEnum):
-    G0 = 0
-    G1 = 1
-    G2 = 2
-    G3 = 3
-    G4 = 4
-    G5 = 5
-
-
-@dataclass
-class GateResult:
-    """The outcome of one gate check; ``checks_failed`` names every reason it did not pass."""
-
-    gate: GateLevel
-    passed: bool
-    score: float = 0.0
-    checks_passed: list[str] = field(default_factory=list)
-    checks_failed: list[str] = field(default_factory=list)
-    message: str = ""
-
-
-# The gate guarding entry into each stage; stages not listed are entered without a gate.
 GATE_FOR_STAGE = {
     SeedStage.GERMINATED: GateLevel.G0,
     SeedStage.TRAINING: GateLevel.G1,
@@ -54,41 +32,44 @@ GATE_FOR_STAGE = {
 }
 
 
-def _result(gate: GateLevel, checks: list[tuple[bool, str]], score: float | None = None, message: str = "") -> GateResult:
-    passed_names = [name for ok, name in checks if ok]
-    failed_names = [name for ok, name in checks if not ok]
-    passed = not failed_names
-    if score is None:
-        score = 1.0 if passed else 0.0
-    return GateResult(gate, passed, score, passed_names, failed_names, message)
+def _verdict(gate: GateLevel, passed_names: list[str], failed_names: list[str], **extra) -> GateResult:
+    return GateResult(gate=gate, passed=not failed_names, checks_passed=passed_names, checks_failed=failed_names, **extra)
 
 
 class QualityGates:
-    """Gate checks for stage transitions (see the module table)."""
+    """The gate checks for stage transitions (see the module table).
+
+    The first six arguments are the original's (``min_shadowing_correlation`` and
+    ``min_probation_stability`` are kept for it and not read by any gate). The keyword-only
+    ones make the original's fixed choices adjustable; their defaults are those choices.
+    """
 
     def __init__(
         self,
         min_training_improvement: float = 0.5,
         min_blending_epochs: int = 3,
+        max_isolation_violations: int = 10,
+        min_shadowing_correlation: float = 0.9,
+        min_probation_stability: float = 0.95,
+        min_seed_gradient_ratio: float = 0.05,
+        *,
         alpha_complete_threshold: float = 0.95,
         min_fossilize_contribution: float = 0.0,
         min_training_epochs: int | None = None,
     ):
         self.min_training_improvement = min_training_improvement
         self.min_blending_epochs = min_blending_epochs
+        self.max_isolation_violations = max_isolation_violations
+        self.min_shadowing_correlation = min_shadowing_correlation
+        self.min_probation_stability = min_probation_stability
+        self.min_seed_gradient_ratio = min_seed_gradient_ratio
         self.alpha_complete_threshold = alpha_complete_threshold
         self.min_fossilize_contribution = min_fossilize_contribution
-        # The original reuses the blending dwell as the minimum training age.
-        self.min_training_epochs = min_blending_epochs if min_training_epochs is None else min_training_epochs
-
-    def gate_for(self, target_stage: SeedStage) -> GateLevel | None:
-        return GATE_FOR_STAGE.get(SeedStage(target_stage))
+        # None: a seed must have trained as long as blending lasts (the original's reuse).
+        self.min_training_epochs = min_training_epochs
 
     def check_gate(self, state, target_stage: SeedStage) -> GateResult:
-        """Check whether ``state`` may enter ``target_stage``; ungated stages always pass."""
-        gate = self.gate_for(target_stage)
-        if gate is None:
-            return GateResult(GateLevel.G0, True, 1.0, message=f"no gate guards {SeedStage(target_stage).name}")
+        """Whether ``state`` may enter ``target_stage``."""
         checks = {
             GateLevel.G0: self._check_g0,
             GateLevel.G1: self._check_g1,
@@ -97,51 +78,98 @@ class QualityGates:
             GateLevel.G4: self._check_g4,
             GateLevel.G5: self._check_g5,
         }
-        return checks[gate](state)
+        level = self._get_gate_level(target_stage)
+        check = checks.get(level)
+        if check is None:  # a level a subclass added: passes, as in the original
+            return GateResult(gate=level, passed=True, score=1.0)
+        return check(state)
+
+    def _get_gate_level(self, target_stage: SeedStage) -> GateLevel:
+        return GATE_FOR_STAGE.get(target_stage, GateLevel.G0)
+
+    def _seed_ready_for_blending(self, state) -> bool:
+        """The seed itself has trained long enough in TRAINING to be worth blending."""
+        required = self.min_blending_epochs if self.min_training_epochs is None else self.min_training_epochs
+        return state.metrics.epochs_in_current_stage >= required
 
     def _check_g0(self, state) -> GateResult:
-        return _result(
-            GateLevel.G0,
-            [(bool(state.seed_id), "seed_id_present"), (bool(state.blueprint_id), "blueprint_id_present")],
-            message="germination",
+        passed, failed = [], []
+        (passed if state.seed_id else failed).append("seed_id_present" if state.seed_id else "seed_id_missing")
+        (passed if state.blueprint_id else failed).append(
+            "blueprint_id_present" if state.blueprint_id else "blueprint_id_missing"
+        )
+        ok = not failed
+        return _verdict(
+            GateLevel.G0, passed, failed, score=1.0 if ok else 0.0,
+            message="Germination gate" if ok else "Missing required fields",
         )
 
     def _check_g1(self, state) -> GateResult:
-        return _result(GateLevel.G1, [(state.stage == SeedStage.GERMINATED, "germinated")], message="training")
+        ok = state.stage == SeedStage.GERMINATED
+        return _verdict(
+            GateLevel.G1, ["germinated"] if ok else [], [] if ok else ["not_germinated"],
+            score=1.0 if ok else 0.0, message="Ready for training" if ok else "Not germinated",
+        )
 
     def _check_g2(self, state) -> GateResult:
         metrics = state.metrics
         improvement = metrics.improvement_since_stage_start
-        checks = [
-            (improvement >= self.min_training_improvement, f"improvement_{improvement:.2f}"),
-            (metrics.epochs_in_current_stage >= self.min_training_epochs, "seed_trained_long_enough"),
-        ]
-        score = min(1.0, improvement / 5.0) if improvement > 0 else 0.0
-        return _result(GateLevel.G2, checks, score, message=f"improvement {improvement:.2f} points")
+        ratio = metrics.seed_gradient_norm_ratio
+        passed, failed = [], []
+        if improvement >= self.min_training_improvement:
+            passed.append(f"global_improvement_{improvement:.2f}%")
+        else:
+            failed.append(f"global_improvement_insufficient_{improvement:.2f}%")
+        if metrics.isolation_violations <= self.max_isolation_violations:
+            passed.append("isolation_ok")
+        else:
+            failed.append(f"isolation_violations_{metrics.isolation_violations}")
+        if self._seed_ready_for_blending(state):
+            passed.append("seed_ready")
+        else:
+            failed.append("seed_not_ready")
+        # The seed must be learning itself (gradient activity), not riding the host's gains.
+        if ratio >= self.min_seed_gradient_ratio:
+            passed.append(f"seed_gradient_active_{ratio:.2f}")
+        else:
+            failed.append(f"seed_gradient_low_{ratio:.2f}")
+        return _verdict(
+            GateLevel.G2, passed, failed,
+            score=min(1.0, improvement / 5.0) if improvement > 0 else 0.0,
+            message=f"Improvement: {improvement:.2f}%",
+        )
 
     def _check_g3(self, state) -> GateResult:
         epochs = state.metrics.epochs_in_current_stage
-        checks = [
-            (epochs >= self.min_blending_epochs, f"blending_epochs_{epochs}"),
-            (state.alpha >= self.alpha_complete_threshold, f"alpha_{state.alpha:.2f}"),
-        ]
-        return _result(GateLevel.G3, checks, score=state.alpha, message="shadowing")
+        passed, failed = [], []
+        if epochs >= self.min_blending_epochs:
+            passed.append("blending_complete")
+        else:
+            failed.append(f"blending_incomplete_{epochs}")
+        if state.alpha >= self.alpha_complete_threshold:
+            passed.append("alpha_high")
+        else:
+            failed.append(f"alpha_low_{state.alpha:.2f}")
+        return _verdict(GateLevel.G3, passed, failed, score=state.alpha)
 
     def _check_g4(self, state) -> GateResult:
-        return _result(GateLevel.G4, [(state.stage == SeedStage.SHADOWING, "shadowing_complete")], message="probation")
+        ok = state.stage == SeedStage.SHADOWING
+        return _verdict(
+            GateLevel.G4, ["shadowing_complete"] if ok else [], [] if ok else ["shadowing_incomplete"],
+            score=1.0 if ok else 0.0,
+        )
 
     def _check_g5(self, state) -> GateResult:
-        metrics = state.metrics
-        contribution = metrics.counterfactual_contribution
-        if contribution is not None:
-            helps = (contribution > self.min_fossilize_contribution, f"contribution_{contribution:.2f}")
-            evidence = contribution
+        # Fossilizing is permanent: it needs a measured counterfactual, with no fallback.
+        contribution = state.metrics.counterfactual_contribution
+        if contribution is None:
+            return _verdict(GateLevel.G5, [], ["counterfactual_not_available"], score=0.0)
+        passed, failed = [], []
+        if contribution > self.min_fossilize_contribution:
+            passed.append(f"positive_contribution_{contribution:.2f}%")
         else:
-            helps = (metrics.total_improvement > 0, f"improvement_{metrics.total_improvement:.2f}")
-            evidence = metrics.total_improvement
-        checks = [helps, (state.is_healthy, "healthy")]
-        score = min(1.0, evidence / 10.0) if evidence > 0 else 0.0
-        return _result(GateLevel.G5, checks, score, message="fossilization")
-
-
-__all__ = ["GateLevel", "GateResult", "QualityGates", "GATE_FOR_STAGE"]
+            failed.append("non_positive_contribution")
+        (passed if state.is_healthy else failed).append("healthy" if state.is_healthy else "unhealthy")
+        return _verdict(
+            GateLevel.G5, passed, failed, score=min(1.0, contribution / 10.0) if contribution > 0 else 0.0
+        )

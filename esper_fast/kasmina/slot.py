@@ -3,20 +3,24 @@
 A slot holds at most one seed (``seed``, an ``nn.Module``) and its ``state`` (a
 :class:`SeedState`). The lifecycle moves GERMINATED -> TRAINING -> BLENDING -> SHADOWING ->
 PROBATIONARY -> FOSSILIZED, each step guarded by a :class:`QualityGates` check; any stage
-before FOSSILIZED may be culled, which drops the seed.
+before FOSSILIZED may be culled, which drops the seed. Every decision (gates, dwell times,
+ramp, telemetry and its data keys, RNG use of the shape probes) is the original's, so a
+program makes the same decisions on either. Options that change results are keyword-only
+and off by default (``strict_transitions``, ``auto_blend_ramp``).
 
-The forward pass (see :meth:`SeedSlot.forward`) is plain Python control flow on stage,
-alpha and flags, and fused custom ops on tensors, with no host synchronisation:
-torch.compile(fullgraph=True) traces it into one graph per (stage, flags) combination.
-A compiled forward reads alpha from a device copy kept by :meth:`SeedSlot.set_alpha` and
-:meth:`SeedSlot.force_alpha`, so the alpha ramp does not recompile it (set alpha through
-them, not by writing ``state.alpha``); eager passes the Python float, as the original does.
+The forward pass joins the seed through the fused operators (:func:`ste_forward`,
+:func:`blend_with_isolation`). By default it is fenced off from torch.compile like the
+original's (``torch.compiler.disable``: stage-dependent control flow would specialise the
+graph). ``compilable=True`` lets torch.compile trace it: one graph per (stage, flags), with
+alpha read from a device copy kept current by :meth:`SeedSlot.set_alpha`,
+:meth:`SeedSlot.force_alpha` and checkpoint loading, so the alpha ramp does not recompile.
 """
 
 from __future__ import annotations
 
-import contextlib
+import os
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, Iterator
@@ -24,73 +28,84 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 
-from esper_fast.kasmina.blueprints import TOPOLOGIES, BlueprintRegistry
-from esper_fast.kasmina.gates import GateLevel, GateResult, QualityGates
-from esper_fast.kasmina.isolation import AlphaSchedule, blend_with_isolation, ste_forward
-from esper_fast.kasmina.stages import (
-    ACTIVE_STAGES,
+from esper_fast.kasmina.gates import QualityGates
+from esper_fast.kasmina.isolation import AlphaSchedule, GradientIsolationMonitor, blend_with_isolation, ste_forward
+from esper_fast.kasmina.stages import InvalidTransitionError
+from esper_fast.leyline import (
     VALID_TRANSITIONS,
-    InvalidTransitionError,
+    GateLevel,
+    GateResult,
     SeedStage,
+    SeedStateReport,
+    SeedTelemetry,
+    TelemetryEvent,
+    TelemetryEventType,
+    is_active_stage,
     is_failure_stage,
     is_valid_transition,
 )
+from esper_fast.leyline import SeedMetrics as LeylineSeedMetrics
 
-# Shape probes used at germination: a seed must preserve these shapes.
+__all__ = ["SeedMetrics", "SeedState", "QualityGates", "SeedSlot"]
+
+# ESPER_DEBUG_STE=1 asserts that the seed output carries a gradient on the STE path.
+_DEBUG_STE = os.environ.get("ESPER_DEBUG_STE", "").lower() in ("1", "true", "yes")
+
+# Shape probes a seed must preserve at germination (any H/W or sequence length will do).
 CNN_SHAPE_PROBE_SPATIAL = 8
 TRANSFORMER_SHAPE_PROBE_SEQ_LEN = 4
 
+STAGE_HISTORY_LENGTH = 100
+DEFAULT_BLENDING_STEPS = 5
+_TOPOLOGIES = ("cnn", "transformer")
 # Transformer slots keep the host's gradient on the blend's host path in these stages.
 _HOST_GRADIENT_STAGES = frozenset(
     {SeedStage.BLENDING, SeedStage.SHADOWING, SeedStage.PROBATIONARY, SeedStage.FOSSILIZED}
 )
 
-DEFAULT_BLENDING_STEPS = 5
-STAGE_HISTORY_LENGTH = 100
+
+def _utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _trainable_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
 # ============================================================================ metrics & state
 
 
-@dataclass
+@dataclass(slots=True)
 class SeedMetrics:
     """What a seed has achieved: accuracies in percent (0-100), epoch counters, attribution."""
 
     epochs_total: int = 0
     epochs_in_current_stage: int = 0
-
-    initial_val_accuracy: float = 0.0  # the first accuracy recorded after germination
+    initial_val_accuracy: float = 0.0
     current_val_accuracy: float = 0.0
     best_val_accuracy: float = 0.0
     accuracy_at_stage_start: float = 0.0
-    accuracy_at_blending_start: float | None = None  # None until the seed enters BLENDING
-
-    # real accuracy - accuracy with alpha forced to 0 (validate_with_attribution); None until measured
-    counterfactual_contribution: float | None = None
-
+    accuracy_at_blending_start: float = 0.0  # taken at TRAINING -> BLENDING; 0.0 before
+    isolation_violations: int = 0
     gradient_norm_avg: float = 0.0
     current_alpha: float = 0.0
     alpha_ramp_step: int = 0
-    seed_param_count: int = 0
-    host_param_count: int = 0
+    # real accuracy - accuracy with alpha forced to 0; None until someone measures it
+    counterfactual_contribution: float | None = None
+    # seed gradient norm / host gradient norm, kept by the training loop (read by G2)
+    seed_gradient_norm_ratio: float = 0.0
 
     def record_accuracy(self, accuracy: float | torch.Tensor) -> None:
         """Record one epoch's validation accuracy (a tensor is read once, here)."""
         if isinstance(accuracy, torch.Tensor):
             accuracy = accuracy.detach().item()
-        accuracy = float(accuracy)
         if self.epochs_total == 0:
             self.initial_val_accuracy = accuracy
             self.accuracy_at_stage_start = accuracy
-            self.best_val_accuracy = accuracy
         self.current_val_accuracy = accuracy
         self.best_val_accuracy = max(self.best_val_accuracy, accuracy)
         self.epochs_total += 1
         self.epochs_in_current_stage += 1
-
-    @property
-    def accuracy_at_germination(self) -> float:
-        return self.initial_val_accuracy
 
     @property
     def total_improvement(self) -> float:
@@ -102,68 +117,128 @@ class SeedMetrics:
 
     @property
     def blending_delta(self) -> float:
-        """Accuracy change since blending began (host drift included; not causal). 0 before BLENDING."""
-        if self.accuracy_at_blending_start is None:
+        """Accuracy change since blending began, host drift included (not causal; the
+        counterfactual is). 0 if the seed never blended."""
+        if self.accuracy_at_blending_start == 0.0:
             return 0.0
         return self.current_val_accuracy - self.accuracy_at_blending_start
 
     def reset_stage_baseline(self) -> None:
+        """Start the per-stage counters again (at a transition)."""
         self.accuracy_at_stage_start = self.current_val_accuracy
         self.epochs_in_current_stage = 0
 
+    def to_leyline(self) -> LeylineSeedMetrics:
+        """The contract record of these metrics."""
+        return LeylineSeedMetrics(
+            epochs_total=self.epochs_total,
+            epochs_in_current_stage=self.epochs_in_current_stage,
+            initial_val_accuracy=self.initial_val_accuracy,
+            current_val_accuracy=self.current_val_accuracy,
+            best_val_accuracy=self.best_val_accuracy,
+            accuracy_at_stage_start=self.accuracy_at_stage_start,
+            total_improvement=self.total_improvement,
+            improvement_since_stage_start=self.improvement_since_stage_start,
+            isolation_violations=self.isolation_violations,
+            gradient_norm_avg=self.gradient_norm_avg,
+            current_alpha=self.current_alpha,
+            alpha_ramp_step=self.alpha_ramp_step,
+        )
 
-@dataclass
+
+@dataclass(kw_only=True)
 class SeedState:
-    """A seed's place in the lifecycle: stage, alpha, metrics and the transitions so far."""
+    """A seed's place in the lifecycle: stage, alpha, metrics, the transitions so far and its
+    telemetry snapshot. Keyword arguments only."""
 
     seed_id: str
     blueprint_id: str
     slot_id: str = ""
     stage: SeedStage = SeedStage.DORMANT
     previous_stage: SeedStage = SeedStage.UNKNOWN
-    stage_entered_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    previous_epochs_in_stage: int = 0  # epochs spent in previous_stage
+    stage_entered_at: datetime = field(default_factory=_utc_now)
     alpha: float = 0.0
     metrics: SeedMetrics = field(default_factory=SeedMetrics)
     blending_steps_done: int = 0
     blending_steps_total: int = 0
     is_healthy: bool = True
-    # (from_stage, to_stage, when), bounded so a long run cannot grow it without limit
+    is_paused: bool = False
+    # (stage entered, when), bounded so a long run cannot grow it without limit
     stage_history: deque = field(default_factory=lambda: deque(maxlen=STAGE_HISTORY_LENGTH))
+    telemetry: SeedTelemetry | None = None
+
+    def __post_init__(self) -> None:
+        if self.telemetry is None:
+            self.telemetry = SeedTelemetry(seed_id=self.seed_id, blueprint_id=self.blueprint_id)
+
+    def sync_telemetry(
+        self,
+        gradient_norm: float,
+        gradient_health: float,
+        has_vanishing: bool,
+        has_exploding: bool,
+        epoch: int = 0,
+        max_epochs: int = 25,
+    ) -> None:
+        """Refresh the telemetry snapshot from the metrics and the given gradient signals
+        (once per epoch, after validation)."""
+        t = self.telemetry
+        t.accuracy = self.metrics.current_val_accuracy
+        t.accuracy_delta = self.metrics.improvement_since_stage_start
+        t.epochs_in_stage = self.metrics.epochs_in_current_stage
+        t.stage = self.stage.value
+        t.alpha = self.alpha
+        t.gradient_norm = gradient_norm
+        t.gradient_health = gradient_health
+        t.has_vanishing = has_vanishing
+        t.has_exploding = has_exploding
+        t.epoch = epoch
+        t.max_epochs = max_epochs
+        t.captured_at = _utc_now()
+
+    def can_transition_to(self, new_stage: SeedStage) -> bool:
+        return is_valid_transition(self.stage, new_stage)
+
+    def transition(self, new_stage: SeedStage) -> bool:
+        """Move to ``new_stage``; False (nothing changes) when the lifecycle forbids it."""
+        if not self.can_transition_to(new_stage):
+            return False
+        self.previous_stage = self.stage
+        self.previous_epochs_in_stage = self.metrics.epochs_in_current_stage
+        self.stage = new_stage
+        self.stage_entered_at = _utc_now()
+        self.stage_history.append((new_stage, self.stage_entered_at))
+        self.metrics.reset_stage_baseline()
+        return True
 
     @property
     def epochs_in_stage(self) -> int:
         return self.metrics.epochs_in_current_stage
 
-    def can_transition_to(self, new_stage: SeedStage) -> bool:
-        return is_valid_transition(self.stage, SeedStage(new_stage))
-
-    def transition(self, new_stage: SeedStage) -> bool:
-        """Move to ``new_stage``; raises :class:`InvalidTransitionError` if the lifecycle forbids it."""
-        new_stage = SeedStage(new_stage)
-        if not self.can_transition_to(new_stage):
-            raise InvalidTransitionError(self.stage, new_stage)
-        now = datetime.now(timezone.utc)
-        self.stage_history.append((self.stage, new_stage, now))
-        self.previous_stage = self.stage
-        self.stage = new_stage
-        self.stage_entered_at = now
-        self.metrics.reset_stage_baseline()
-        if new_stage == SeedStage.BLENDING:
-            self.metrics.accuracy_at_blending_start = self.metrics.current_val_accuracy
-        return True
+    def increment_epoch(self) -> None:
+        """Count an epoch without recording an accuracy."""
+        self.metrics.epochs_total += 1
+        self.metrics.epochs_in_current_stage += 1
 
     def record_epoch(self, accuracy: float) -> None:
         self.metrics.record_accuracy(accuracy)
 
-
-@dataclass
-class TelemetryEvent:
-    """A lifecycle event passed to a slot's ``on_telemetry`` callback."""
-
-    event_type: str  # germinated | gate_evaluated | stage_changed | fossilized | culled
-    slot_id: str
-    seed_id: str | None
-    data: dict = field(default_factory=dict)
+    def to_report(self) -> SeedStateReport:
+        """The contract report of this state."""
+        return SeedStateReport(
+            seed_id=self.seed_id,
+            slot_id=self.slot_id,
+            blueprint_id=self.blueprint_id,
+            stage=self.stage,
+            previous_stage=self.previous_stage,
+            previous_epochs_in_stage=self.previous_epochs_in_stage,
+            stage_entered_at=self.stage_entered_at,
+            metrics=self.metrics.to_leyline(),
+            is_healthy=self.is_healthy,
+            is_improving=self.metrics.improvement_since_stage_start > 0,
+            needs_attention=not self.is_healthy or self.metrics.isolation_violations > 0,
+        )
 
 
 # ============================================================================ slot
@@ -172,16 +247,23 @@ class TelemetryEvent:
 class SeedSlot(nn.Module):
     """A place in the host where one seed can grow.
 
-    Args:
+    Args (the original's):
         slot_id: name of the injection point.
         channels: feature channels (cnn) or width (transformer) at the injection point.
-        device: where germinated seeds are placed.
+        device: where germinated seeds (and shape probes) are placed.
         gates: the :class:`QualityGates` guarding stage transitions.
         on_telemetry: called with a :class:`TelemetryEvent` on lifecycle events.
-        fast_mode: skip telemetry entirely.
-        task_config: anything with ``topology`` ("cnn" or "transformer"); ``max_epochs``,
-            ``train_to_blend_fraction``, ``shadowing_fraction`` and ``blending_steps`` tune
-            :meth:`step_epoch` when present.
+        fast_mode: no telemetry and no isolation monitor (fast rollouts).
+        task_config: anything with ``topology`` ("cnn", the default without one, or
+            "transformer"); ``max_epochs``, ``train_to_blend_fraction``,
+            ``shadowing_fraction`` and ``blending_steps`` set :meth:`step_epoch`'s dwell times.
+
+    Keyword-only options, off by default (each changes what the original does):
+        strict_transitions: :meth:`advance_stage` raises :class:`InvalidTransitionError` for a
+            move the lifecycle forbids, instead of returning a failed result.
+        auto_blend_ramp: entering BLENDING through :meth:`advance_stage` starts the alpha ramp
+            (``task_config.blending_steps`` steps, else 5) when none is running.
+        compilable: torch.compile traces the forward (see the module docstring).
     """
 
     def __init__(
@@ -193,81 +275,140 @@ class SeedSlot(nn.Module):
         on_telemetry: Callable[[TelemetryEvent], None] | None = None,
         fast_mode: bool = False,
         task_config=None,
+        *,
+        strict_transitions: bool = False,
+        auto_blend_ramp: bool = False,
+        compilable: bool = False,
     ):
         super().__init__()
         self.slot_id = slot_id
         self.channels = channels
-        self.device = torch.device(device)
-        self.gates = gates if gates is not None else QualityGates()
+        self.device = torch.device(device) if isinstance(device, str) else device
+        self.gates = gates or QualityGates()
         self.on_telemetry = on_telemetry
         self.fast_mode = fast_mode
         self.task_config = task_config
-        self.default_topology = "cnn"  # used when task_config says nothing
+        self.strict_transitions = strict_transitions
+        self.auto_blend_ramp = auto_blend_ramp
 
         self.seed: nn.Module | None = None
         self.state: SeedState | None = None
         self.alpha_schedule: AlphaSchedule | None = None
         self.isolate_gradients: bool = False
-        # state.alpha mirrored on the device: a compiled forward reads this tensor, so a new
-        # alpha is new data for the same graph rather than a recompile.
+        self.isolation_monitor: GradientIsolationMonitor | None = None  # made at the first germination
+        # topology -> (device, probe); one probe per topology, made (and RNG drawn) once per device
+        self._shape_probe_cache: dict[str, tuple[torch.device, torch.Tensor]] = {}
+        # state.alpha on the device, for a compiled forward (not saved in state_dict)
         self.register_buffer("_alpha_value", torch.zeros((), device=self.device), persistent=False)
+        self.compilable = compilable
 
-    def to(self, *args, **kwargs):
-        """``nn.Module.to``, also placing future seeds on the new device."""
-        device = torch._C._nn._parse_to(*args, **kwargs)[0]
-        result = super().to(*args, **kwargs)
-        if device is not None:
-            self.device = device
-        return result
+    # ---------------------------------------------------------------- device
+
+    def _get_shape_probe(self, topology: str) -> torch.Tensor:
+        """The cached probe of ``topology`` on this slot's device (drawn from torch's RNG when
+        first needed there)."""
+        cached = self._shape_probe_cache.get(topology)
+        if cached is not None and cached[0] == self.device:
+            return cached[1]
+        if topology == "cnn":
+            shape = (1, self.channels, CNN_SHAPE_PROBE_SPATIAL, CNN_SHAPE_PROBE_SPATIAL)
+        else:
+            shape = (2, TRANSFORMER_SHAPE_PROBE_SEQ_LEN, self.channels)
+        probe = torch.randn(*shape, device=self.device)
+        self._shape_probe_cache[topology] = (self.device, probe)
+        return probe
+
+    def to(self, *args, **kwargs) -> "SeedSlot":
+        """``nn.Module.to``; the slot then places future seeds on the new device (and drops
+        its shape probes only when the device changed)."""
+        old_device = self.device
+        super().to(*args, **kwargs)
+        first = next(self.parameters(), None)
+        if first is not None:
+            self.device = first.device
+        else:
+            target = torch._C._nn._parse_to(*args, **kwargs)[0]
+            if target is not None:
+                self.device = target
+        if self.device != old_device:
+            self._shape_probe_cache.clear()
+        return self
+
+    def _moved_to(self, device: torch.device) -> None:
+        # Called by MorphogeneticModel after its tree moved (nn.Module.to does not call ours).
+        self.device = device
 
     # ---------------------------------------------------------------- properties
 
     @property
-    def topology(self) -> str:
-        topology = getattr(self.task_config, "topology", None) or self.default_topology
-        if topology not in TOPOLOGIES:
-            raise ValueError(f"slot {self.slot_id!r}: unknown topology {topology!r}; choose one of {list(TOPOLOGIES)}")
-        return topology
-
-    @property
     def is_active(self) -> bool:
-        """True while the slot holds a seed (whatever its stage)."""
+        """True while the slot holds a seed and its state (whatever the stage)."""
         return self.seed is not None and self.state is not None
 
     @property
     def alpha(self) -> float:
-        return self.state.alpha if self.state is not None else 0.0
+        return self.state.alpha if self.state else 0.0
 
     @property
     def active_seed_params(self) -> int:
-        if self.seed is None:
-            return 0
-        return sum(p.numel() for p in self.seed.parameters() if p.requires_grad)
+        """Trainable parameters of the seed (0 without one)."""
+        return 0 if self.seed is None else _trainable_params(self.seed)
+
+    @property
+    def compilable(self) -> bool:
+        """Whether torch.compile traces this slot's forward (see the module docstring)."""
+        return "forward" in self.__dict__
+
+    @compilable.setter
+    def compilable(self, value: bool) -> None:
+        # The class's forward is fenced off from the compiler; the traceable one is bound on
+        # the instance.
+        if value:
+            self.forward = self._forward
+        else:
+            self.__dict__.pop("forward", None)
 
     def get_parameters(self) -> Iterator[nn.Parameter]:
         """The seed's parameters (an empty iterator without a seed)."""
-        if self.seed is None:
-            return iter(())
-        return self.seed.parameters()
+        return iter([]) if self.seed is None else self.seed.parameters()
 
     # ---------------------------------------------------------------- alpha
 
+    def _sync_alpha(self) -> None:
+        # The device copy a compiled forward reads; a fill, no host synchronisation.
+        with torch.no_grad():
+            self._alpha_value.fill_(self.alpha)
+
     def set_alpha(self, alpha: float) -> None:
         """Set the blend weight, clamped to [0, 1]; a no-op without a seed."""
-        if self.state is None:
-            return
-        self._write_alpha(self.state, max(0.0, min(1.0, float(alpha))))
-        self.state.metrics.current_alpha = self.state.alpha
+        if self.state:
+            self.state.alpha = max(0.0, min(1.0, alpha))
+            self.state.metrics.current_alpha = self.state.alpha
+            self._sync_alpha()
 
-    def _write_alpha(self, state: SeedState, value: float) -> None:
-        # Every alpha change goes through here, keeping the device copy current (no sync).
+    @contextmanager
+    def force_alpha(self, value: float):
+        """Within the block alpha is ``value`` (for counterfactual validation, typically 0.0);
+        the previous alpha comes back on exit, even on error. A no-op without a seed.
+
+        Not thread-safe and not re-entrant: use it in single-threaded eval only.
+        """
+        if self.state is None:
+            yield
+            return
+        state = self.state
+        previous = state.alpha
         state.alpha = value
-        with torch.no_grad():
-            self._alpha_value.fill_(value)
+        self._sync_alpha()
+        try:
+            yield
+        finally:
+            state.alpha = previous
+            self._sync_alpha()
 
     def start_blending(self, total_steps: int, temperature: float = 1.0) -> None:
         """Start a sigmoid alpha ramp of ``total_steps`` steps (see :class:`AlphaSchedule`)."""
-        if self.state is not None:
+        if self.state:
             self.state.blending_steps_total = total_steps
             self.state.blending_steps_done = 0
         self.alpha_schedule = AlphaSchedule(total_steps=total_steps, start=0.0, end=1.0, temperature=temperature)
@@ -278,225 +419,324 @@ class SeedSlot(nn.Module):
             return self.alpha
         alpha = self.alpha_schedule(step)
         self.set_alpha(alpha)
-        if self.state is not None:
+        if self.state:
             self.state.metrics.alpha_ramp_step = step
         return alpha
 
-    @contextlib.contextmanager
-    def force_alpha(self, value: float):
-        """Within the block alpha is ``value`` (clamped) and the ramp is off; both come back on
-        exit, even on error. A no-op without a seed. Not re-entrant across threads."""
-        state = self.state
-        if state is None:
-            yield
-            return
-        previous_alpha, previous_schedule = state.alpha, self.alpha_schedule
-        self._write_alpha(state, max(0.0, min(1.0, float(value))))
-        self.alpha_schedule = None
-        try:
-            yield
-        finally:
-            self._write_alpha(state, previous_alpha)
-            self.alpha_schedule = previous_schedule
-
     # ---------------------------------------------------------------- lifecycle
 
-    def germinate(self, blueprint_id: str, seed_id: str | None = None, host_module: nn.Module | None = None) -> SeedState:
+    def _topology(self) -> str:
+        # Without a task_config the slot is a cnn slot, as in the original.
+        return self.task_config.topology if self.task_config is not None else "cnn"
+
+    def germinate(
+        self,
+        blueprint_id: str,
+        seed_id: str | None = None,
+        host_module: nn.Module | None = None,
+    ) -> SeedState:
         """Build seed ``blueprint_id`` for this slot's topology and enter GERMINATED (gate G0).
 
-        Raises RuntimeError if the slot already holds a live seed, ValueError for an unknown
-        blueprint (the message lists the choices), and RuntimeError if the seed changes the
-        feature shape.
+        Raises RuntimeError if the slot already holds a live seed, AssertionError for an
+        unknown topology or blueprint (the message lists the choices) and for a seed that
+        changes the feature shape. With ``host_module`` (and not ``fast_mode``) the isolation
+        monitor watches host and seed.
         """
+        from esper_fast.kasmina.blueprints import BlueprintRegistry
+
         if self.is_active and not is_failure_stage(self.state.stage):
-            raise RuntimeError(
-                f"slot {self.slot_id!r} already holds seed {self.state.seed_id!r} in {self.state.stage.name}; cull it first"
-            )
-        topology = self.topology
-        seed = BlueprintRegistry.create(topology, blueprint_id, self.channels).to(self.device)
+            raise RuntimeError(f"Slot {self.slot_id} already has active seed")
+        topology = self._topology()
+        if topology not in _TOPOLOGIES:
+            raise AssertionError(f"Unknown topology '{topology}' for SeedSlot.germinate")
+        try:
+            seed = BlueprintRegistry.create(topology, blueprint_id, self.channels)
+        except ValueError as exc:
+            names = BlueprintRegistry.names(topology)
+            raise AssertionError(
+                f"Blueprint '{blueprint_id}' not available for topology '{topology}'. Available: {names}"
+            ) from exc
+        self.seed = seed = seed.to(self.device)
         self._check_shape_preserved(seed, topology, blueprint_id)
 
-        state = SeedState(seed_id=seed_id or f"{self.slot_id}-{blueprint_id}", blueprint_id=blueprint_id, slot_id=self.slot_id)
-        state.metrics.seed_param_count = sum(p.numel() for p in seed.parameters() if p.requires_grad)
-        if host_module is not None:
-            state.metrics.host_param_count = sum(p.numel() for p in host_module.parameters() if p.requires_grad)
-        gate = self.gates.check_gate(state, SeedStage.GERMINATED)
+        seed_id = seed_id or f"{self.slot_id}-{blueprint_id}"
+        self.state = SeedState(seed_id=seed_id, blueprint_id=blueprint_id, slot_id=self.slot_id, stage=SeedStage.DORMANT)
+        gate = self.gates.check_gate(self.state, SeedStage.GERMINATED)
         if not gate.passed:
-            raise RuntimeError(f"slot {self.slot_id!r}: gate G0 failed: {gate.checks_failed}")
-        state.transition(SeedStage.GERMINATED)
+            raise RuntimeError(f"G0 gate failed: {gate.checks_failed}")
+        self.state.transition(SeedStage.GERMINATED)
+        self._sync_alpha()
 
-        self.seed, self.state = seed, state
-        self._write_alpha(state, state.alpha)
-        self.alpha_schedule = None
-        self.isolate_gradients = False
-        self._emit("germinated", blueprint_id=blueprint_id, params=state.metrics.seed_param_count)
-        return state
+        if host_module is not None and not self.fast_mode:
+            if self.isolation_monitor is None:
+                self.isolation_monitor = GradientIsolationMonitor()
+            self.isolation_monitor.register(host_module, seed)
+
+        self._emit_telemetry(
+            TelemetryEventType.SEED_GERMINATED,
+            data={"blueprint_id": blueprint_id, "seed_id": seed_id, "params": _trainable_params(seed)},
+        )
+        return self.state
 
     def _check_shape_preserved(self, seed: nn.Module, topology: str, blueprint_id: str) -> None:
-        if topology == "cnn":
-            shape = (1, self.channels, CNN_SHAPE_PROBE_SPATIAL, CNN_SHAPE_PROBE_SPATIAL)
-        else:
-            shape = (2, TRANSFORMER_SHAPE_PROBE_SEQ_LEN, self.channels)
-        probe = torch.randn(shape, device=self.device)
+        # A smoke test in eval mode under no_grad, so no statistics or autograd state change.
+        probe = self._get_shape_probe(topology)
         was_training = seed.training
         try:
             seed.eval()
             with torch.no_grad():
                 out = seed(probe)
+            if isinstance(out, torch.Tensor) and out.shape != probe.shape:
+                raise AssertionError(f"Seed '{blueprint_id}' changed shape: {out.shape} vs {probe.shape}")
         finally:
             seed.train(was_training)
-        if out.shape != probe.shape:
-            raise RuntimeError(f"seed {blueprint_id!r} changed the feature shape: {tuple(probe.shape)} -> {tuple(out.shape)}")
+
+    def _seed_summary(self) -> dict:
+        """The seed's record at a decisive moment (telemetry data of fossilize and cull)."""
+        metrics = self.state.metrics
+        return {
+            "blueprint_id": self.state.blueprint_id,
+            "seed_id": self.state.seed_id,
+            "improvement": metrics.total_improvement,
+            "blending_delta": metrics.blending_delta,
+            "counterfactual": metrics.counterfactual_contribution,
+        }
 
     def advance_stage(self, target_stage: SeedStage | None = None) -> GateResult:
-        """Move the seed to ``target_stage`` (default: the next stage) if its gate passes.
-
-        Returns the gate result; a failed gate leaves the stage unchanged. A target the
-        lifecycle forbids from the current stage raises :class:`InvalidTransitionError`.
-        """
+        """Move the seed to ``target_stage`` (default: the next non-failure stage) if its gate
+        passes. Returns the gate result: a failed gate, or a move the lifecycle forbids
+        (``checks_failed == ["transition_failed"]``), leaves the stage unchanged."""
         if not self.is_active:
-            return GateResult(GateLevel.G0, False, checks_failed=["no_active_seed"])
-        current = self.state.stage
+            return GateResult(gate=GateLevel.G0, passed=False, checks_failed=["no_active_seed"])
         if target_stage is None:
-            target_stage = next((s for s in VALID_TRANSITIONS[current] if not is_failure_stage(s)), None)
-            if target_stage is None:
-                return GateResult(GateLevel.G0, False, checks_failed=["no_valid_transition"])
-        target_stage = SeedStage(target_stage)
-        if not is_valid_transition(current, target_stage):
-            raise InvalidTransitionError(current, target_stage)
+            target_stage = next((s for s in VALID_TRANSITIONS.get(self.state.stage, ()) if not is_failure_stage(s)), None)
+        if target_stage is None:
+            return GateResult(gate=GateLevel.G0, passed=False, checks_failed=["no_valid_transition"])
+        if self.strict_transitions and not self.state.can_transition_to(target_stage):
+            raise InvalidTransitionError(self.state.stage, SeedStage(target_stage))
 
         gate = self.gates.check_gate(self.state, target_stage)
-        self._emit("gate_evaluated", gate=gate.gate.name, passed=gate.passed, target=target_stage.name,
-                   checks_failed=list(gate.checks_failed))
-        if gate.passed:
-            self._enter(target_stage)
+        if not gate.passed:
+            return gate
+        old_stage = self.state.stage
+        summary = self._seed_summary()
+        summary["epochs_total"] = self.state.metrics.epochs_total
+        summary["epochs_in_stage"] = self.state.metrics.epochs_in_current_stage
+        if not self.state.transition(target_stage):
+            return GateResult(gate=gate.gate, passed=False, checks_failed=["transition_failed"])
+
+        if old_stage == SeedStage.GERMINATED and target_stage == SeedStage.TRAINING:
+            self.isolate_gradients = True  # the seed incubates on detached host features
+        elif old_stage == SeedStage.TRAINING and target_stage == SeedStage.BLENDING:
+            self._enter_blending()
+            if self.auto_blend_ramp and self.alpha_schedule is None:
+                self.start_blending(self._blending_steps())
+        self._emit_stage_changed(old_stage)
+        if target_stage == SeedStage.FOSSILIZED:
+            self._emit_telemetry(
+                TelemetryEventType.SEED_FOSSILIZED,
+                data={
+                    "blueprint_id": summary["blueprint_id"],
+                    "seed_id": summary["seed_id"],
+                    "improvement": summary["improvement"],
+                    "blending_delta": summary["blending_delta"],
+                    "counterfactual": summary["counterfactual"],
+                    "params_added": _trainable_params(self.seed),
+                    "epochs_total": summary["epochs_total"],
+                    "epochs_in_stage": summary["epochs_in_stage"],
+                },
+            )
         return gate
 
-    def _enter(self, target_stage: SeedStage) -> None:
-        """Transition and apply the stage-entry rules."""
-        old = self.state.stage
-        improvement = self.state.metrics.total_improvement
-        self.state.transition(target_stage)
-        if target_stage == SeedStage.TRAINING:
-            # The seed trains on detached host features: it cannot push gradients into the host.
-            self.isolate_gradients = True
-        elif target_stage == SeedStage.BLENDING:
-            # Blending lets seed and host co-adapt through the seed branch.
-            self.isolate_gradients = False
-            if self.alpha_schedule is None:
-                self.start_blending(self._config("blending_steps", DEFAULT_BLENDING_STEPS))
-        self._emit("stage_changed", from_stage=old.name, to_stage=target_stage.name)
-        if target_stage == SeedStage.FOSSILIZED:
-            self._emit("fossilized", improvement=improvement, params_added=self.active_seed_params)
+    def _enter_blending(self) -> None:
+        # Blending lets seed and host co-adapt through the seed branch; the accuracy now is
+        # the reference of blending_delta.
+        self.isolate_gradients = False
+        self.state.metrics.accuracy_at_blending_start = self.state.metrics.current_val_accuracy
 
-    def _config(self, name: str, default):
-        value = getattr(self.task_config, name, None)
-        return default if value is None else value
+    def _emit_stage_changed(self, old_stage: SeedStage) -> None:
+        self._emit_telemetry(
+            TelemetryEventType.SEED_STAGE_CHANGED, data={"from": old_stage.name, "to": self.state.stage.name}
+        )
+
+    def cull(self, reason: str = "") -> bool:
+        """Remove the seed. False (and nothing changes) for a FOSSILIZED seed or an empty slot:
+        fossils are permanent."""
+        if not self.state or self.state.stage == SeedStage.FOSSILIZED:
+            return False
+        summary = self._seed_summary()
+        summary["epochs_total"] = self.state.metrics.epochs_total
+        summary["epochs_in_stage"] = self.state.metrics.epochs_in_current_stage
+        old_stage = self.state.stage
+        if not self.state.transition(SeedStage.CULLED):
+            return False
+        self._emit_stage_changed(old_stage)
+        self._emit_telemetry(TelemetryEventType.SEED_CULLED, data={"reason": reason, **summary})
+        self.seed = None
+        self.state = None
+        self.alpha_schedule = None
+        self.isolate_gradients = False
+        if self.isolation_monitor is not None:
+            self.isolation_monitor.reset()
+        self._sync_alpha()
+        return True
 
     def _dwell_epochs(self, fraction_name: str) -> int:
-        max_epochs = self._config("max_epochs", None)
-        fraction = self._config(fraction_name, None)
-        if max_epochs is None or fraction is None:
+        if not self.task_config:
             return 1
-        return max(1, int(max_epochs * fraction))
+        return max(1, int(self.task_config.max_epochs * getattr(self.task_config, fraction_name)))
+
+    def _blending_steps(self) -> int:
+        steps = getattr(self.task_config, "blending_steps", None) if self.task_config is not None else None
+        return steps if isinstance(steps, int) and steps > 0 else DEFAULT_BLENDING_STEPS
+
+    def _step_into(self, target: SeedStage) -> bool:
+        """Enter ``target`` if its gate passes (a lifecycle step of :meth:`step_epoch`)."""
+        if not self.gates.check_gate(self.state, target).passed:
+            return False
+        if not self.state.transition(target):
+            raise RuntimeError(f"Illegal lifecycle transition {self.state.stage} → {target.name}")
+        return True
 
     def step_epoch(self) -> None:
         """Advance the lifecycle by the rules of one epoch (call once per epoch, after
         ``state.metrics.record_accuracy``):
 
-        - GERMINATED -> TRAINING at once (gate G1);
-        - TRAINING -> BLENDING after the dwell (``max_epochs * train_to_blend_fraction``, at
-          least 1 epoch) when G2 passes;
-        - BLENDING: one ramp step per epoch; when the ramp is done alpha is set to 1 and the
-          seed enters SHADOWING if G3 passes;
-        - SHADOWING -> PROBATIONARY after the dwell (``shadowing_fraction``) when G4 passes.
+        - GERMINATED -> TRAINING at once (gate G1), with gradient isolation on;
+        - TRAINING -> BLENDING after ``max(1, int(max_epochs * train_to_blend_fraction))``
+          epochs in the stage (1 without a task_config) when G2 passes; then a ramp of
+          ``blending_steps`` steps (5 by default) starts;
+        - BLENDING: one ramp step per epoch; once the steps are done alpha is set to 1 and
+          the seed enters SHADOWING if G3 passes;
+        - SHADOWING -> PROBATIONARY after ``shadowing_fraction`` of max_epochs when G4 passes.
 
-        PROBATIONARY -> FOSSILIZED is a decision for the caller (``advance_stage``).
+        PROBATIONARY -> FOSSILIZED is the caller's decision (``advance_stage``).
         """
         state = self.state
-        if state is None or self.seed is None:
+        if not state:
             return
         stage = state.stage
         if stage == SeedStage.GERMINATED:
-            self._try_enter(SeedStage.TRAINING)
+            if self._step_into(SeedStage.TRAINING):
+                self.isolate_gradients = True
+                self._emit_stage_changed(stage)
         elif stage == SeedStage.TRAINING:
-            if state.metrics.epochs_in_current_stage >= self._dwell_epochs("train_to_blend_fraction"):
-                self._try_enter(SeedStage.BLENDING)
+            if state.metrics.epochs_in_current_stage < self._dwell_epochs("train_to_blend_fraction"):
+                return
+            if self._step_into(SeedStage.BLENDING):
+                self._enter_blending()
+                self._emit_stage_changed(stage)
+                self.start_blending(total_steps=self._blending_steps(), temperature=1.0)
         elif stage == SeedStage.BLENDING:
             state.blending_steps_done += 1
-            self.update_alpha_for_step(state.blending_steps_done)
+            if self.alpha_schedule is not None:
+                self.update_alpha_for_step(state.blending_steps_done)
             if state.blending_steps_done >= state.blending_steps_total:
                 self.set_alpha(1.0)
-                self._try_enter(SeedStage.SHADOWING)
+                if self._step_into(SeedStage.SHADOWING):
+                    self._emit_stage_changed(stage)
         elif stage == SeedStage.SHADOWING:
-            if state.metrics.epochs_in_current_stage >= self._dwell_epochs("shadowing_fraction"):
-                self._try_enter(SeedStage.PROBATIONARY)
+            if state.metrics.epochs_in_current_stage < self._dwell_epochs("shadowing_fraction"):
+                return
+            if self._step_into(SeedStage.PROBATIONARY):
+                self._emit_stage_changed(stage)
 
-    def _try_enter(self, target_stage: SeedStage) -> bool:
-        gate = self.gates.check_gate(self.state, target_stage)
-        if gate.passed:
-            self._enter(target_stage)
-        return gate.passed
+    def get_state_report(self) -> SeedStateReport | None:
+        """The contract report of the seed's state (None without a seed)."""
+        return self.state.to_report() if self.state else None
 
-    def cull(self, reason: str = "") -> bool:
-        """Remove the seed. False (and nothing changes) for a FOSSILIZED seed or an empty slot."""
-        state = self.state
-        if state is None or state.stage == SeedStage.FOSSILIZED or not state.can_transition_to(SeedStage.CULLED):
-            return False
-        old = state.stage
-        state.transition(SeedStage.CULLED)
-        self._emit("stage_changed", from_stage=old.name, to_stage=SeedStage.CULLED.name)
-        self._emit("culled", reason=reason, improvement=state.metrics.total_improvement)
-        self.seed = None
-        self.state = None
-        self.alpha_schedule = None
-        self.isolate_gradients = False
-        return True
-
-    def _emit(self, event_type: str, **data) -> None:
+    def _emit_telemetry(self, event_type: TelemetryEventType, data: dict | None = None) -> None:
+        """Send one event to ``on_telemetry`` (nothing in fast_mode or without a callback)."""
         if self.fast_mode or self.on_telemetry is None:
             return
-        seed_id = self.state.seed_id if self.state is not None else None
-        self.on_telemetry(TelemetryEvent(event_type, self.slot_id, seed_id, data))
+        event = TelemetryEvent(
+            event_type=event_type,
+            seed_id=self.state.seed_id if self.state else None,
+            slot_id=self.slot_id,
+            data=data or {},
+        )
+        self.on_telemetry(event)
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def get_extra_state(self):
+        """The lifecycle in checkpoints: the SeedState and the alpha schedule."""
+        return {"seed_state": self.state, "alpha_schedule": self.alpha_schedule}
+
+    def set_extra_state(self, state: dict) -> None:
+        """Restore the SeedState and alpha schedule saved by :meth:`get_extra_state`."""
+        self.state = state.get("seed_state")
+        self.alpha_schedule = state.get("alpha_schedule")
+        self._sync_alpha()
 
     # ---------------------------------------------------------------- forward
 
-    def forward(self, host_features: torch.Tensor) -> torch.Tensor:
+    def _forward(self, host_features: torch.Tensor) -> torch.Tensor:
         """Join the seed into the host features.
 
         - no seed, or a stage outside TRAINING..FOSSILIZED: ``host_features`` unchanged;
         - the seed sees ``host_features.detach()`` when ``isolate_gradients``;
-        - TRAINING with alpha == 0: straight-through estimator (value == host, gradient to both);
+        - TRAINING with alpha == 0: straight-through estimator (value == host, the gradient
+          reaches both);
         - otherwise ``lerp(host, seed, alpha)`` with the host path detached, except for the
           transformer topology in BLENDING..FOSSILIZED where the host keeps its gradient.
         """
         state = self.state
-        seed = self.seed
-        if seed is None or state is None or state.stage not in ACTIVE_STAGES:
+        if not self.is_active or not is_active_stage(state.stage):
             return host_features
         seed_input = host_features.detach() if self.isolate_gradients else host_features
-        seed_features = seed(seed_input)
+        seed_features = self.seed(seed_input)
         if state.stage == SeedStage.TRAINING and state.alpha == 0.0:
+            if _DEBUG_STE:
+                assert seed_features.requires_grad, "STE needs a seed output that requires grad"
             return ste_forward(host_features, seed_features)
-        detach_host = not (self.topology == "transformer" and state.stage in _HOST_GRADIENT_STAGES)
-        # Eager passes the float (the original's semantics, no tensor read); a compiled graph
-        # reads the device copy so that the alpha ramp does not recompile it every step.
+        topology = self.task_config.topology if self.task_config is not None else None
+        detach_host = not (topology == "transformer" and state.stage in _HOST_GRADIENT_STAGES)
+        # Eager passes the float; a compiled graph reads the device copy, so that a new
+        # alpha is new data for the same graph rather than a recompile.
         alpha = self._alpha_value if torch.compiler.is_compiling() else state.alpha
         return blend_with_isolation(host_features, seed_features, alpha, detach_host=detach_host)
 
-    def extra_repr(self) -> str:
-        stage = self.state.stage.name if self.state is not None else "EMPTY"
-        return f"slot_id={self.slot_id!r}, channels={self.channels}, stage={stage}, alpha={self.alpha:.3f}"
+    def forward_alpha_configs(self, host_features: torch.Tensor, alphas) -> tuple[torch.Tensor, list[int]]:
+        """The slot's output under each alpha in ``alphas``, the seed run once (eval, no grad).
 
+        Each alpha is a float or a per-sample tensor ``[B]`` (broadcast like ``blend``'s) and
+        gives what :meth:`forward` gives inside ``force_alpha(alpha)``. Returns ``(features,
+        groups)``: the distinct outputs stacked along the batch (``[G * B, ...]``) and, per
+        alpha, the index of its output. The host features themselves are one output (no
+        live seed, or the straight-through estimator at alpha 0); each distinct float alpha
+        is one fused blend (the same scalar kernel as the forward), each tensor alpha one
+        per-sample fused blend.
+        """
+        state = self.state
+        live = self.is_active and is_active_stage(state.stage)
+        outputs: list[torch.Tensor] = []
+        keys: dict = {}
+        groups: list[int] = []
+        seed_features = None
+        for alpha in alphas:
+            is_tensor = isinstance(alpha, torch.Tensor)
+            if not live or (not is_tensor and state.stage == SeedStage.TRAINING and alpha == 0.0):
+                key = "host"
+            else:
+                key = ("tensor", id(alpha)) if is_tensor else ("float", max(0.0, min(1.0, alpha)))
+            if key not in keys:
+                if key == "host":
+                    out = host_features
+                else:
+                    if seed_features is None:
+                        seed_input = host_features.detach() if self.isolate_gradients else host_features
+                        seed_features = self.seed(seed_input)
+                    topology = self.task_config.topology if self.task_config is not None else None
+                    detach_host = not (topology == "transformer" and state.stage in _HOST_GRADIENT_STAGES)
+                    out = blend_with_isolation(host_features, seed_features, alpha, detach_host=detach_host)
+                keys[key] = len(outputs)
+                outputs.append(out)
+            groups.append(keys[key])
+        features = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        return features, groups
 
-__all__ = [
-    "SeedSlot",
-    "SeedState",
-    "SeedStage",
-    "SeedMetrics",
-    "QualityGates",
-    "GateLevel",
-    "GateResult",
-    "TelemetryEvent",
-    "InvalidTransitionError",
-]
+    @torch.compiler.disable
+    def forward(self, host_features: torch.Tensor) -> torch.Tensor:
+        """See :meth:`_forward`. Fenced off from torch.compile unless ``compilable``."""
+        return self._forward(host_features)

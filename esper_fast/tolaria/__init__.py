@@ -4,10 +4,12 @@ from esper_fast.tolaria.environment import create_model
 from esper_fast.tolaria.governor import GovernorReport, TolariaGovernor
 from esper_fast.tolaria.trainer import (
     AttributionResult,
+    EpochValidation,
     train_epoch_blended,
     train_epoch_incubator_mode,
     train_epoch_normal,
     validate_and_get_metrics,
+    validate_epoch,
     validate_with_attribution,
 )
 
@@ -19,6 +21,8 @@ __all__ = [
     "validate_and_get_metrics",
     "validate_with_attribution",
     "AttributionResult",
+    "validate_epoch",
+    "EpochValidation",
     "TolariaGovernor",
     "GovernorReport",
 ]

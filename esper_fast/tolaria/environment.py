@@ -14,7 +14,10 @@ def _check_device(device: str) -> None:
     if requested.type != "cuda":
         return
     if not torch.cuda.is_available():
-        raise RuntimeError(f"CUDA device {device!r} requested but CUDA is not available; use device='cpu'")
+        raise RuntimeError(
+            f"CUDA device '{device}' requested but CUDA is not available. "
+            "Use device='cpu' or check your CUDA installation."
+        )
     if requested.index is not None and requested.index >= torch.cuda.device_count():
         raise RuntimeError(
             f"CUDA device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) are available"
@@ -28,8 +31,8 @@ def create_model(task: TaskSpec | str = "cifar10", device: str = "cuda") -> nn.M
     Raises RuntimeError ("CUDA ... not available") for a CUDA device without CUDA, and
     ValueError for an unknown task name.
     """
-    _check_device(device)
     spec = get_task_spec(task) if isinstance(task, str) else task
+    _check_device(device)
     return spec.create_model(device=device)
 
 

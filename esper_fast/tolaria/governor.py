@@ -21,7 +21,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from esper_fast.kasmina.stages import SeedStage
+from esper_fast.leyline import SeedStage
 from esper_fast.ops.mode import using_reference
 from esper_fast.ops.reference import restore_reference, snapshot_reference
 from esper_fast.ops.snapshot import HostSnapshot
@@ -80,6 +80,11 @@ class TolariaGovernor:
         snapshot_mode: ``"host"`` (one page-locked host buffer, the default) or ``"device"``
             (one copy on the model's device: instant rollback for small models; then
             ``last_good_state`` holds device tensors).
+        clear_live_seed_state: what a rollback leaves in a slot whose live seed it culls.
+            False (the original's behaviour): the slot's lifecycle state saved in the
+            snapshot (``seed_slot._extra_state``) is restored, so when the snapshot was taken
+            with that seed alive, ``seed_state`` afterwards describes a seed whose module is
+            gone. True: the slot is left empty (``seed_state is None``).
 
     ``last_good_state`` maps each state-dict key to a tensor that does not require grad
     (views into the snapshot buffer) and each non-tensor value to a deep copy. Parameters
@@ -100,6 +105,7 @@ class TolariaGovernor:
         optimizers: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
         optimizer_rollback: str = "restore",
         snapshot_mode: str = "host",
+        clear_live_seed_state: bool = False,
     ):
         if snapshot_mode not in _SNAPSHOT_MODES:
             raise ValueError(f"esper_fast: snapshot_mode must be one of {_SNAPSHOT_MODES}, got {snapshot_mode!r}")
@@ -119,7 +125,9 @@ class TolariaGovernor:
         self.optimizers = _as_optimizer_list(optimizers)
         self.optimizer_rollback = optimizer_rollback
         self.snapshot_mode = snapshot_mode
-        self._panic_loss: float | None = None
+        self.clear_live_seed_state = clear_live_seed_state
+        self._pending_panic = False  # an anomaly was seen and not yet cleared by a normal loss
+        self._panic_loss: float | None = None  # the loss that triggered the latest panic
         device_resident = snapshot_mode == "device"
         self._model_snapshot = HostSnapshot(device_resident=device_resident)
         self._optimizer_snapshot = HostSnapshot(device_resident=device_resident)
@@ -157,11 +165,15 @@ class TolariaGovernor:
             keys = self.model.state_dict(keep_vars=True) if prefixes else ()
             exclude = frozenset(key for key in keys if key.startswith(prefixes))
             self._plain_state = snapshot_reference(self.model, exclude=exclude)
+            if prefixes and self.clear_live_seed_state:
+                self._plain_state.update(self._empty_slot_extra_states(list(self._plain_state)))
             self._plain_optimizer_states = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
             return
         state = self.model.state_dict(keep_vars=True)
         if prefixes:
             state = {key: value for key, value in state.items() if not key.startswith(prefixes)}
+            if self.clear_live_seed_state:
+                state.update(self._empty_slot_extra_states(list(state)))
         self._model_snapshot.capture(state, non_blocking=non_blocking)
         if self.optimizers:
             params, optimizer_state = self._optimizer_state()
@@ -190,6 +202,13 @@ class TolariaGovernor:
         # A slot may be registered under several names (model.seed_slot and host.slots.<id>).
         modules = self.model.named_modules(remove_duplicate=False)
         return tuple(name + "." for name, module in modules if any(module is m for m in owned))
+
+    def _empty_slot_extra_states(self, keys) -> dict:
+        """The live seed's slot as a snapshot records it: no seed state, no ramp. The seed is
+        culled at rollback, so restoring its lifecycle state would leave a state without a seed."""
+        slot = self._live_seed_slot()
+        names = {name + "._extra_state" for name, m in self.model.named_modules(remove_duplicate=False) if m is slot}
+        return {key: {"seed_state": None, "alpha_schedule": None} for key in keys if key in names}
 
     def _optimizer_state(self):
         """(params per optimizer, flat mapping (optimizer, param, name) -> state value)."""
@@ -229,13 +248,16 @@ class TolariaGovernor:
         )
         if is_anomaly:
             self.consecutive_panics += 1
+            self._pending_panic = True
             self._panic_loss = loss
             return self.consecutive_panics >= self.min_panics_before_rollback
         history.append(loss)
         self.consecutive_panics = 0
+        self._pending_panic = False
         return False
 
     def _panic_now(self, loss: float) -> bool:
+        self._pending_panic = False
         self._panic_loss = loss
         self.consecutive_panics = self.min_panics_before_rollback
         return True
@@ -268,13 +290,14 @@ class TolariaGovernor:
         non-blocking snapshot in flight is waited for, so a rollback always restores a
         complete snapshot. Raises ``RuntimeError`` when there is no snapshot.
         """
+        print("[GOVERNOR] CRITICAL INSTABILITY DETECTED. INITIATING ROLLBACK.")
         mean, std = self._history_stats()
         threshold = mean + self.sensitivity * std
         self._model_snapshot.wait()
         self._optimizer_snapshot.wait()
         state = self.last_good_state
         if state is None:
-            raise RuntimeError("esper_fast: governor rollback with no snapshot to restore")
+            raise RuntimeError("Governor panic before first snapshot!")
 
         slot = self._live_seed_slot()
         if slot is not None:
@@ -286,7 +309,9 @@ class TolariaGovernor:
             self._model_snapshot.restore(self.model.state_dict(keep_vars=True))
             extras = {key: value for key, value in state.items() if not isinstance(value, torch.Tensor)}
             if extras:
-                self.model.load_state_dict(copy.deepcopy(extras), strict=False)
+                # The snapshot's own objects, as the original hands them over: the restored
+                # seed state is the snapshot's (a later change to it changes the snapshot).
+                self.model.load_state_dict(extras, strict=False)
 
         self._rollback_optimizers(_as_optimizer_list(optimizer) + _as_optimizer_list(optimizers))
         self.consecutive_panics = 0
@@ -352,5 +377,6 @@ class TolariaGovernor:
         """Clear the loss history and panic state, and take a fresh snapshot (a new episode)."""
         self.loss_history.clear()
         self.consecutive_panics = 0
+        self._pending_panic = False
         self._panic_loss = None
         self.snapshot()

@@ -27,6 +27,8 @@ from esper_fast.ops.reference import batch_loss_reference, batch_metrics_referen
 
 __all__ = [
     "AttributionResult",
+    "EpochValidation",
+    "validate_epoch",
     "train_epoch_normal",
     "train_epoch_incubator_mode",
     "train_epoch_blended",
@@ -56,6 +58,20 @@ class AttributionResult:
     seed_contribution: float
     real_loss: float
     baseline_loss: float
+
+
+@dataclasses.dataclass
+class EpochValidation:
+    """One epoch's validation: what ``validate_and_get_metrics`` returns, plus the
+    counterfactual ``attribution`` (None when not asked for or the model has no seed)."""
+
+    val_loss: float
+    val_accuracy: float
+    train_loss: float
+    train_accuracy: float
+    per_class_acc: dict[int, float] | None
+    perplexity: float | None
+    attribution: AttributionResult | None
 
 
 def _compute_loss(outputs: torch.Tensor, labels: torch.Tensor, criterion: nn.Module, task_type: str) -> torch.Tensor:
@@ -176,6 +192,50 @@ def _run_fused_pass(model, loader, criterion, device, task_type, per_class) -> _
     return fused
 
 
+def _shares_the_host_pass(model: nn.Module) -> bool:
+    # Only a model whose own class offers the one-pass counterfactual (not one reached through
+    # a wrapper's __getattr__, such as torch.compile's or DDP's, whose forward differs).
+    return callable(getattr(type(model), "forward_alpha_configs", None))
+
+
+def _run_attribution_pass(model, loader, criterion, device, task_type, per_class) -> tuple[_FusedPass, _FusedPass]:
+    """The real and the alpha-0 metrics over ``loader`` in one pass over the data.
+
+    With a model that shares the host pass (:meth:`MorphogeneticModel.forward_alpha_configs`)
+    each batch runs the host up to the slot once, the seed once and the rest of the host on
+    both configurations together; any other model runs two forwards per batch, the second
+    inside ``seed_slot.force_alpha(0.0)``.
+    """
+    slot = model.seed_slot
+    real = _FusedPass(criterion, task_type, per_class)
+    baseline = _FusedPass(criterion, task_type, per_class=False)
+    shared = _shares_the_host_pass(model)
+    for batch in loader:
+        inputs, labels = _to_device(batch, device)
+        if shared:
+            real_outputs, baseline_outputs = model.forward_alpha_configs(inputs, (slot.alpha, 0.0))
+        else:
+            real_outputs = model(inputs)
+            with slot.force_alpha(0.0):
+                baseline_outputs = model(inputs)
+        real.add(real_outputs, labels)
+        baseline.add(baseline_outputs, labels)
+    return real, baseline
+
+
+def _attribution_result(real: MetricsResult | None, baseline: MetricsResult | None) -> AttributionResult:
+    if real is None or baseline is None:
+        return AttributionResult(0.0, 0.0, 0.0, 0.0, 0.0)  # an empty testloader, as the original
+    real_accuracy, baseline_accuracy = float(real.accuracy), float(baseline.accuracy)
+    return AttributionResult(
+        real_accuracy=real_accuracy,
+        baseline_accuracy=baseline_accuracy,
+        seed_contribution=real_accuracy - baseline_accuracy,
+        real_loss=float(real.loss),
+        baseline_loss=float(baseline.loss),
+    )
+
+
 def _read(passes: list[_FusedPass]) -> list[MetricsResult | None]:
     """One device-to-host read for every pass that saw a batch (all on one device); None for
     a pass that saw none."""
@@ -216,6 +276,17 @@ def _run_reference_pass(model, loader, criterion, device, task_type, per_class, 
 
 
 # ---------------------------------------------------------------- public validation API
+
+
+def _grad_free(model: nn.Module):
+    """inference_mode where no module of the model can keep a tensor made in it across
+    calls (an inference tensor saved for backward later would fail); no_grad otherwise."""
+    for module in model.modules():
+        cls = type(module)
+        known = cls.__module__.startswith(("torch.nn.", "esper_fast."))
+        if not known or getattr(cls, "_keeps_tensors_across_calls", False):
+            return torch.no_grad()
+    return torch.inference_mode()
 
 
 def _per_class_accuracy(result: MetricsResult, num_classes: int) -> dict[int, float]:
@@ -262,7 +333,7 @@ def validate_and_get_metrics(
     model.eval()
     try:
         train_batches = itertools.islice(trainloader, TRAIN_METRIC_BATCHES)
-        with torch.no_grad():
+        with _grad_free(model):
             if using_reference():
                 val = _run_reference_pass(model, testloader, criterion, device, task_type, per_class, num_classes)
                 train = _run_reference_pass(model, train_batches, criterion, device, task_type, False, num_classes)
@@ -273,13 +344,20 @@ def validate_and_get_metrics(
                 ])
     finally:
         model.train(was_training)
+    return _metrics_tuple(val, train, compute_per_class, num_classes, task_type)
+
+
+def _metrics_tuple(val, train, compute_per_class: bool, num_classes: int, task_type: str) -> tuple:
+    """``validate_and_get_metrics``'s six values from the two passes' results."""
     if val is None:
         raise ValueError("validate_and_get_metrics: testloader is empty; cannot compute validation metrics")
     if train is None:
         raise ValueError("validate_and_get_metrics: trainloader is empty; cannot compute training metrics")
-
     val_loss = float(val.loss)
-    per_class_acc = _per_class_accuracy(val, num_classes) if per_class else None
+    per_class_acc = None
+    if compute_per_class:
+        # lm counts nothing per class; the original still returns every class, at 0.0.
+        per_class_acc = _per_class_accuracy(val, num_classes) if task_type != "lm" else dict.fromkeys(range(num_classes), 0.0)
     perplexity = None
     if task_type == "lm":
         perplexity = math.exp(val_loss) if val_loss < PERPLEXITY_LOSS_LIMIT else float("inf")
@@ -295,42 +373,100 @@ def validate_with_attribution(
 ) -> AttributionResult:
     """Counterfactual validation: how much accuracy the seed adds over the host alone.
 
-    One pass over ``testloader``: each batch goes through the model as is (the real forward) and
-    again inside ``model.seed_slot.force_alpha(0.0)`` (the host-only baseline), so data loading
-    and host-to-device copies happen once. Any ``seed_slot`` offering a ``force_alpha(value)``
-    context manager works. Alpha is restored by that context manager, and the model's
-    train/eval mode by this function, even when a forward raises. One device-to-host read.
+    The real forward (current alpha) against the host-only baseline (alpha forced to 0), in
+    one pass over ``testloader`` with one device-to-host read. For esper_fast's
+    MorphogeneticModel on a host that splits at its slots (CNNHost, TransformerHost, or a
+    custom host that opts in, see :func:`esper_fast.kasmina.host.splits_at_slots`) each
+    batch runs the host up to the slot once, the seed once and the rest of the host on both
+    configurations batched together (2B rows; one forward when they coincide). Any other
+    model (any ``seed_slot`` with a ``force_alpha(value)`` context manager works) runs the
+    batch twice, the second time inside ``force_alpha(0.0)``. Accuracies are those of the
+    two-pass original; alpha and the train/eval mode are restored even when a forward raises.
     An empty ``testloader`` gives an all-zero result (kept for compatibility).
     """
     seed_slot = model.seed_slot
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with _grad_free(model):
             if using_reference():
                 real = _run_reference_pass(model, testloader, criterion, device, task_type, False, None)
                 with seed_slot.force_alpha(0.0):
                     baseline = _run_reference_pass(model, testloader, criterion, device, task_type, False, None)
             else:
-                real_pass = _FusedPass(criterion, task_type, per_class=False)
-                baseline_pass = _FusedPass(criterion, task_type, per_class=False)
-                for batch in testloader:
-                    inputs, labels = _to_device(batch, device)
-                    real_pass.add(model(inputs), labels)
-                    with seed_slot.force_alpha(0.0):
-                        baseline_outputs = model(inputs)
-                    baseline_pass.add(baseline_outputs, labels)
-                real, baseline = _read([real_pass, baseline_pass])
+                real, baseline = _read(list(_run_attribution_pass(model, testloader, criterion, device, task_type, False)))
+                _draw_as_a_second_pass(testloader)
     finally:
         model.train(was_training)
+    return _attribution_result(real, baseline)
 
-    if real is None or baseline is None:
-        return AttributionResult(0.0, 0.0, 0.0, 0.0, 0.0)
-    real_accuracy, baseline_accuracy = float(real.accuracy), float(baseline.accuracy)
-    return AttributionResult(
-        real_accuracy=real_accuracy,
-        baseline_accuracy=baseline_accuracy,
-        seed_contribution=real_accuracy - baseline_accuracy,
-        real_loss=float(real.loss),
-        baseline_loss=float(baseline.loss),
-    )
+
+def _draw_as_a_second_pass(loader) -> None:
+    """Draw from torch's RNG what the original's second pass over ``loader`` draws.
+
+    The original iterates the test loader twice; a DataLoader draws a base seed from its
+    generator (torch's global RNG when None) for each new iterator, and a shuffling sampler
+    without a generator draws its seed when iterated. Drawing the same numbers keeps every
+    later random number, hence the rest of the run, the original's. (Random draws made by
+    the dataset itself while loading a test batch are not repeated.)
+    """
+    if not isinstance(loader, torch.utils.data.DataLoader):
+        return
+    if not (loader.persistent_workers and loader.num_workers > 0):
+        torch.empty((), dtype=torch.int64).random_(generator=loader.generator)
+    try:
+        next(iter(loader._index_sampler))
+    except StopIteration:
+        pass
+
+
+def validate_epoch(
+    model: nn.Module,
+    trainloader: BatchIterable,
+    testloader: BatchIterable,
+    criterion: nn.Module,
+    device: str,
+    compute_per_class: bool = False,
+    num_classes: int = 10,
+    task_type: str = "classification",
+    attribution: bool = True,
+) -> EpochValidation:
+    """``validate_and_get_metrics`` and ``validate_with_attribution`` from one pass over
+    ``testloader`` and one device-to-host read.
+
+    The validation metrics are those of the real (current-alpha) forward; the counterfactual
+    comes from the same batches (the host pass shared, see :func:`validate_with_attribution`).
+    ``attribution`` is None when ``attribution=False`` or the model's ``seed_slot`` holds no
+    seed (or there is no slot). Leaves the model in the train/eval mode it found.
+
+    Raises:
+        ValueError: ``testloader`` or ``trainloader`` yields no batch, or a label is outside
+            ``[0, C)`` (and not the criterion's ignore_index).
+    """
+    per_class = compute_per_class and task_type != "lm"
+    slot = getattr(model, "seed_slot", None)
+    with_attribution = attribution and slot is not None and bool(getattr(slot, "is_active", False))
+    was_training = model.training
+    model.eval()
+    try:
+        train_batches = itertools.islice(trainloader, TRAIN_METRIC_BATCHES)
+        with _grad_free(model):
+            if using_reference():
+                val = _run_reference_pass(model, testloader, criterion, device, task_type, per_class, num_classes)
+                baseline = None
+                if with_attribution:
+                    with slot.force_alpha(0.0):
+                        baseline = _run_reference_pass(model, testloader, criterion, device, task_type, False, None)
+                train = _run_reference_pass(model, train_batches, criterion, device, task_type, False, num_classes)
+            else:
+                if with_attribution:
+                    passes = _run_attribution_pass(model, testloader, criterion, device, task_type, per_class)
+                else:
+                    passes = (_run_fused_pass(model, testloader, criterion, device, task_type, per_class),)
+                train_pass = _run_fused_pass(model, train_batches, criterion, device, task_type, False)
+                val, train, *rest = _read([passes[0], train_pass, *passes[1:]])
+                baseline = rest[0] if rest else None
+    finally:
+        model.train(was_training)
+    metrics = _metrics_tuple(val, train, compute_per_class, num_classes, task_type)
+    return EpochValidation(*metrics, attribution=_attribution_result(val, baseline) if with_attribution else None)
