@@ -1,12 +1,12 @@
-"""The run plot: accuracy, alpha and seed contribution per epoch over coloured lifecycle bands.
+"""The run plot: accuracy, loss (perplexity for a language model), alpha and the seed's
+contribution per epoch, over coloured lifecycle bands, with germinations and rollbacks marked.
 
-Reads the epoch records the run loop writes to ``metrics.jsonl`` (see
-:mod:`esper_fast.lifecycle`), so a plot can be redrawn from a finished run's log.
+Reads the epoch records a run writes to ``metrics.jsonl`` (see :mod:`esper_fast.train`), so
+``esper-fast plot DIR`` redraws a run's plot from its log alone.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -19,47 +19,71 @@ STAGE_COLOURS = {
     "PROBATIONARY": "#fcbba1",
     "FOSSILIZED": "#a1d99b",
 }
+GERMINATION_COLOUR = "#2ca02c"
+ROLLBACK_COLOUR = "#d62728"
+# What the contribution panel measures, said on the plot so that nobody reads it as the gain
+# over a host trained without the seed.
+CONTRIBUTION_NOTE = (
+    "contribution = validation accuracy with the seed minus with alpha forced to 0, measured on the "
+    "host it co-adapted with (not the gain over a host trained without it)"
+)
 
 
 def read_epoch_records(path: str | Path) -> list[dict]:
-    """The ``"epoch"`` records of a metrics JSONL file, in order."""
-    records = []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            line = line.strip()
-            if line:
-                record = json.loads(line)
-                if record.get("type") == "epoch":
-                    records.append(record)
-    return records
+    """The ``"epoch"`` records of a metrics JSONL file, in order, each epoch once (a line
+    that is not whole JSON, as a crash mid-write leaves, is skipped)."""
+    from esper_fast.train.run_dir import read_log
+
+    records: dict[int, dict] = {}
+    for record in read_log(path):
+        if record.get("type") == "epoch":
+            records[record["epoch"]] = record
+    return [records[e] for e in sorted(records)]
 
 
 def _value(record: dict, key: str) -> float:
     value = record.get(key)
+    if value in ("inf", "-inf"):
+        return float(value)
     return math.nan if value is None else float(value)
 
 
-def plot_run(records: list[dict], path: str | Path, title: str = "", chance: float | None = None) -> Path:
-    """Draws the run to a PNG at ``path``: three panels sharing the epoch axis.
+def _germinations(records: list[dict]) -> list[tuple[int, str]]:
+    """(epoch, seed id) for each germination: a seed germinates at the end of that epoch."""
+    found = []
+    for record in records:
+        for event in record.get("events") or ():
+            if event.startswith("germinated "):
+                found.append((record["epoch"], event.split()[1]))
+    return found
+
+
+def plot_run(records: list[dict], path: str | Path, title: str = "", chance: float | None = None,
+             task_type: str = "classification") -> Path:
+    """Draws the run to a PNG at ``path``: four panels sharing the epoch axis.
 
     1. validation / train accuracy (and the alpha=0 baseline where attribution ran),
-    2. the blend alpha over each epoch (start to end),
-    3. the counterfactual seed contribution (percentage points).
-    Every panel carries the stage bands; governor rollbacks are red dashed lines.
+    2. train and validation loss; for ``task_type="lm"`` their perplexity, log scale,
+    3. the blend alpha over each epoch (start to end),
+    4. the counterfactual seed contribution (percentage points), with what it measures.
+    Every panel carries the stage bands; germinations are green dotted lines (between the
+    epoch that germinated and the first the seed trained in), rollbacks red dashed lines.
     """
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     epochs = [r["epoch"] for r in records]
-    fig, (ax_acc, ax_alpha, ax_contrib) = plt.subplots(
-        3, 1, figsize=(9, 8), sharex=True, gridspec_kw={"height_ratios": [3, 1.2, 1.5]}
+    fig, (ax_acc, ax_loss, ax_alpha, ax_contrib) = plt.subplots(
+        4, 1, figsize=(9, 10.5), sharex=True, gridspec_kw={"height_ratios": [3, 2, 1.2, 1.5]}
     )
     try:
         stages_seen = []
-        for ax in (ax_acc, ax_alpha, ax_contrib):
+        germinations = _germinations(records)
+        for ax in (ax_acc, ax_loss, ax_alpha, ax_contrib):
             for record in records:
                 colour = STAGE_COLOURS.get(record.get("stage") or "")
                 if colour is not None:
@@ -68,7 +92,12 @@ def plot_run(records: list[dict], path: str | Path, title: str = "", chance: flo
                         stages_seen.append(record["stage"])
             for record in records:
                 if record.get("rollback"):
-                    ax.axvline(record["epoch"], color="#d62728", ls="--", lw=1.5)
+                    ax.axvline(record["epoch"], color=ROLLBACK_COLOUR, ls="--", lw=1.5)
+            for epoch, _ in germinations:
+                ax.axvline(epoch + 0.5, color=GERMINATION_COLOUR, ls=":", lw=2)
+        for epoch, seed_id in germinations:
+            ax_acc.annotate(f"{seed_id} germinated", (epoch + 0.5, 1.0), xycoords=("data", "axes fraction"),
+                            xytext=(3, -12), textcoords="offset points", fontsize=8, color=GERMINATION_COLOUR)
 
         ax_acc.plot(epochs, [_value(r, "val_accuracy") for r in records], "o-", color="#1f77b4", label="validation")
         ax_acc.plot(epochs, [_value(r, "train_accuracy") for r in records], "s--", color="#7f7f7f", ms=4, label="train (first batches)")
@@ -81,10 +110,29 @@ def plot_run(records: list[dict], path: str | Path, title: str = "", chance: flo
         ax_acc.set_ylim(bottom=0)
         handles, labels = ax_acc.get_legend_handles_labels()
         handles += [Patch(color=STAGE_COLOURS[s], alpha=0.55, label=s.lower()) for s in stages_seen]
+        if germinations:
+            handles.append(Line2D([], [], color=GERMINATION_COLOUR, ls=":", lw=2, label="germination"))
         if any(r.get("rollback") for r in records):
-            handles.append(matplotlib.lines.Line2D([], [], color="#d62728", ls="--", label="governor rollback"))
+            handles.append(Line2D([], [], color=ROLLBACK_COLOUR, ls="--", label="governor rollback"))
         ax_acc.legend(handles=handles, loc="best", fontsize=8, ncol=2, framealpha=0.85)
         ax_acc.set_title(title or "esper-fast run")
+
+        train_loss = [_value(r, "train_loss") for r in records]
+        val_loss = [_value(r, "val_loss") for r in records]
+        if task_type == "lm":
+            # exp overflows past ~700 nats; such a loss is off any useful perplexity scale.
+            def perplexity(loss):
+                return math.exp(min(loss, 50.0)) if math.isfinite(loss) else math.nan
+
+            ax_loss.plot(epochs, [perplexity(x) for x in train_loss], "s--", color="#7f7f7f", ms=4, label="train (mean of steps)")
+            ax_loss.plot(epochs, [perplexity(x) for x in val_loss], "o-", color="#1f77b4", label="validation")
+            ax_loss.set_yscale("log")
+            ax_loss.set_ylabel("perplexity")
+        else:
+            ax_loss.plot(epochs, train_loss, "s--", color="#7f7f7f", ms=4, label="train (mean of steps)")
+            ax_loss.plot(epochs, val_loss, "o-", color="#1f77b4", label="validation")
+            ax_loss.set_ylabel("loss")
+        ax_loss.legend(loc="best", fontsize=8, framealpha=0.85)
 
         # Alpha moves within an epoch while blending: draw each epoch from its start to its end value.
         xs, ys = [], []
@@ -104,9 +152,42 @@ def plot_run(records: list[dict], path: str | Path, title: str = "", chance: flo
         ax_contrib.set_xlabel("epoch")
         ax_contrib.set_xticks(epochs)
 
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0.035, 1, 1))
+        fig.text(0.01, 0.008, CONTRIBUTION_NOTE, fontsize=7, color="#444444", wrap=True)
         path = Path(path)
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, format="png")
     finally:
         plt.close(fig)
     return path
+
+
+def plot_log(log_path: str | Path, png_path: str | Path) -> Path:
+    """Redraws a run's plot from its ``metrics.jsonl`` into ``png_path`` (written to a
+    temporary file, then renamed: a reader never sees half a PNG). ValueError when the log
+    holds no epoch."""
+    import os
+
+    from esper_fast.train.run_dir import read_log
+
+    log = read_log(log_path)
+    records = read_epoch_records(log_path)
+    if not records:
+        raise ValueError(f"{log_path} holds no epoch record yet")
+    config = next((r for r in log if r.get("type") == "config"), {})
+    summary = next((r for r in reversed(log) if r.get("type") == "summary"), None)
+    if summary is None:
+        what = f"in progress, {len(records)} epochs"
+    elif summary.get("status", "finished") == "finished":
+        what = summary.get("seed_outcome", "")
+    else:
+        what = f"stopped after epoch {records[-1]['epoch']}"
+    png_path = Path(png_path)
+    temporary = png_path.with_name(f".{png_path.name}.{os.getpid()}.tmp")
+    try:
+        plot_run(records, temporary, title=f"{config.get('task', '?')} on {config.get('device', '?')}: {what}",
+                 chance=config.get("chance_accuracy"), task_type=config.get("task_type", "classification"))
+        os.replace(temporary, png_path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+    return png_path

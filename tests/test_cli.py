@@ -1,5 +1,6 @@
 """The esper-fast command line: end-to-end runs on a tiny budget, the governor demo, the log
-schema, the plot, the controller's decisions and the one-line errors."""
+schema, the plot, the controller's decisions, help and version, and the one-line errors
+for every bad flag. Run folders, checkpoints and resume: test_run_dir.py, test_resume.py."""
 
 import json
 import math
@@ -10,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from esper_fast import cli, lifecycle
+from esper_fast import cli, train
 from esper_fast.kasmina import SeedStage
 from esper_fast.plotting import plot_run, read_epoch_records
 
@@ -52,36 +53,43 @@ def test_train_end_to_end_writes_log_and_plot(no_cifar, capsys, monkeypatch):
     assert "epoch  1/2" in stdout and "epoch  2/2" in stdout
     assert "seed outcome:" in stdout and "kernels ran" in stdout
 
-    records = read_log(out / lifecycle.METRICS_FILE)
+    records = read_log(out / train.METRICS_FILE)
     assert [r["type"] for r in records] == ["config", "epoch", "epoch", "summary"]
     config, epochs, summary = records[0], records[1:3], records[3]
     assert config["task"] == "cifar10" and config["blueprint"] == "conv_light"
     assert config["data_source"] == "synthetic-cifar10" and config["steps_per_epoch"] == 3
+    # What a researcher needs to reproduce it: the command, versions, device, start time.
+    assert config["command"].startswith("esper-fast train --epochs 2 --out ")
+    assert config["versions"]["torch"] == torch.__version__ and config["versions"]["esper_fast"]
+    assert config["device_name"].startswith("cpu") and config["started_at"].endswith("+00:00")
+    assert config["batch_size"] == 32 and config["lr"] == 0.05  # resolved defaults are recorded
     for record in epochs:
         for key, kind in EPOCH_KEYS.items():
             assert isinstance(record[key], kind), (key, record[key])
         assert 0.0 <= record["val_accuracy"] <= 100.0 and 0.0 <= record["alpha"] <= 1.0
         assert record["steps"] == 3 and math.isfinite(record["train_loss"])
         assert set(record["per_class_accuracy"]) == {str(c) for c in range(10)}
+        assert record["started_at"] <= record["ended_at"]  # wall-clock timestamps, ISO 8601 UTC
     # One host epoch, then the seed germinates and incubates (alpha 0, STE).
     assert epochs[0]["stage"] == "NONE" and epochs[0]["stage_after"] == "TRAINING"
     assert any("germinated seed-1 (conv_light)" in e for e in epochs[0]["events"])
     assert epochs[1]["stage"] == "TRAINING" and epochs[1]["seed_id"] == "seed-1" and epochs[1]["alpha"] == 0.0
     assert summary["rollbacks"] == 0 and summary["epochs"] == 2 and summary["chance_accuracy"] == 10.0
+    assert summary["status"] == "finished"
     assert summary["seeds"][0]["seed_id"] == "seed-1"
     # The traced steps saw the fused kernels: STE while incubating, metrics, snapshot.
     assert {"ste_forward", "metrics_update", "snapshot_pack"} <= set(summary["kernels_ran"])
 
-    png = (out / lifecycle.PLOT_FILE).read_bytes()
+    png = (out / train.PLOT_FILE).read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 10_000
-    assert len(read_epoch_records(out / lifecycle.METRICS_FILE)) == 2
+    assert len(read_epoch_records(out / train.METRICS_FILE)) == 2
 
 
 def test_injected_nan_rolls_back_culls_the_seed_and_finishes(no_cifar, capsys):
     out = no_cifar / "nan"
     code, stdout, err = run_cli(capsys, "train", "--epochs", 3, "--inject-nan-at", 2, "--out", out, *TINY)
     assert code == 0, err
-    records = read_log(out / lifecycle.METRICS_FILE)
+    records = read_log(out / train.METRICS_FILE)
     epochs = [r for r in records if r["type"] == "epoch"]
     summary = records[-1]
     assert [r["epoch"] for r in epochs] == [1, 2, 3]  # the run carried on to the end
@@ -97,7 +105,7 @@ def test_injected_nan_rolls_back_culls_the_seed_and_finishes(no_cifar, capsys):
     assert summary["rollbacks"] == 1
     assert summary["seeds"][0]["outcome"] == "culled" and summary["seeds"][0]["reason"] == "governor_rollback"
     assert "governor rollback" in stdout and "governor rollbacks: 1" in stdout
-    assert (out / lifecycle.PLOT_FILE).read_bytes().startswith(PNG_MAGIC)
+    assert (out / train.PLOT_FILE).read_bytes().startswith(PNG_MAGIC)
 
 
 def test_reference_mode_runs_the_original_algorithms(no_cifar, capsys, monkeypatch):
@@ -105,7 +113,7 @@ def test_reference_mode_runs_the_original_algorithms(no_cifar, capsys, monkeypat
     out = no_cifar / "reference"
     code, stdout, err = run_cli(capsys, "train", "--epochs", 2, "--out", out, *TINY)
     assert code == 0, err
-    summary = read_log(out / lifecycle.METRICS_FILE)[-1]
+    summary = read_log(out / train.METRICS_FILE)[-1]
     assert summary["reference_mode"] is True and summary["kernels_ran"] == {}
     assert "reference mode, the original pure-PyTorch algorithms ran" in stdout
 
@@ -116,13 +124,13 @@ def test_train_on_cuda_with_the_governor_demo(no_cifar, capsys, monkeypatch):
     out = no_cifar / "cuda"
     code, stdout, err = run_cli(capsys, "train", "--device", "cuda", "--epochs", 3, "--inject-nan-at", 3, "--out", out, *TINY)
     assert code == 0, err
-    records = read_log(out / lifecycle.METRICS_FILE)
+    records = read_log(out / train.METRICS_FILE)
     config, summary = records[0], records[-1]
     assert config["device"] == "cuda" and len(records) == 5
     assert summary["rollbacks"] == 1 and summary["seeds"][0]["reason"] == "governor_rollback"
     assert {"ste_forward", "metrics_update", "snapshot_pack"} <= set(summary["kernels_ran"])
     assert math.isfinite(records[3]["val_loss"])
-    assert (out / lifecycle.PLOT_FILE).read_bytes().startswith(PNG_MAGIC)
+    assert (out / train.PLOT_FILE).read_bytes().startswith(PNG_MAGIC)
 
 
 # ---------------------------------------------------------------- the controller
@@ -131,8 +139,8 @@ def _controller(epochs=8):
     from esper_fast.tolaria import create_model
 
     model = create_model("cifar10", "cpu")
-    schedule = lifecycle.LifecycleSchedule.for_epochs(epochs)
-    return model, lifecycle.SeedController(model, "conv_light", schedule, epochs, steps_per_epoch=4)
+    schedule = train.LifecycleSchedule.for_epochs(epochs)
+    return model, train.SeedController(model, "conv_light", schedule, epochs, steps_per_epoch=4)
 
 
 def _drive(controller, accuracies, contributions):
@@ -195,13 +203,13 @@ def test_blending_alpha_ramps_per_step():
 
 def test_short_runs_compress_the_schedule_but_still_decide():
     for epochs in (5, 6, 8, 12):
-        s = lifecycle.LifecycleSchedule.for_epochs(epochs)
+        s = train.LifecycleSchedule.for_epochs(epochs)
         assert s.max_warmup_epochs + s.lifecycle_epochs <= epochs, epochs
-    assert lifecycle.LifecycleSchedule.for_epochs(8).blending_epochs == 2
+    assert train.LifecycleSchedule.for_epochs(8).blending_epochs == 2
 
 
 def test_loss_watch_records_each_step_and_poisons_one():
-    watch = lifecycle.LossWatch(torch.nn.CrossEntropyLoss(), "cpu")
+    watch = train.LossWatch(torch.nn.CrossEntropyLoss(), "cpu")
     watch.begin_epoch(2, poison_step=2)
     logits, labels = torch.randn(4, 3, requires_grad=True), torch.tensor([0, 1, 2, 1])
     losses = [watch(logits, labels) for _ in range(4)]  # grows past the expected 2 steps
@@ -225,6 +233,34 @@ def test_plot_is_a_png_with_bands_rollbacks_and_missing_values(tmp_path):
     ]
     path = plot_run(records, tmp_path / "plot.png", title="t", chance=10.0)
     assert path.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_plot_of_a_language_model_shows_perplexity(tmp_path):
+    records = [
+        {"epoch": 1, "stage": "NONE", "val_accuracy": 20.0, "alpha": 0.0, "train_loss": 5.0, "val_loss": 4.0,
+         "events": ["germinated seed-1 (lora): warm-up over", "GERMINATED -> TRAINING"]},
+        {"epoch": 2, "stage": "TRAINING", "val_accuracy": 25.0, "alpha": 0.0, "train_loss": None, "val_loss": "inf"},
+    ]
+    path = plot_run(records, tmp_path / "lm.png", title="lm", task_type="lm")
+    assert path.read_bytes().startswith(PNG_MAGIC)
+
+
+# ---------------------------------------------------------------- help and version
+
+def test_train_help_shows_defaults_and_the_blueprints_of_each_task(capsys):
+    code, out, _ = run_cli(capsys, "train", "--help")
+    assert code == 0
+    assert "(default: 8)" in out and "(default: cpu)" in out and "(default: runs/latest)" in out
+    assert "cifar10 (cnn host):" in out and "conv_light (default)" in out
+    assert "tinystories (transformer host):" in out and "lora (default)" in out
+    assert "--resume DIR" in out and "--overwrite" in out and "--keep-checkpoints" in out
+
+
+def test_version(capsys):
+    import esper_fast
+
+    code, out, _ = run_cli(capsys, "--version")
+    assert code == 0 and out.startswith(f"esper-fast {esper_fast.__version__} (torch {torch.__version__}")
 
 
 # ---------------------------------------------------------------- errors
@@ -277,6 +313,53 @@ def test_bad_arguments_are_one_line_too(capsys):
 def test_nan_epoch_after_the_run_is_rejected(capsys, tmp_path):
     code, _, err = run_cli(capsys, "train", "--epochs", "2", "--inject-nan-at", "3", "--out", tmp_path)
     assert_one_line_error(code, err, "--inject-nan-at 3")
+
+
+@pytest.fixture
+def text_files(tmp_path):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "story.txt").write_text("Once upon a time. " * 200, encoding="utf-8")
+    (tmp_path / "run").mkdir()
+    return tmp_path
+
+
+BAD_FLAGS = [
+    (["--lr", "nan"], "finite positive number"),
+    (["--lr", "inf"], "finite positive number"),
+    (["--lr", "-0.1"], "finite positive number"),
+    (["--lr", "0"], "finite positive number"),
+    (["--seed", "99999999999999999999999"], "a seed is an integer from 0 to 2**64-1"),
+    (["--seed", "-1"], "a seed is an integer from 0 to 2**64-1"),
+    (["--seed", "1.5"], "expected an integer seed"),
+    (["--out", ""], "expected a folder name"),
+    (["--epochs", "0"], "positive int"),
+    (["--batch-size", "0"], "positive int"),
+    (["--max-batches", "-2"], "positive int"),
+    (["--keep-checkpoints", "0"], "positive int"),
+    (["--seq-len", "32"], "--seq-len applies to --task tinystories, not cifar10"),
+    (["--text", "{dir}/story.txt"], "--text applies to --task tinystories, not cifar10"),
+    (["--task", "tinystories", "--data-root", "{dir}"], "--data-root applies to --task cifar10"),
+    (["--task", "tinystories", "--text", "{dir}/empty.txt"], "is empty"),
+    (["--task", "tinystories", "--text", "{dir}/missing.txt"], "text file not found"),
+    (["--task", "tinystories", "--text", "{dir}"], "is not a file"),
+    (["--task", "tinystories", "--seq-len", "1000"], "exceeds the model's block size 256"),
+    (["--task", "tinystories", "--blueprint", "conv_light"], "unknown blueprint 'conv_light' for tinystories"),
+    (["--device", "tpu"], "device"),
+    (["--resume", "{dir}/run", "--lr", "0.1"], "--resume continues a run with the settings it started with; drop --lr"),
+    (["--resume", "{dir}/run", "--overwrite"], "drop --overwrite"),
+    (["--resume", "{dir}/nowhere"], "no such run folder"),
+    (["--resume", "{dir}/run"], "nothing to resume"),
+]
+
+
+@pytest.mark.parametrize("flags, message", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
+def test_every_bad_flag_is_one_line_and_exit_2(capsys, text_files, flags, message):
+    flags = [f.replace("{dir}", str(text_files)) for f in flags]
+    out = [] if any(f in flags for f in ("--out", "--resume")) else ["--out", str(text_files / "out")]
+    code, stdout, err = run_cli(capsys, "train", *flags, *out)
+    assert_one_line_error(code, err, message)
+    assert "epoch" not in stdout
+    assert not (text_files / "out" / train.METRICS_FILE).exists()
 
 
 # ---------------------------------------------------------------- info and the module entry point

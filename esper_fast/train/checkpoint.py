@@ -1,0 +1,256 @@
+"""What a checkpoint holds, as plain data, and how a run is rebuilt from it.
+
+A checkpoint is an ordinary ``torch.save`` file of dicts, lists, numbers, strings, bools,
+``None`` and tensors only, so ``torch.load(path, weights_only=True)`` reads it in any
+process, one that never imported esper_fast included. The training layer's objects (the
+seed slot's ``SeedState`` with its ``SeedMetrics``, ``SeedTelemetry``, stage history and
+datetimes, the ``AlphaSchedule``) are encoded by :func:`encode` into tagged dicts and rebuilt
+by :func:`decode`.
+
+To restore a model, the same blueprint is germinated when the slot held a seed, then the
+tensor state is loaded strictly and the slot's extra state set. The governor's snapshot is
+either taken again from the restored model (a checkpoint at an epoch boundary, where the
+snapshot is the model) or rebuilt from the snapshot tensors the checkpoint carries (a
+checkpoint in the middle of an epoch).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import datetime
+import enum
+import random
+
+import torch
+import torch.nn as nn
+
+FORMAT = "esper-fast-train-checkpoint"
+VERSION = 1
+_TAG = "__class__"
+_EXTRA_STATE = "_extra_state"
+
+
+# ---------------------------------------------------------------- plain-data codec
+
+def _classes() -> dict:
+    from esper_fast.kasmina.isolation import AlphaSchedule
+    from esper_fast.kasmina.slot import SeedMetrics, SeedState
+    from esper_fast.leyline import SeedStage, SeedTelemetry
+
+    return {c.__name__: c for c in (SeedState, SeedMetrics, SeedTelemetry, SeedStage, AlphaSchedule)}
+
+
+def encode(value):
+    """``value`` as plain data; the training layer's objects become tagged dicts."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, enum.Enum):
+        return {_TAG: _known(type(value)), "value": value.value}
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, datetime.datetime):
+        return {_TAG: "datetime", "iso": value.isoformat()}
+    if isinstance(value, collections.deque):
+        return {_TAG: "deque", "maxlen": value.maxlen, "items": [encode(v) for v in value]}
+    if isinstance(value, tuple):
+        return {_TAG: "tuple", "items": [encode(v) for v in value]}
+    if isinstance(value, list):
+        return [encode(v) for v in value]
+    if isinstance(value, dict):
+        if all(isinstance(k, str) and k != _TAG for k in value):
+            return {k: encode(v) for k, v in value.items()}
+        return {_TAG: "dict", "items": [[encode(k), encode(v)] for k, v in value.items()]}
+    if dataclasses.is_dataclass(value):
+        name = _known(type(value))
+        return {_TAG: name, "fields": {f.name: encode(getattr(value, f.name)) for f in dataclasses.fields(value)}}
+    name = _known(type(value))
+    return {_TAG: name, "attrs": {k: encode(v) for k, v in vars(value).items()}}
+
+
+def _known(cls) -> str:
+    if _classes().get(cls.__name__) is not cls:
+        raise TypeError(f"esper_fast: a checkpoint cannot hold a {cls.__module__}.{cls.__qualname__}")
+    return cls.__name__
+
+
+def decode(value):
+    """The inverse of :func:`encode`."""
+    if isinstance(value, list):
+        return [decode(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    tag = value.get(_TAG)
+    if tag is None:
+        return {k: decode(v) for k, v in value.items()}
+    if tag == "datetime":
+        return datetime.datetime.fromisoformat(value["iso"])
+    if tag == "deque":
+        return collections.deque((decode(v) for v in value["items"]), maxlen=value["maxlen"])
+    if tag == "tuple":
+        return tuple(decode(v) for v in value["items"])
+    if tag == "dict":
+        return {decode(k): decode(v) for k, v in value["items"]}
+    cls = _classes()[tag]
+    if "value" in value:
+        return cls(value["value"])
+    if "fields" in value:
+        # Fields the class no longer has are dropped; new ones keep their defaults.
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        given = {k: decode(v) for k, v in value["fields"].items() if k in fields}
+        obj = cls(**{k: v for k, v in given.items() if fields[k].init})
+        for k, v in given.items():
+            if not fields[k].init:
+                setattr(obj, k, v)
+        return obj
+    obj = cls.__new__(cls)
+    obj.__dict__.update({k: decode(v) for k, v in value["attrs"].items()})
+    return obj
+
+
+def _to_cpu(value):
+    """A copy of a (nested) optimizer state with its tensors on the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
+# ---------------------------------------------------------------- model and seed slot
+
+def model_state(model: nn.Module) -> dict:
+    """Host and seed tensors (on the CPU), the slot's lifecycle state (its extra state,
+    encoded) and the slot's gradient-isolation flag, which the extra state does not carry."""
+    state = model.state_dict()
+    extras = [key for key in state if key.endswith(_EXTRA_STATE)]
+    # One CPU copy per distinct tensor: tied weights, and the seed under both of its names
+    # (model.seed_slot and host.slots.<id>), stay shared and are saved once.
+    copies: dict = {}
+    tensors = collections.OrderedDict()
+    for key, value in state.items():
+        if key in extras:
+            continue
+        identity = (value.device, value.untyped_storage().data_ptr(), value.storage_offset(), value.dtype,
+                    tuple(value.shape), tuple(value.stride()))
+        if identity not in copies:
+            copies[identity] = value.detach().to("cpu", copy=True)
+        tensors[key] = copies[identity]
+    return {
+        "tensors": tensors,
+        "extra_states": {key: encode(state[key]) for key in extras},
+        "isolate_gradients": bool(model.seed_slot.isolate_gradients),
+    }
+
+
+def restore_model(model: nn.Module, state: dict, *, germinated_before: bool, before_load=None) -> None:
+    """Puts ``state`` (from :func:`model_state`) into a freshly built ``model``.
+
+    A slot that held a seed gets the same blueprint germinated first, so that the tensor
+    state loads strictly. ``germinated_before``: the run had germinated a seed, now gone; one
+    is germinated and culled again so the slot's shape probe, drawn from torch's RNG at the
+    first germination in a process, is not drawn a second time later. ``before_load()``
+    runs after germination and before the tensors are loaded (the governor's snapshot).
+    """
+    extras = {key: decode(value) for key, value in state["extra_states"].items()}
+    slot = model.seed_slot
+    seed_state = next((e["seed_state"] for e in extras.values() if e.get("seed_state") is not None), None)
+    if seed_state is not None:
+        model.germinate_seed(seed_state.blueprint_id, seed_state.seed_id)
+    elif germinated_before:
+        model.germinate_seed(slot_blueprint(model), "probe")
+        slot.cull("resume")
+    if before_load is not None:
+        before_load(extras)
+    model.load_state_dict({**state["tensors"], **extras}, strict=True)
+    slot.isolate_gradients = state["isolate_gradients"]
+
+
+def slot_blueprint(model: nn.Module) -> str:
+    """The smallest blueprint of the model's topology (any will do for the shape probe)."""
+    from esper_fast.kasmina import BlueprintRegistry
+
+    topology = getattr(model.seed_slot.task_config, "topology", "cnn")
+    return BlueprintRegistry.names(topology)[0]
+
+
+# ---------------------------------------------------------------- optimizers and governor
+
+def optimizer_state(optimizer: torch.optim.Optimizer | None) -> dict | None:
+    return None if optimizer is None else _to_cpu(optimizer.state_dict())
+
+
+def governor_state(governor, with_snapshot: bool) -> dict:
+    """The governor's loss history and panic state; with ``with_snapshot``, also the tensors
+    of its Last Known Good snapshot (needed when the model has moved on from it)."""
+    snapshot = None
+    if with_snapshot and governor.last_good_state is not None:
+        snapshot = collections.OrderedDict(
+            (k, v.detach().cpu().clone()) for k, v in governor.last_good_state.items() if isinstance(v, torch.Tensor)
+        )
+    return {
+        "loss_history": list(governor.loss_history),
+        "consecutive_panics": governor.consecutive_panics,
+        "pending_panic": governor._pending_panic,
+        "panic_loss": governor._panic_loss,
+        "snapshot": snapshot,
+    }
+
+
+def restore_governor(governor, state: dict) -> None:
+    """The loss history and panic state (the snapshot is the loop's business, see
+    :func:`restore_model`)."""
+    governor.loss_history.clear()
+    governor.loss_history.extend(state["loss_history"])
+    governor.consecutive_panics = state["consecutive_panics"]
+    governor._pending_panic = state["pending_panic"]
+    governor._panic_loss = state["panic_loss"]
+
+
+# ---------------------------------------------------------------- random number generators
+
+def rng_state(device: str, shuffle: torch.Generator | None) -> dict:
+    """torch's CPU (and CUDA, on a CUDA run) generators, Python's and numpy's, and the
+    generator of the training batch order."""
+    state = {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(torch.device(device)) if device.startswith("cuda") else None,
+        "python": encode(random.getstate()),
+        "numpy": None,
+        "shuffle": None if shuffle is None else shuffle.get_state(),
+    }
+    try:
+        import numpy as np
+    except ImportError:
+        return state
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state["numpy"] = {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    return state
+
+
+def restore_rng(state: dict, device: str, shuffle: torch.Generator | None, *, torch_generators: bool = True) -> None:
+    """Sets every generator :func:`rng_state` saved. ``torch_generators=False`` leaves
+    torch's CPU and CUDA generators to :func:`restore_torch_rng` (a resumed epoch sets them
+    only once its data loader has drawn its seed)."""
+    random.setstate(decode(state["python"]))
+    if state["numpy"] is not None:
+        import numpy as np
+
+        saved = state["numpy"]
+        np.random.set_state((saved["name"], saved["keys"].numpy().astype(np.uint32), saved["pos"],
+                             saved["has_gauss"], saved["cached_gaussian"]))
+    if shuffle is not None and state["shuffle"] is not None:
+        shuffle.set_state(state["shuffle"])
+    if torch_generators:
+        restore_torch_rng(state, device)
+
+
+def restore_torch_rng(state: dict, device: str) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and device.startswith("cuda"):
+        torch.cuda.set_rng_state(state["cuda"], torch.device(device))

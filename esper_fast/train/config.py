@@ -1,0 +1,58 @@
+"""What a run is given: :class:`RunConfig`, and the defaults that depend on the task."""
+
+from __future__ import annotations
+
+import dataclasses
+
+# Per task: the seed blueprint, batch size, sequence length and learning rate a run uses
+# when the flag is not given. Tuples are (on CPU, on CUDA).
+TASK_DEFAULTS = {
+    "cifar10": {"blueprint": "conv_light", "batch_size": (128, 128), "seq_len": None, "lr": 0.05},
+    "tinystories": {"blueprint": "lora", "batch_size": (8, 32), "seq_len": (64, None), "lr": 3e-4},
+}
+TASKS = tuple(TASK_DEFAULTS)
+DEFAULT_OUT = "runs/latest"
+DEFAULT_KEEP_CHECKPOINTS = 2
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Everything ``esper-fast train`` takes. ``None`` means the task's default
+    (:data:`TASK_DEFAULTS`); :func:`resolve` fills those in so that a run records, and a
+    resumed run reuses, the values it actually ran with."""
+
+    task: str = "cifar10"
+    epochs: int = 8
+    device: str = "cpu"
+    data_root: str | None = None
+    text_path: str | None = None
+    blueprint: str | None = None
+    out: str = DEFAULT_OUT
+    seed: int = 0
+    max_batches: int | None = None
+    compile: bool = False
+    inject_nan_at: int | None = None
+    batch_size: int | None = None
+    seq_len: int | None = None
+    lr: float | None = None
+    progress: bool = True
+    keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS
+
+
+def resolve(config: RunConfig, block_size: int | None = None) -> RunConfig:
+    """``config`` with every task default filled in. ``block_size`` is the language model's
+    context: its sequence-length default on CUDA."""
+    defaults = TASK_DEFAULTS[config.task]
+    on_cuda = int(config.device.startswith("cuda"))
+    seq_len = config.seq_len
+    if seq_len is None and defaults["seq_len"] is not None:
+        seq_len = defaults["seq_len"][on_cuda] or block_size
+        if block_size:
+            seq_len = min(seq_len, block_size)
+    return dataclasses.replace(
+        config,
+        blueprint=config.blueprint or defaults["blueprint"],
+        batch_size=config.batch_size or defaults["batch_size"][on_cuda],
+        seq_len=seq_len,
+        lr=config.lr or defaults["lr"],
+    )

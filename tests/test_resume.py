@@ -1,0 +1,169 @@
+"""Checkpoints and resume: a run stopped anywhere (SIGTERM in the middle of an epoch, SIGINT
+between epochs, SIGKILL with no clean-up) and resumed ends with exactly the records of a
+run that was never stopped; checkpoints are plain ``torch.load(weights_only=True)`` data
+that a process without esper_fast reads; the lifecycle objects survive the round trip."""
+
+import datetime
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from esper_fast import cli, train
+from esper_fast.train import checkpoint
+
+# Six epochs reach the keep/cull decision: germinate after 1, TRAINING 2, BLENDING 3 (the
+# alpha ramp moves every step), SHADOWING 4, PROBATIONARY 5.
+LIFECYCLE = ["--epochs", "6", "--max-batches", "3", "--batch-size", "32", "--no-progress"]
+# A rollback in epoch 2 (the seed is culled), then host epochs.
+ROLLBACK = ["--epochs", "4", "--inject-nan-at", "2", "--max-batches", "3", "--batch-size", "32", "--no-progress"]
+# Wall-clock fields, and the paths of the run's files: the only ones a resumed run (in
+# another folder than the run it is compared with) may differ in.
+CLOCK = {"started_at", "ended_at", "train_time_s", "eval_time_s", "epoch_time_s", "samples_per_s",
+         "time", "total_time_s", "mean_epoch_time_s", "metrics", "plot"}
+
+
+def read_log(path):
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle]
+
+
+def outcome(out):
+    """Every epoch record and the summary, without the wall-clock fields."""
+    records = [r for r in read_log(out / train.METRICS_FILE) if r["type"] in ("epoch", "summary")]
+    return [{k: v for k, v in r.items() if k not in CLOCK} for r in records]
+
+
+def child(argv, cwd, signal_at=None, **kwargs):
+    env = {k: v for k, v in os.environ.items() if k not in ("ESPER_FAST_REFERENCE", "ESPER_FAST_SELF_SIGNAL")}
+    if signal_at:
+        env["ESPER_FAST_SELF_SIGNAL"] = signal_at
+    return subprocess.run([sys.executable, "-m", "esper_fast", *argv], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=180, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """An empty folder to run in: no ./data, so the generated image set is used."""
+    return tmp_path_factory.mktemp("resume")
+
+
+def _in_process(workdir, argv):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(workdir)
+        patch.delenv("ESPER_FAST_REFERENCE", raising=False)
+        return cli.main([str(a) for a in argv])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(workdir):
+    """The outcomes of the two runs never stopped."""
+    found = {}
+    for name, flags in (("lifecycle", LIFECYCLE), ("rollback", ROLLBACK)):
+        out = workdir / f"uninterrupted-{name}"
+        assert _in_process(workdir, ["train", *flags, "--out", out]) == 0
+        found[name] = outcome(out)
+    return found
+
+
+def test_sigterm_in_the_middle_of_an_epoch_then_resume_ends_as_if_never_stopped(workdir, uninterrupted):
+    out = workdir / "sigterm"
+    stopped = child(["train", *LIFECYCLE, "--out", str(out)], workdir, signal_at="SIGTERM@3:1")
+    assert stopped.returncode == 143, stopped.stderr
+    # One line saying how to continue; the summary and the plot were written on the way out.
+    assert stopped.stderr.strip().splitlines()[-1].endswith(f"continue with: esper-fast train --resume {out}")
+    log = read_log(out / train.METRICS_FILE)
+    assert [r["epoch"] for r in log if r["type"] == "epoch"] == [1, 2]
+    assert log[-1]["type"] == "summary" and log[-1]["status"] == "interrupted" and log[-1]["stopped_by"] == "SIGTERM"
+    assert (out / train.PLOT_FILE).is_file()
+    status = json.loads((out / train.STATUS_FILE).read_text())
+    assert status["status"] == "interrupted" and (status["epochs_done"], status["steps_done"]) == (2, 1)
+    assert sorted(p.name for p in (out / train.CHECKPOINT_DIR).iterdir()) == ["epoch-0002-step-0001.pt", "epoch-0002.pt"]
+
+    resumed = child(["train", "--resume", str(out)], workdir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resume: from" in resumed.stdout and "at epoch 3, step 2 of 6 epochs" in resumed.stdout
+    assert outcome(out) == uninterrupted["lifecycle"]
+    # The log tells the whole story: each epoch once, and where the run was resumed.
+    log = read_log(out / train.METRICS_FILE)
+    assert [r["type"] for r in log] == ["config", "epoch", "epoch", "resume"] + ["epoch"] * 4 + ["summary"]
+    assert log[3]["stopped_by"] == "SIGTERM" and (log[3]["epochs_done"], log[3]["steps_done"]) == (2, 1)
+    assert json.loads((out / train.STATUS_FILE).read_text())["status"] == "finished"
+
+
+def test_sigint_between_epochs_after_a_rollback_then_resume(workdir, uninterrupted, capsys):
+    out = workdir / "sigint"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ESPER_FAST_SELF_SIGNAL", "SIGINT@3:0")
+        assert _in_process(workdir, ["train", *ROLLBACK, "--out", out]) == 130
+    err = capsys.readouterr().err
+    assert "stopped by SIGINT after 2 of 4 epochs" in err and "--resume" in err
+    # Nothing of epoch 3 ran: the checkpoint after epoch 2 (the rollback) is where it resumes.
+    assert [p.name for p in (out / train.CHECKPOINT_DIR).iterdir()] != []
+    assert train.RunDir(out).checkpoints()[-1].name == "epoch-0002.pt"
+    assert _in_process(workdir, ["train", "--resume", out]) == 0
+    assert outcome(out) == uninterrupted["rollback"]
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint(workdir, uninterrupted):
+    out = workdir / "sigkill"
+    killed = child(["train", *LIFECYCLE, "--out", str(out)], workdir, signal_at="SIGKILL@5:2")
+    assert killed.returncode == -signal.SIGKILL
+    assert json.loads((out / train.STATUS_FILE).read_text())["status"] == "running"  # no clean-up happened
+    assert train.RunDir(out).checkpoints()[-1].name == "epoch-0004.pt"
+    # A new run may not take the folder over; resuming it may.
+    assert _in_process(workdir, ["train", *LIFECYCLE, "--out", out]) == cli.EXIT_USAGE
+    assert _in_process(workdir, ["train", "--resume", out]) == 0
+    assert outcome(out) == uninterrupted["lifecycle"]
+    resume = next(r for r in read_log(out / train.METRICS_FILE) if r["type"] == "resume")
+    assert resume["stopped_by"] == "a crash" and resume["epochs_done"] == 4
+
+
+def test_a_checkpoint_loads_with_weights_only_in_a_process_without_esper_fast(workdir, uninterrupted):
+    path = train.RunDir(workdir / "uninterrupted-lifecycle").checkpoints()[-1]
+    script = (
+        "import sys, torch\n"
+        f"ck = torch.load({str(path)!r}, weights_only=True)\n"
+        "assert 'esper_fast' not in sys.modules, 'loading needed esper_fast'\n"
+        "print(ck['position'], sorted(ck['optimizers']), len(ck['model']['tensors']))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "{'epochs_done': 6, 'steps_done': 0}" in result.stdout
+
+
+def test_the_seed_state_survives_the_plain_data_round_trip():
+    from collections import deque
+
+    from esper_fast.kasmina.isolation import AlphaSchedule
+    from esper_fast.kasmina.slot import SeedMetrics, SeedState
+    from esper_fast.leyline import SeedStage
+
+    state = SeedState(seed_id="seed-1", blueprint_id="conv_light", slot_id="block2", stage=SeedStage.BLENDING,
+                      previous_stage=SeedStage.TRAINING, previous_epochs_in_stage=2, alpha=0.37,
+                      metrics=SeedMetrics(epochs_total=3, current_val_accuracy=41.5, counterfactual_contribution=None))
+    state.stage_history.append((SeedStage.TRAINING, datetime.datetime(2025, 1, 2, 3, 4, 5, 678, datetime.timezone.utc)))
+    extra = {"seed_state": state, "alpha_schedule": AlphaSchedule(total_steps=6, temperature=0.5)}
+    plain = checkpoint.encode(extra)
+
+    def is_plain(value):
+        if isinstance(value, dict):
+            return all(isinstance(k, str) and is_plain(v) for k, v in value.items())
+        if isinstance(value, list):
+            return all(is_plain(v) for v in value)
+        return value is None or isinstance(value, (bool, int, float, str, torch.Tensor))
+
+    assert is_plain(plain)
+    back = checkpoint.decode(plain)
+    restored = back["seed_state"]
+    assert restored == state and isinstance(restored.stage, SeedStage) and isinstance(restored.stage_history, deque)
+    assert restored.stage_history.maxlen == state.stage_history.maxlen
+    assert restored.telemetry == state.telemetry and restored.stage_entered_at == state.stage_entered_at
+    schedule = back["alpha_schedule"]
+    assert [schedule(s) for s in range(8)] == [extra["alpha_schedule"](s) for s in range(8)]
+    with pytest.raises(TypeError, match="cannot hold"):
+        checkpoint.encode(object())

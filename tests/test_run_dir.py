@@ -1,0 +1,199 @@
+"""Run folders that are never clobbered: the lock against a second run, finished and
+unfinished runs refused without --overwrite or --resume, atomic checkpoints (a process
+killed between write and rename leaves the previous one loadable), a run that survives its
+folder being deleted and its stdout being closed, and ``esper-fast plot``."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from esper_fast import cli, train
+
+TINY = ["--max-batches", "2", "--batch-size", "32", "--no-progress"]
+
+
+def run_cli(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(code, err, fragment):
+    lines = err.strip().splitlines()
+    assert code == cli.EXIT_USAGE and len(lines) == 1, err
+    assert lines[0].startswith("esper-fast: error: ") and fragment in lines[0], lines[0]
+
+
+def start_child(argv, cwd, **kwargs):
+    env = {k: v for k, v in os.environ.items() if k not in ("ESPER_FAST_REFERENCE", "ESPER_FAST_SELF_SIGNAL")}
+    return subprocess.Popen([sys.executable, "-m", "esper_fast", *argv], cwd=cwd, env=env, text=True, **kwargs)
+
+
+def wait_for(predicate, what, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def whole_json_lines(path):
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle]  # raises on a torn or interleaved line
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no ./data: the generated image set
+    monkeypatch.delenv("ESPER_FAST_REFERENCE", raising=False)
+    return tmp_path
+
+
+def test_a_second_run_into_the_same_folder_is_refused_and_the_first_keeps_its_log(workdir, capsys):
+    out = workdir / "busy"
+    first = start_child(["train", "--epochs", "40", "--max-batches", "1", "--batch-size", "16", "--no-progress",
+                         "--out", str(out)], workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: (out / train.CHECKPOINT_DIR / "epoch-0001.pt").exists(), "the first run's first epoch")
+        code, stdout, err = run_cli(capsys, "train", "--epochs", "2", *TINY, "--out", out)
+        one_line_error(code, err, f"{out} is in use by another run (pid {first.pid}")
+        assert stdout == ""
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=120) == 143
+    finally:
+        if first.poll() is None:
+            first.kill()
+    log = whole_json_lines(out / train.METRICS_FILE)
+    assert log[0]["type"] == "config" and log[0]["epochs"] == 40  # the first run's, untouched
+    epochs = [r["epoch"] for r in log if r["type"] == "epoch"]
+    assert epochs == list(range(1, len(epochs) + 1)) and log[-1]["status"] == "interrupted"
+
+
+def test_a_finished_run_is_never_overwritten_without_overwrite(workdir, capsys):
+    out = workdir / "done"
+    assert run_cli(capsys, "train", "--epochs", "1", *TINY, "--out", out)[0] == 0
+    before = (out / train.METRICS_FILE).read_bytes()
+    code, _, err = run_cli(capsys, "train", "--epochs", "1", *TINY, "--out", out)
+    one_line_error(code, err, f"--out {out} already holds a finished run (cifar10, 1 epochs")
+    assert "--overwrite" in err and (out / train.METRICS_FILE).read_bytes() == before
+    code, _, err = run_cli(capsys, "train", "--resume", out)
+    one_line_error(code, err, "there is nothing to resume")
+
+    # --overwrite replaces the run's own files and nothing else.
+    (out / "notes.txt").write_text("mine")
+    code, _, err = run_cli(capsys, "train", "--epochs", "2", *TINY, "--out", out, "--overwrite")
+    assert code == 0, err
+    log = whole_json_lines(out / train.METRICS_FILE)
+    assert log[0]["epochs"] == 2 and [r["type"] for r in log].count("config") == 1
+    assert (out / "notes.txt").read_text() == "mine"
+    assert [p.name for p in train.RunDir(out).checkpoints()] == ["epoch-0001.pt", "epoch-0002.pt"]
+
+
+def test_an_unfinished_run_is_refused_with_the_way_to_resume_it(workdir, capsys, monkeypatch):
+    out = workdir / "stopped"
+    monkeypatch.setenv("ESPER_FAST_SELF_SIGNAL", "SIGTERM@2:1")
+    code, _, err = run_cli(capsys, "train", "--epochs", "3", *TINY, "--out", out)
+    assert code == 143 and "continue with: esper-fast train --resume" in err
+    monkeypatch.delenv("ESPER_FAST_SELF_SIGNAL")
+    code, _, err = run_cli(capsys, "train", "--epochs", "3", *TINY, "--out", out)
+    one_line_error(code, err, "holds an unfinished run (stopped after epoch 1 of 3 by SIGTERM)")
+    assert f"esper-fast train --resume {out}" in err
+
+
+def test_the_log_of_an_older_run_without_status_is_not_clobbered(workdir, capsys):
+    out = workdir / "old"
+    out.mkdir()
+    (out / train.METRICS_FILE).write_text('{"type": "config"}\n')
+    code, _, err = run_cli(capsys, "train", "--epochs", "1", *TINY, "--out", out)
+    one_line_error(code, err, "holds the log of an earlier run")
+
+
+def test_a_checkpoint_is_atomic_a_kill_before_the_rename_leaves_the_previous_one(tmp_path):
+    run_dir = train.RunDir(tmp_path / "run", warn=lambda line: None)
+    run_dir.acquire()
+    first = {"epoch": 1, "weights": torch.arange(6.0)}
+    run_dir.save_checkpoint(first, 1)
+    pid = os.fork()
+    if pid == 0:  # the child dies between writing the new file and renaming it into place
+        os.replace = lambda *args: os._exit(9)
+        run_dir.save_checkpoint({"epoch": 2, "weights": torch.zeros(6)}, 2)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 9
+    folder = tmp_path / "run" / train.CHECKPOINT_DIR
+    assert sorted(p.name for p in folder.iterdir()) == [f".epoch-0002.pt.{pid}.tmp", "epoch-0001.pt"]
+    payload, path = run_dir.load_checkpoint()
+    assert path.name == "epoch-0001.pt" and torch.equal(payload["weights"], first["weights"])
+    run_dir.remove_stale_temporaries()
+    assert [p.name for p in folder.iterdir()] == ["epoch-0001.pt"]
+    # The newest `keep` are kept; a damaged newest one falls back to the one before.
+    for epoch in (2, 3):
+        run_dir.save_checkpoint({"epoch": epoch}, epoch)
+    assert [p.name for p in run_dir.checkpoints()] == ["epoch-0002.pt", "epoch-0003.pt"]
+    (folder / "epoch-0003.pt").write_bytes(b"damaged")
+    warnings = []
+    run_dir.warn = warnings.append
+    assert run_dir.load_checkpoint()[0] == {"epoch": 2} and "cannot be read" in warnings[0]
+    run_dir.release()
+
+
+def test_the_folder_is_made_again_when_deleted_and_a_failed_write_is_reported_once(tmp_path):
+    warnings = []
+    run_dir = train.RunDir(tmp_path / "run", warn=warnings.append)
+    run_dir.acquire("test")
+    run_dir.start_log([{"type": "config"}])
+    shutil.rmtree(tmp_path / "run")
+    run_dir.append({"type": "epoch", "epoch": 1})
+    assert whole_json_lines(tmp_path / "run" / train.METRICS_FILE) == [{"type": "config"}, {"type": "epoch", "epoch": 1}]
+    assert len(warnings) == 1 and "disappeared during the run" in warnings[0]
+    # The lock was taken again: a second run cannot slip in.
+    with pytest.raises(train.RunDirError, match="in use by another run"):
+        train.RunDir(tmp_path / "run").acquire()
+    (tmp_path / "run" / train.CHECKPOINT_DIR).write_text("not a folder")
+    assert run_dir.save_checkpoint({"epoch": 1}, 1) is None
+    assert run_dir.save_checkpoint({"epoch": 2}, 2) is None
+    assert len(warnings) == 2 and "could not write checkpoint epoch-0001.pt" in warnings[1]
+    run_dir.append({"type": "epoch", "epoch": 2})  # the run goes on
+    assert len(whole_json_lines(tmp_path / "run" / train.METRICS_FILE)) == 3
+    run_dir.release()
+
+
+def test_a_run_survives_its_folder_being_deleted_and_its_stdout_closed(workdir):
+    out = workdir / "fragile"
+    epochs = 14
+    run = start_child(["train", "--epochs", str(epochs), "--max-batches", "1", "--batch-size", "16", "--no-progress",
+                       "--out", str(out)], workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert run.stdout.readline().startswith("data: ")
+        run.stdout.close()  # `| head -1`: the reader is gone
+        wait_for(lambda: (out / train.CHECKPOINT_DIR / "epoch-0002.pt").exists(), "epoch 2")
+        shutil.rmtree(out, ignore_errors=True)
+        assert run.wait(timeout=120) == 0
+        err = run.stderr.read()
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert "Traceback" not in err and "disappeared during the run" in err
+    log = whole_json_lines(out / train.METRICS_FILE)
+    assert [r["epoch"] for r in log if r["type"] == "epoch"] == list(range(1, epochs + 1))
+    assert log[-1]["type"] == "summary" and log[-1]["status"] == "finished"
+    assert json.loads((out / train.STATUS_FILE).read_text())["status"] == "finished"
+    assert (out / train.PLOT_FILE).is_file() and train.RunDir(out).checkpoints()
+
+
+def test_plot_redraws_a_run_from_its_log(workdir, capsys):
+    out = workdir / "drawn"
+    assert run_cli(capsys, "train", "--epochs", "2", *TINY, "--out", out)[0] == 0
+    (out / train.PLOT_FILE).unlink()
+    code, stdout, err = run_cli(capsys, "plot", out)
+    assert code == 0, err
+    assert stdout.strip() == f"plot: {out / train.PLOT_FILE}"
+    assert (out / train.PLOT_FILE).read_bytes().startswith(b"\x89PNG")
+    code, _, err = run_cli(capsys, "plot", workdir / "nothing")
+    one_line_error(code, err, "no metrics.jsonl in")
