@@ -531,3 +531,30 @@ def test_cuda_update_on_the_second_device_while_the_first_is_current():
         _assert_loss(result.loss, loss)
         assert result.correct == int(ref["correct"]) and result.class_total == ref["class_total"].tolist()
     assert torch.cuda.current_device() == 0
+
+
+@pytest.mark.parametrize("width", [0, 2, 3, 5])
+def test_packed_sums_round_trip_through_the_result(width):
+    acc = MetricsAccumulator(3, "cpu", per_class=True)
+    logits, targets = torch.randn(7, 3), torch.tensor([0, 1, 2, 2, 1, 0, 2])
+    acc.update(logits, targets)
+    direct = acc.compute()
+    packed = acc.packed(width)
+    assert packed.dtype == torch.float64 and packed.numel() == MetricsAccumulator.PACKED_HEADER + 2 * width
+    result = MetricsAccumulator.result_from_packed(packed, width, 3)
+    assert (result.loss_sum, result.batches, result.correct, result.total) == (
+        direct.loss_sum, direct.batches, direct.correct, direct.total
+    )
+    n = min(width, 3)
+    if width:
+        assert result.class_total[:n] == direct.class_total[:n] and result.class_total[n:] == [0] * (width - n)
+        assert result.class_correct[:n] == direct.class_correct[:n]
+    else:
+        assert result.class_total is None
+
+
+def test_packed_sums_carry_a_bad_target():
+    acc = MetricsAccumulator(3, "cpu")
+    acc.update(torch.randn(2, 3), torch.tensor([1, 7]))
+    with pytest.raises(ValueError, match=r"1 target\(s\) outside \[0, 3\), e.g. 7"):
+        MetricsAccumulator.result_from_packed(acc.packed(), 0, 3)

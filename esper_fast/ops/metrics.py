@@ -148,6 +148,47 @@ class MetricsAccumulator:
         if self.per_class:
             dist.all_reduce(self.state[_HEADER:], group=group)
 
+    # [loss_sum, batches, correct, total, errors, bad_value], then class totals and hits.
+    PACKED_HEADER = 6
+
+    def packed(self, width: int = 0) -> torch.Tensor:
+        """The sums as one float64 vector on the device, for a reduction over ranks:
+        ``[loss_sum, batches, correct, total, errors, bad_value, class_total[:width],
+        class_correct[:width]]`` (classes beyond ``num_classes`` count 0). Asynchronous; counts
+        are exact below 2**53. ``bad_value`` is not a sum: reduce it separately."""
+        out = torch.zeros(self.PACKED_HEADER + 2 * width, dtype=torch.float64, device=self.device)
+        out[0] = self.state[_LOSS_SUM : _LOSS_SUM + 1].view(torch.float64)[0]
+        out[1:4] = self.state[_BATCHES : _TOTAL + 1]
+        out[4] = self.state[_ERRORS]
+        out[5] = self.state[_BAD_VALUE]
+        if width and self.per_class:
+            n = min(width, self.num_classes)
+            counts = self.state[_HEADER:].view(2, self.num_classes)
+            out[self.PACKED_HEADER : self.PACKED_HEADER + n] = counts[0, :n]
+            out[self.PACKED_HEADER + width : self.PACKED_HEADER + width + n] = counts[1, :n]
+        return out
+
+    @classmethod
+    def result_from_packed(cls, row: torch.Tensor, width: int, num_classes: int | None = None) -> MetricsResult:
+        """The :class:`MetricsResult` of a (reduced) :meth:`packed` vector read to the host;
+        ValueError when it counts targets outside ``[0, num_classes)``."""
+        values = row.tolist()
+        errors = int(values[4])
+        if errors:
+            raise ValueError(
+                f"MetricsAccumulator: {errors} target(s) outside [0, {num_classes if num_classes else 'C'}), "
+                f"e.g. {int(values[5])}"
+            )
+        head = cls.PACKED_HEADER
+        return MetricsResult(
+            loss_sum=values[0],
+            batches=int(values[1]),
+            correct=int(values[2]),
+            total=int(values[3]),
+            class_total=[int(v) for v in values[head : head + width]] if width else None,
+            class_correct=[int(v) for v in values[head + width : head + 2 * width]] if width else None,
+        )
+
     def compute(self) -> MetricsResult:
         """The one device-to-host read. Raises ValueError if a target was outside [0, C)."""
         return self._result(self.state.cpu())

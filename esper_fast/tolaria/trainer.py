@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from esper_fast.ops.metrics import MetricsAccumulator, MetricsResult
+from esper_fast.tolaria.distributed import process_group, reduce_results
 from esper_fast.ops.mode import using_reference
 from esper_fast.ops.reference import batch_loss_reference, batch_metrics_reference
 
@@ -236,9 +237,15 @@ def _attribution_result(real: MetricsResult | None, baseline: MetricsResult | No
     )
 
 
-def _read(passes: list[_FusedPass]) -> list[MetricsResult | None]:
+def _read(passes: list[_FusedPass], num_classes: int = 0) -> list[MetricsResult | None]:
     """One device-to-host read for every pass that saw a batch (all on one device); None for
-    a pass that saw none."""
+    a pass that saw none. In a process group of several ranks, the sums over every rank (one
+    all-reduce, see :mod:`esper_fast.tolaria.distributed`); per-class counts for
+    ``range(num_classes)``."""
+    group = process_group()
+    if group is not None:
+        widths = [num_classes if p.per_class else 0 for p in passes]
+        return reduce_results([p.accumulator for p in passes], widths, group)
     results = iter(MetricsAccumulator.compute_all([p.accumulator for p in passes if p.accumulator is not None]))
     return [None if p.accumulator is None else next(results) for p in passes]
 
@@ -341,7 +348,7 @@ def validate_and_get_metrics(
                 val, train = _read([
                     _run_fused_pass(model, testloader, criterion, device, task_type, per_class),
                     _run_fused_pass(model, train_batches, criterion, device, task_type, False),
-                ])
+                ], num_classes)
     finally:
         model.train(was_training)
     return _metrics_tuple(val, train, compute_per_class, num_classes, task_type)
@@ -464,7 +471,7 @@ def validate_epoch(
                 else:
                     passes = (_run_fused_pass(model, testloader, criterion, device, task_type, per_class),)
                 train_pass = _run_fused_pass(model, train_batches, criterion, device, task_type, False)
-                val, train, *rest = _read([passes[0], train_pass, *passes[1:]])
+                val, train, *rest = _read([passes[0], train_pass, *passes[1:]], num_classes)
                 baseline = rest[0] if rest else None
     finally:
         model.train(was_training)
