@@ -197,3 +197,15 @@ def test_plot_redraws_a_run_from_its_log(workdir, capsys):
     assert (out / train.PLOT_FILE).read_bytes().startswith(b"\x89PNG")
     code, _, err = run_cli(capsys, "plot", workdir / "nothing")
     one_line_error(code, err, "no metrics.jsonl in")
+
+
+def test_the_first_stop_signal_is_a_request_and_the_second_stops_at_once():
+    previous = signal.getsignal(signal.SIGTERM)
+    with train.StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested and stop.name == "SIGTERM" and stop.exit_code == 143
+        assert stop.at_step(1, 0)  # the loop stops before drawing the next batch
+        with pytest.raises(train.ForcedStop) as forced:
+            os.kill(os.getpid(), signal.SIGINT)
+        assert forced.value.signum == signal.SIGINT
+    assert signal.getsignal(signal.SIGTERM) is previous
