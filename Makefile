@@ -29,7 +29,7 @@ test: build
 	$(PY) -m pytest tests -q
 
 demo: build
-	$(PY) -m esper_fast train --task cifar10 --device cpu --epochs 8 --out runs/demo
+	$(PY) -m esper_fast train --task cifar10 --device cpu --epochs 8 --out runs/demo --overwrite
 
 bench: build
 	$(PY) -m pytest benchmarks -o python_files="bench_*.py" --benchmark-only --benchmark-autosave \
