@@ -52,7 +52,8 @@ def setup(device: str):
     model = create_model("cifar10", device)
     model.germinate_seed("conv_light", "bench-seed")
     slot = model.seed_slot
-    slot.gates = QualityGates(min_training_improvement=-100.0, min_training_epochs=0)  # straight to BLENDING
+    # Straight to BLENDING: no improvement, age or gradient activity needed.
+    slot.gates = QualityGates(min_training_improvement=-100.0, min_seed_gradient_ratio=0.0, min_training_epochs=0)
     slot.advance_stage(SeedStage.TRAINING)
     slot.advance_stage(SeedStage.BLENDING)
     assert slot.state.stage == SeedStage.BLENDING
