@@ -199,6 +199,8 @@ def time_case(case, device: str, budget_s: float, max_repeats: int) -> dict:
     timer.sync()
     result = {"setup_s": round(time.perf_counter() - setup_start, 3)}
     sides = {"reference": case.reference, "fast": case.fast}
+    if getattr(case, "floor", None) is not None:
+        sides["floor"] = case.floor  # the work no implementation can skip, timed alike
     estimates = {}
     per_side_s = budget_s / 2
     for side, fn in sides.items():
@@ -257,7 +259,12 @@ def case_row(case, timing: dict, floors: dict) -> dict:
         "pct_copy": None,
         "host_link": None,
         "pct_host_link": None,
+        "floor_ms": None,
+        "pct_work_floor": None,
     }
+    if "floor" in timing and fast_ms > 0:
+        row["floor_ms"] = round(timing["floor"]["median_ms"], 6)
+        row["pct_work_floor"] = round(100.0 * row["floor_ms"] / fast_ms, 2)
     moved = row["bytes_moved"]
     if moved and fast_ms > 0:
         row["gbps"] = round(moved / (fast_ms / 1e3) / 1e9, 3)
@@ -729,22 +736,24 @@ def format_table(report: dict) -> str:
     ]
     if "error" in floors:
         lines.append(f"floors: ERROR {floors['error'].splitlines()[-1]}")
-    header = f"{'family':<9}{'case':<44}{'ref ms':>10}{'fast ms':>10}{'ratio':>8}{'GB/s':>9}{'%floor':>8}  {'goal':<20}met"
+    header = f"{'family':<11}{'case':<44}{'ref ms':>10}{'fast ms':>10}{'ratio':>8}{'GB/s':>9}{'%floor':>8}  {'goal':<20}met"
     lines += [header, "-" * len(header)]
     for row in report.get("cases", []):
         name = row.get("name", "?")
         name = name if len(name) <= 43 else name[:40] + "..."
         if row.get("status") != "ok":
             first = (row.get("error") or "").strip().splitlines()
-            lines.append(f"{row.get('family', '?'):<9}{name:<44}{row.get('status', '?').upper()}: "
+            lines.append(f"{row.get('family', '?'):<11}{name:<44}{row.get('status', '?').upper()}: "
                          f"{(first[-1] if first else '')[:70]}")
             continue
         pct = row.get("pct_host_link") if row.get("host_link") else row.get("pct_copy")
         pct_text = f"{pct:.0f}%{'h' if row.get('host_link') else 'c'}" if pct is not None else "-"
+        if pct is None and row.get("pct_work_floor") is not None:
+            pct_text = f"{row['pct_work_floor']:.0f}%w"
         met = (row.get("goal_verdict") or {}).get("met")
         met_text = {True: "yes", False: "NO", None: "-"}[met]
         goal = row.get("goal") or "-"
-        lines.append(f"{row.get('family', '?'):<9}{name:<44}{_fmt(row.get('reference_ms'), '10.3f'):>10}"
+        lines.append(f"{row.get('family', '?'):<11}{name:<44}{_fmt(row.get('reference_ms'), '10.3f'):>10}"
                      f"{_fmt(row.get('fast_ms'), '10.3f'):>10}{_fmt(row.get('ratio'), '7.2f') + 'x':>8}"
                      f"{_fmt(row.get('gbps'), '9.1f'):>9}{pct_text:>8}  {goal[:15]:<16}{met_text}")
     state = report.get("bench_state")
@@ -753,7 +762,8 @@ def format_table(report: dict) -> str:
     for problem in report.get("import_problems", []):
         last = (problem.get("error") or "").strip().splitlines()
         lines.append(f"IMPORT {problem.get('module')}: {(last[-1] if last else '')[:90]}")
-    lines.append("%floor: c = of the device copy, h = of the pinned host link (snapshot cases)")
+    lines.append("%floor: c = of the device copy, h = of the pinned host link (snapshot cases), "
+                 "w = the least work timed alike (validation cases)")
     if "steps" in report:
         lines.append(_steps_line(report))
         lines.append(f"RESULT: {'PASS' if report.get('ok') else 'FAIL'}")
