@@ -10,6 +10,12 @@ vocabulary here).
 
 Batches are gathered with one indexing operation per batch (a ``BatchSampler`` handed to the
 ``DataLoader`` as its sampler) instead of one Python call per sample.
+
+In a run of several processes (``world_size`` > 1) each rank reads its shard: the training
+split through a ``DistributedSampler`` (shuffled from the run's seed and the epoch, padded so
+every rank takes the same number of steps), the validation split through a
+:class:`ShardSampler` (every ``world_size``-th sample, not padded, so the metrics summed over
+the ranks count each sample exactly once).
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ import os
 from pathlib import Path
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
+from torch.utils.data.distributed import DistributedSampler
 
 # torchvision's CIFAR-10 channel statistics, applied to the generated set as well.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -50,8 +57,17 @@ class DataBundle:
 
     @property
     def shuffle_generator(self) -> torch.Generator | None:
-        """The generator that orders the training batches (its state is the batch order to come)."""
+        """The generator that orders the training batches (its state is the batch order to come).
+        None for a sharded loader, whose order is a function of the seed and the epoch."""
         return shuffle_generator(self.trainloader)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Tells sharded loaders which epoch comes next (their shuffle depends on it); a
+        one-process loader keeps its generator and ignores this."""
+        for loader in (self.trainloader, self.testloader):
+            order = getattr(loader.sampler, "sampler", None)
+            if isinstance(order, DistributedSampler):
+                order.set_epoch(epoch)
 
 
 class ImageBatches(Dataset):
@@ -100,11 +116,37 @@ class TokenBlocks(Dataset):
         return x, y
 
 
-def batch_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, pin_memory: bool) -> DataLoader:
-    """A DataLoader that fetches each batch with one indexing call on ``dataset``."""
+class ShardSampler(Sampler[int]):
+    """Samples ``rank, rank + world_size, ...`` of ``dataset`` in order: a validation shard.
+    Unlike ``DistributedSampler(shuffle=False)`` it does not pad the shards to equal length
+    with repeated samples, so the shards together hold every sample exactly once."""
+
+    def __init__(self, dataset: Dataset, rank: int, world_size: int):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        self.length, self.rank, self.world_size = len(dataset), rank, world_size
+
+    def __iter__(self):
+        return iter(range(self.rank, self.length, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.length, self.world_size))
+
+
+def batch_loader(
+    dataset: Dataset, batch_size: int, shuffle: bool, seed: int, pin_memory: bool, rank: int = 0, world_size: int = 1
+) -> DataLoader:
+    """A DataLoader that fetches each batch with one indexing call on ``dataset``. With
+    ``world_size`` > 1, rank ``rank``'s shard: a ``DistributedSampler`` (seeded with
+    ``seed``; call its ``set_epoch``) when ``shuffle``, else a :class:`ShardSampler`."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if shuffle:
+    if world_size > 1 and shuffle:
+        # The sampler seeds with seed + epoch, which must stay below 2**64.
+        order = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed % 2**63)
+    elif world_size > 1:
+        order = ShardSampler(dataset, rank, world_size)
+    elif shuffle:
         generator = torch.Generator().manual_seed(seed)
         order = RandomSampler(dataset, generator=generator)
     else:
@@ -212,9 +254,12 @@ def cifar10_loaders(
     pin_memory: bool = False,
     synthetic_train: int = 8000,
     synthetic_test: int = 1600,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataBundle:
     """CIFAR-10 loaders. ``data_root`` given: CIFAR-10 must be there (else :class:`DataError`).
-    Not given: ``./data`` is used when it holds CIFAR-10, the generated set otherwise."""
+    Not given: ``./data`` is used when it holds CIFAR-10, the generated set otherwise.
+    ``rank``/``world_size``: this rank's shards (see the module docstring)."""
     root = data_root if data_root is not None else DEFAULT_DATA_ROOT
     if cifar10_present(root):
         train = load_cifar10_arrays(root, train=True)
@@ -233,8 +278,9 @@ def cifar10_loaders(
             f"no CIFAR-10 under {root}: using the generated offline set "
             f"(10 classes of oriented colour gratings, 3x32x32, {synthetic_train} train / {synthetic_test} test, deterministic)"
         )
-    trainloader = batch_loader(ImageBatches(*train), batch_size, shuffle=True, seed=seed, pin_memory=pin_memory)
-    testloader = batch_loader(ImageBatches(*test), batch_size, shuffle=False, seed=seed, pin_memory=pin_memory)
+    shard = {"rank": rank, "world_size": world_size}
+    trainloader = batch_loader(ImageBatches(*train), batch_size, shuffle=True, seed=seed, pin_memory=pin_memory, **shard)
+    testloader = batch_loader(ImageBatches(*test), batch_size, shuffle=False, seed=seed, pin_memory=pin_memory, **shard)
     return DataBundle(trainloader, testloader, source, description, num_classes=10)
 
 
@@ -309,10 +355,13 @@ def tinystories_loaders(
     pin_memory: bool = False,
     vocab_size: int = BYTE_VOCAB_SIZE,
     synthetic_stories_count: int = 2000,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataBundle:
     """Byte-level language-model loaders over a local text file or a generated corpus.
 
-    The last tenth of the token stream is held out for validation.
+    The last tenth of the token stream is held out for validation. ``rank``/``world_size``:
+    this rank's shards (see the module docstring).
     """
     if vocab_size < BYTE_VOCAB_SIZE:
         raise DataError(f"the byte tokenizer needs a vocabulary of at least {BYTE_VOCAB_SIZE}, the model has {vocab_size}")
@@ -333,6 +382,7 @@ def tinystories_loaders(
             "give a longer text or a smaller --seq-len"
         )
     description = f"byte-level text from {what}: {tokens.numel()} tokens, {len(train)} train / {len(test)} val sequences of {seq_len}"
-    trainloader = batch_loader(train, batch_size, shuffle=True, seed=seed, pin_memory=pin_memory)
-    testloader = batch_loader(test, batch_size, shuffle=False, seed=seed, pin_memory=pin_memory)
+    shard = {"rank": rank, "world_size": world_size}
+    trainloader = batch_loader(train, batch_size, shuffle=True, seed=seed, pin_memory=pin_memory, **shard)
+    testloader = batch_loader(test, batch_size, shuffle=False, seed=seed, pin_memory=pin_memory, **shard)
     return DataBundle(trainloader, testloader, source, description, fingerprint=fingerprint)
