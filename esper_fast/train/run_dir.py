@@ -16,7 +16,7 @@ go to a temporary file that is then renamed over the old one, so a crash at any 
 leaves the previous version readable.
 
 Every file a run writes goes through :class:`RunDir`: the one place a distributed run's
-rank 0 writes. If the folder disappears mid-run it is made again, the log rewritten from
+rank 0 writes; the other ranks hold a :class:`SilentRunDir`, which writes nothing. If the folder disappears mid-run it is made again, the log rewritten from
 memory, and the run carries on; a write that fails (disk full, permissions) is reported once
 and the run carries on.
 """
@@ -366,3 +366,37 @@ class RunDir:
             return target
 
         return self._guarded(PLOT_FILE, write)
+
+
+class SilentRunDir:
+    """The run folder as the ranks other than 0 of a distributed run hold it: the methods of
+    :class:`RunDir` that write, doing nothing. They take no lock and never touch the folder
+    (rank 0 reads a checkpoint to resume from and broadcasts it)."""
+
+    def __init__(self, path: str | Path, keep: int = 2):
+        self.path = Path(path)
+        self.keep = keep
+
+    def acquire(self, command: str = "") -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+    def clear(self) -> None:
+        pass
+
+    def start_log(self, records: list[dict]) -> None:
+        pass
+
+    def append(self, record: dict) -> None:
+        pass
+
+    def write_status(self, **fields) -> None:
+        pass
+
+    def save_checkpoint(self, payload: dict, epochs_done: int, steps_done: int = 0) -> None:
+        return None
+
+    def write_plot(self, draw: Callable[[Path], object]) -> None:
+        return None

@@ -8,6 +8,11 @@ stops at once (:class:`ForcedStop`), leaving the last checkpoint as it was.
 Test hook: ``ESPER_FAST_SELF_SIGNAL=SIGTERM@3:1`` makes the run send itself SIGTERM after
 step 1 of epoch 3 (step 0: as epoch 3 begins), so tests can interrupt a run at an exact
 place. Any signal name works, SIGKILL included (a crash with no clean-up).
+
+In a run of several processes the ranks agree on a stop before each step
+(:mod:`esper_fast.train.loop`): a rank that was not signalled itself :meth:`adopts
+<StopSignals.adopt>` the stop of another, and its own signal, if it comes later, is then
+still the first one it got, not a second.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ class StopSignals:
 
     def __init__(self):
         self.signum: int | None = None
+        self._adopted = False  # signum is another rank's request, not a signal this process got
         self._previous: dict = {}
         self._self_signal = _parse_self_signal(os.environ.get(SELF_SIGNAL_ENV))
 
@@ -50,9 +56,16 @@ class StopSignals:
         return 128 + int(self.signum)
 
     def _handle(self, signum, frame) -> None:
-        if self.signum is not None:
+        if self.signum is not None and not self._adopted:
             raise ForcedStop(signum)
-        self.signum = signum
+        if self.signum is None:
+            self.signum = signum
+        self._adopted = False
+
+    def adopt(self, signum: int) -> None:
+        """Another process of the run was asked to stop by ``signum``: stop here too."""
+        if self.signum is None:
+            self.signum, self._adopted = signum, True
 
     def __enter__(self) -> "StopSignals":
         # Signal handlers can only be set from the main thread; elsewhere stops are not caught.
