@@ -10,23 +10,28 @@ Where things are:
   ``metrics.jsonl``, checkpoints, ``metrics.png``);
 - :mod:`~esper_fast.train.checkpoint` says what a checkpoint holds, as plain data;
 - :mod:`~esper_fast.train.signals` turns SIGINT/SIGTERM into clean stops;
+- :mod:`~esper_fast.train.ranks` joins a ``torchrun`` job and moves what the ranks agree on;
 - :mod:`~esper_fast.train.config`, :mod:`~esper_fast.train.report` and
   :mod:`~esper_fast.train.console`: the run's settings, its printed lines, and a terminal
   that may go away.
 
 :func:`train` is the command: it takes the folder's lock, checks what the folder holds,
-starts or resumes the run and returns the exit status.
+starts or resumes the run and returns the exit status. Under ``torchrun`` every process calls
+it: rank 0 does all of that and broadcasts what it found (the settings, the checkpoint to
+resume from, or the error), the other ranks train silently and never touch the folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 
 from esper_fast.train.config import DEFAULT_KEEP_CHECKPOINTS, DEFAULT_OUT, TASK_DEFAULTS, TASKS, RunConfig, resolve
-from esper_fast.train.console import warn
+from esper_fast.train.console import say, warn
 from esper_fast.train.controller import LifecycleSchedule, SeedController, SeedRecord
 from esper_fast.train.loop import LifecycleRun, ResumeError
+from esper_fast.train.ranks import Ranks, RanksDivergedError
 from esper_fast.train.run_dir import (
     CHECKPOINT_DIR,
     LOCK_FILE,
@@ -35,6 +40,7 @@ from esper_fast.train.run_dir import (
     STATUS_FILE,
     RunDir,
     RunDirError,
+    SilentRunDir,
     read_log,
 )
 from esper_fast.train.signals import ForcedStop, StopSignals
@@ -43,7 +49,8 @@ from esper_fast.train.watch import Batches, KernelTally, LossWatch, Progress
 __all__ = [
     "train", "RunConfig", "resolve", "TASKS", "TASK_DEFAULTS", "DEFAULT_OUT", "DEFAULT_KEEP_CHECKPOINTS",
     "LifecycleRun", "LifecycleSchedule", "SeedController", "SeedRecord", "LossWatch", "Batches", "KernelTally",
-    "Progress", "RunDir", "RunDirError", "ResumeError", "StopSignals", "ForcedStop", "read_log",
+    "Progress", "RunDir", "RunDirError", "SilentRunDir", "ResumeError", "StopSignals", "ForcedStop", "read_log",
+    "Ranks", "RanksDivergedError", "check_out",
     "METRICS_FILE", "PLOT_FILE", "STATUS_FILE", "CHECKPOINT_DIR", "LOCK_FILE",
 ]
 
@@ -57,6 +64,75 @@ def _refusal(out: str, contents) -> str:
         return (f"--out {out} holds {described}; continue it with `esper-fast train --resume {out}`, "
                 "or give --overwrite to replace it")
     return f"--out {out} already holds {described}; choose another --out, or give --overwrite to replace it"
+
+
+def _check_contents(run_dir: RunDir, out: str, resume: str | None, overwrite: bool):
+    """What the (locked) folder holds, if the run may start or resume in it; else RunDirError."""
+    contents = run_dir.contents()
+    if resume is not None:
+        if contents.kind == "finished":
+            raise RunDirError(f"{out} holds {contents.describe()}; there is nothing to resume")
+        if contents.kind != "unfinished":
+            raise RunDirError(f"nothing to resume in {out}: it holds no checkpoint")
+    elif contents.kind != "empty" and not overwrite:
+        raise RunDirError(_refusal(out, contents))
+    return contents
+
+
+def check_out(out: str, *, resume: bool = False, overwrite: bool = False) -> None:
+    """The checks :func:`train` makes of its folder, made early (``esper-fast train --nproc``
+    before it launches the processes): RunDirError if the run could not start or resume in
+    ``out``. Takes the lock for the moment of the check."""
+    if resume and not os.path.isdir(out):
+        raise RunDirError(f"--resume {out}: no such run folder")
+    run_dir = RunDir(out, warn=warn)
+    run_dir.acquire("esper-fast train: checking the folder before starting the processes")
+    try:
+        _check_contents(run_dir, out, out if resume else None, overwrite)
+    finally:
+        run_dir.release()
+
+
+def _open(run_dir: RunDir, config, resume, overrides, overwrite, command) -> dict:
+    """Rank 0's start: takes the folder's lock, checks what it holds and reads the checkpoint
+    to resume from. What every rank needs to start, as plain data."""
+    out = resume if resume is not None else config.out
+    if resume is not None and not os.path.isdir(resume):
+        raise RunDirError(f"--resume {resume}: no such run folder")
+    run_dir.acquire(command)
+    contents = _check_contents(run_dir, out, resume, overwrite)
+    opened = {"config": config, "payload": None, "path": None, "status": contents.status,
+              "clear": contents.kind != "empty"}
+    if resume is not None:
+        run_dir.remove_stale_temporaries()
+        payload, path = run_dir.load_checkpoint()
+        config = dataclasses.replace(RunConfig(**payload["config"]), out=out, **(overrides or {}))
+        opened.update(config=config, payload=payload, path=path)
+    return opened
+
+
+def _open_on_every_rank(ranks: Ranks, run_dir, config, resume, overrides, overwrite, command) -> dict:
+    """:func:`_open` on rank 0, its result (or its error) broadcast to every rank."""
+    if not ranks.distributed:
+        return _open(run_dir, config, resume, overrides, overwrite, command)
+    if ranks.is_writer:
+        try:
+            opened = _open(run_dir, config, resume, overrides, overwrite, command)
+        except BaseException as exc:
+            ranks.broadcast({"error": str(exc), "kind": type(exc).__name__, "refused": isinstance(exc, RunDirError)})
+            raise
+        ranks.broadcast(opened)
+        return opened
+    opened = ranks.broadcast(None)
+    if "error" in opened:
+        if opened["refused"]:
+            raise RunDirError(opened["error"])
+        raise RuntimeError(f"rank 0 could not start the run ({opened['kind']}: {opened['error']})")
+    return opened
+
+
+def _silent(line: str) -> None:
+    pass
 
 
 def train(
@@ -75,44 +151,43 @@ def train(
     checkpoint, with its own settings (``overrides`` may change those of
     :data:`RESUME_OVERRIDES`). User mistakes raise :class:`RunDirError` or
     :class:`esper_fast.data.DataError` before the folder is changed.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every process calls this; they form one
+    data-parallel run (see :mod:`esper_fast.train.loop`), rank 0 writes and prints, the
+    other ranks are silent (their stdout goes to ``/dev/null``; errors still reach stderr).
     """
     from esper_fast.runtime import get_task_spec
 
     out = resume if resume is not None else config.out
-    if resume is not None and not os.path.isdir(resume):
-        raise RunDirError(f"--resume {resume}: no such run folder")
-    run_dir = RunDir(out, warn=warn)
-    run_dir.acquire(command)
+    ranks = Ranks.from_env()
+    writer = ranks.is_writer
+    run_dir = RunDir(out, warn=warn) if writer else SilentRunDir(out)
     run = None
+    clean = False
     try:
-        with StopSignals() as stop:
-            contents = run_dir.contents()
-            if resume is not None:
-                if contents.kind == "finished":
-                    raise RunDirError(f"{out} holds {contents.describe()}; there is nothing to resume")
-                if contents.kind != "unfinished":
-                    raise RunDirError(f"nothing to resume in {out}: it holds no checkpoint")
-                run_dir.remove_stale_temporaries()
-                payload, path = run_dir.load_checkpoint()
-                config = dataclasses.replace(RunConfig(**payload["config"]), out=out, **(overrides or {}))
-            elif contents.kind != "empty" and not overwrite:
-                raise RunDirError(_refusal(out, contents))
+        with StopSignals() as stop, contextlib.ExitStack() as quiet:
+            if not writer:
+                quiet.enter_context(contextlib.redirect_stdout(quiet.enter_context(open(os.devnull, "w"))))
+            opened = _open_on_every_rank(ranks, run_dir, config, resume, overrides, overwrite, command)
+            config = opened["config"]
             run_dir.keep = config.keep_checkpoints
             config = resolve(config, get_task_spec(config.task).block_size)
-            run = LifecycleRun(config, run_dir, stop)
+            run = LifecycleRun(config, run_dir, stop, echo=say if writer else _silent, ranks=ranks)
             if resume is not None:
-                run.resume_from(payload, path, command, contents.status)
+                run.resume_from(opened["payload"], opened["path"], command, opened["status"])
             else:
-                if contents.kind != "empty":
+                if opened["clear"]:
                     run_dir.clear()
                 run.start(command)
             summary = run.execute()
+        clean = True
     except ForcedStop as stopped:
         if run is not None:
             run_dir.write_status(status="interrupted", stopped_by=str(stopped))
         last = run.checkpoint_path if run is not None else None
-        warn(f"esper-fast: stopped at once by a second {stopped}; "
-             + (f"the last checkpoint is {last}; continue with: esper-fast train --resume {out}" if last else "nothing was saved"))
+        if writer:
+            warn(f"esper-fast: stopped at once by a second {stopped}; "
+                 + (f"the last checkpoint is {last}; continue with: esper-fast train --resume {out}" if last else "nothing was saved"))
         return 128 + stopped.signum
     except BaseException as exc:
         if run is not None and not isinstance(exc, (RunDirError,)):
@@ -120,10 +195,11 @@ def train(
         raise
     finally:
         run_dir.release()
+        ranks.close(clean)
     if summary["status"] == "interrupted":
-        warn(f"esper-fast: stopped by {stop.name} after {summary['epochs']} of {config.epochs} epochs"
-             + (f" (checkpoint {run.checkpoint_path})" if run.checkpoint_path else "")
-             + f"; continue with: esper-fast train --resume {out}")
+        if writer:
+            warn(f"esper-fast: stopped by {stop.name} after {summary['epochs']} of {config.epochs} epochs"
+                 + (f" (checkpoint {run.checkpoint_path})" if run.checkpoint_path else "")
+                 + f"; continue with: esper-fast train --resume {out}")
         return stop.exit_code
     return 0
-

@@ -32,6 +32,7 @@ class RunConfig:
     max_batches: int | None = None
     compile: bool = False
     inject_nan_at: int | None = None
+    inject_nan_rank: int = 0        # in a run of several processes, the rank whose step is poisoned
     batch_size: int | None = None
     seq_len: int | None = None
     lr: float | None = None

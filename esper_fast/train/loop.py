@@ -19,11 +19,22 @@ drawn again and the done ones skipped), torch's generator as the stop came (set 
 skipped batches are drawn), and the governor's snapshot tensors (the model has moved on
 from them). On CPU a resumed run ends with the same records, bit for bit, as one that was
 never stopped.
+
+Several processes (``torchrun``, see :mod:`esper_fast.train.ranks`). Every rank runs this
+loop on its shard of the data and trains through a DistributedDataParallel wrapper, built
+again whenever the slot's parameters or stage change. Every decision is taken on every rank
+from the same numbers: the step losses the governor reads are averaged over the ranks once
+per epoch (a NaN on one rank is a NaN on all), validation returns the metrics over every
+rank's batches, and the controller then decides the same thing everywhere. A stop request is
+agreed before each step (one all-reduce of one int on the CPU), so all ranks stop after the
+same step. After each epoch the ranks compare a checksum of their model and random
+generators; rank 0 logs them and alone writes the folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import os
 import platform
@@ -38,6 +49,7 @@ from esper_fast.train import checkpoint
 from esper_fast.train.config import RunConfig
 from esper_fast.train.console import say
 from esper_fast.train.controller import LifecycleSchedule, SeedController
+from esper_fast.train.ranks import Ranks, RanksDivergedError, norm_statistics, state_checksum
 from esper_fast.train.report import epoch_line, outcome, summary_lines
 from esper_fast.train.run_dir import METRICS_FILE, PLOT_FILE, STOPPED_BY, RunDir, RunDirError, now_iso
 from esper_fast.train.signals import StopSignals
@@ -60,11 +72,12 @@ def _cosine_lr(base: float, epoch: int, epochs: int) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / epochs))
 
 
-def load_data(config: RunConfig, spec):
-    """The task's loaders (see :mod:`esper_fast.data`); ``config`` is resolved."""
+def load_data(config: RunConfig, spec, ranks: Ranks | None = None):
+    """The task's loaders (see :mod:`esper_fast.data`), this rank's shards; ``config`` is resolved."""
     from esper_fast import data
 
     pin = config.device.startswith("cuda")
+    shard = {} if ranks is None or not ranks.distributed else {"rank": ranks.rank, "world_size": ranks.world_size}
     if spec.task_type == "lm":
         if spec.block_size and config.seq_len > spec.block_size:
             raise data.DataError(f"--seq-len {config.seq_len} exceeds the model's block size {spec.block_size}")
@@ -75,8 +88,10 @@ def load_data(config: RunConfig, spec):
             seed=config.seed,
             pin_memory=pin,
             vocab_size=spec.vocab_size or data.BYTE_VOCAB_SIZE,
+            **shard,
         )
-    return data.cifar10_loaders(data_root=config.data_root, batch_size=config.batch_size, seed=config.seed, pin_memory=pin)
+    return data.cifar10_loaders(data_root=config.data_root, batch_size=config.batch_size, seed=config.seed,
+                                pin_memory=pin, **shard)
 
 
 def versions() -> dict:
@@ -110,10 +125,13 @@ class LifecycleRun:
     the records so far, and the run folder they are written to. Begin it with :meth:`start`
     (a new run) or :meth:`resume_from` (a checkpoint), then :meth:`execute`.
 
-    ``config`` must be resolved (:func:`esper_fast.train.config.resolve`).
+    ``config`` must be resolved (:func:`esper_fast.train.config.resolve`). ``ranks``: this
+    process's place in a run of several (default: a single process); ``run_dir`` is then a
+    :class:`~esper_fast.train.run_dir.SilentRunDir` on every rank but 0.
     """
 
-    def __init__(self, config: RunConfig, run_dir: RunDir, stop: StopSignals | None = None, echo=say):
+    def __init__(self, config: RunConfig, run_dir: RunDir, stop: StopSignals | None = None, echo=say,
+                 ranks: Ranks | None = None):
         from esper_fast.kasmina.host import init_gpt_weights
         from esper_fast.ops.mode import using_reference
         from esper_fast.runtime import get_task_spec
@@ -121,6 +139,12 @@ class LifecycleRun:
 
         self.config, self.run_dir, self.echo = config, run_dir, echo
         self.stop = stop if stop is not None else StopSignals()
+        self.ranks = ranks = ranks if ranks is not None else Ranks()
+        if config.inject_nan_at is not None and not 0 <= config.inject_nan_rank < ranks.world_size:
+            raise ValueError(f"inject_nan_rank {config.inject_nan_rank} is not a rank of a run of {ranks.world_size}")
+        # Every rank computes on its own device (cuda:LOCAL_RANK); config.device is what was asked.
+        self.device = device = ranks.device_for(config.device)
+        ranks.use_device(device)
         self.spec = spec = get_task_spec(config.task)
         self.task_type = spec.task_type
         self.blueprint = config.blueprint
@@ -128,8 +152,8 @@ class LifecycleRun:
         self.reference = using_reference()
 
         torch.manual_seed(config.seed)
-        self.data = load_data(config, spec)
-        self.model = create_model(spec, config.device)
+        self.data = load_data(dataclasses.replace(config, device=device), spec, ranks)
+        self.model = create_model(spec, device)
         if self.task_type == "lm":
             # GPT-2 initialisation: the tied head starts near ln(vocab) instead of ~220 nats.
             init_gpt_weights(self.model.host)
@@ -137,12 +161,16 @@ class LifecycleRun:
             self.model.seed_slot.compilable = True
             self.model.compile()
         self.criterion = nn.CrossEntropyLoss()
-        self.watch = LossWatch(self.criterion, config.device)
+        self.watch = LossWatch(self.criterion, device)
         vocab = spec.vocab_size if self.task_type == "lm" and spec.vocab_size else self.num_classes
         # A rollback culls the live seed; the controller then expects an empty slot.
         self.governor = TolariaGovernor(self.model, random_guess_loss=math.log(vocab), clear_live_seed_state=True)
         self.host_optimizer = _make_optimizer(self.model.get_host_parameters(), self.task_type, config.lr)
         self.seed_optimizer = None
+        # What the trainer steps: the model, or (several processes) its DDP wrapper, and the
+        # slot's parameters and stage the wrapper was built for.
+        self.trained: nn.Module = self.model
+        self._wrapped_for: tuple | None = None
 
         self.train_batches = Batches(self.data.trainloader, config.max_batches)
         self.test_batches = Batches(self.data.testloader, config.max_batches)
@@ -176,7 +204,9 @@ class LifecycleRun:
             "data_fingerprint": self.data.fingerprint,
             "steps_per_epoch": self.steps_per_epoch,
             "schedule": dataclasses.asdict(self.schedule),
-            "device_name": device_description(self.config.device),
+            "world_size": self.ranks.world_size,
+            "backend": self.ranks.backend,
+            "device_name": device_description(self.device),
             "versions": found,
             "esper_fast": found["esper_fast"],
             "torch": found["torch"],
@@ -190,6 +220,8 @@ class LifecycleRun:
         self.echo(
             f"train: {config.task} ({self.spec.topology} host, {self.task_type}) on {config.device}, {config.epochs} epochs x "
             f"{self.steps_per_epoch} steps, blueprint {self.blueprint}, seed {config.seed}"
+            + (f", {self.ranks.world_size} processes (DDP over {self.ranks.backend}, "
+               f"batch {config.batch_size} per process)" if self.ranks.distributed else "")
             + (", reference mode (original algorithms)" if self.reference else "")
         )
 
@@ -201,6 +233,7 @@ class LifecycleRun:
         self.run_dir.write_status(
             status="running", command=command, pid=os.getpid(), task=self.config.task, epochs=self.config.epochs,
             started_at=self.log_records[0]["started_at"], epochs_done=0, steps_done=0, checkpoint=None, stopped_by=None,
+            world_size=self.ranks.world_size,
         )
         self._checkpoint(0)
 
@@ -209,6 +242,10 @@ class LifecycleRun:
         what the checkpoint had seen, followed by a ``resume`` record."""
         if payload.get("format") != checkpoint.FORMAT or payload.get("version") != checkpoint.VERSION:
             raise ResumeError(f"{path} is not a checkpoint of this version of esper-fast train")
+        world = payload.get("world_size", 1)
+        if world != self.ranks.world_size:
+            raise ResumeError(f"the run had {world} process(es), this one has {self.ranks.world_size}; "
+                              f"resume it with --nproc {world}")
         config_record = payload["log"][0]
         if config_record.get("data_fingerprint") != self.data.fingerprint:
             raise ResumeError(
@@ -247,7 +284,9 @@ class LifecycleRun:
         self.next_epoch = position["epochs_done"] + 1
         self.progress = payload["progress"]
         self._resume_rng = payload["rng"]
-        checkpoint.restore_rng(payload["rng"], self.config.device, self.data.shuffle_generator,
+        # Rank 0's generators on every rank: the ranks draw the same numbers (the per-epoch
+        # checksum covers the generators too), so they all had these.
+        checkpoint.restore_rng(payload["rng"], self.device, self.data.shuffle_generator,
                                torch_generators=self.progress is None)
         self.checkpoint_path = path
         self._checkpoint_position = (position["epochs_done"], position["steps_done"])
@@ -272,11 +311,15 @@ class LifecycleRun:
 
     # ---------------------------------------------------------------- checkpoints
     def _checkpoint(self, epochs_done: int, progress: dict | None = None) -> None:
-        """Writes the run's state after ``epochs_done`` epochs (and ``progress`` of the next)."""
+        """Writes the run's state after ``epochs_done`` epochs (and ``progress`` of the next).
+        Rank 0 alone; no collective here, so the ranks may take this call differently."""
+        if not self.ranks.is_writer:
+            return
         steps_done = progress["steps_done"] if progress else 0
         payload = {
             "format": checkpoint.FORMAT,
             "version": checkpoint.VERSION,
+            "world_size": self.ranks.world_size,
             "config": dataclasses.asdict(self.config),
             "position": {"epochs_done": epochs_done, "steps_done": steps_done},
             "model": checkpoint.model_state(self.model),
@@ -286,7 +329,7 @@ class LifecycleRun:
             },
             "controller": self.controller.state_dict(),
             "governor": checkpoint.governor_state(self.governor, with_snapshot=progress is not None),
-            "rng": checkpoint.rng_state(self.config.device, self.data.shuffle_generator),
+            "rng": checkpoint.rng_state(self.device, self.data.shuffle_generator),
             "progress": progress,
             "log": self.log_records,
             "rollbacks": self.rollbacks,
@@ -311,7 +354,7 @@ class LifecycleRun:
         status = "finished"
         try:
             for epoch in range(self.next_epoch, self.config.epochs + 1):
-                if self.stop.requested:
+                if self._stop_agreed(self.stop.requested):
                     status = "interrupted"
                     break
                 record = self.run_epoch(epoch)
@@ -320,6 +363,7 @@ class LifecycleRun:
                     break
                 self.records.append(record)
                 self.log_records.append(record)
+                self._check_ranks_agree(record)
                 self._checkpoint(epoch)
                 self.run_dir.append(record)
                 self.echo(epoch_line(record, self.config.epochs, self.task_type))
@@ -336,8 +380,10 @@ class LifecycleRun:
         stage = controller.stage
         stage_name = stage.name if stage is not None else "NONE"
         seed = controller.seeds[-1] if stage is not None else None
-        poison = self.steps_per_epoch // 2 if config.inject_nan_at == epoch else None
+        poisoned = self.steps_per_epoch // 2 if config.inject_nan_at == epoch else None
+        poison = poisoned if self.ranks.rank == config.inject_nan_rank else None
         lr = self._set_learning_rate(epoch, stage)
+        self.data.set_epoch(epoch)
         shuffle = self.data.shuffle_generator
 
         if progress is None:
@@ -352,13 +398,20 @@ class LifecycleRun:
             if shuffle is not None:
                 shuffle.set_state(shuffle_at_start)
             alpha_start = progress["alpha_start"]
-            self.watch.resume_epoch(self.steps_per_epoch, poison, progress["losses"])
+            losses_done = progress["losses_by_rank"][self.ranks.rank] if self.ranks.distributed else progress["losses"]
+            self.watch.resume_epoch(self.steps_per_epoch, poison, losses_done)
             skip, train_before = progress["steps_done"], progress["train_time_s"]
             rng = self._resume_rng
 
             def after_skip():
                 checkpoint.restore_torch_rng(rng, config.device)
 
+        self._wrap(stage)
+        if progress is not None and self.ranks.distributed:
+            # Mid-epoch each rank's BatchNorm statistics are its own (averaged at the epoch's
+            # end); set after the wrapper, whose constructor broadcasts rank 0's buffers.
+            for tensor, saved in zip(norm_statistics(self.model), progress["norm_statistics_by_rank"][self.ranks.rank]):
+                tensor.copy_(saved)
         self._train(epoch, stage, stage_name, skip, after_skip)
         train_time = train_before + time.perf_counter() - start
         if self.watch.step < self.steps_per_epoch:
@@ -372,9 +425,11 @@ class LifecycleRun:
             })
             return None
         alpha = float(self.model.seed_slot.alpha)
-        losses = self.watch.epoch_losses()
+        self.ranks.average_norm_statistics(self.model)
+        losses = self._epoch_losses()
 
-        events = [f"NaN injected at step {poison + 1}"] if poison is not None else []
+        where = f" on rank {config.inject_nan_rank}" if self.ranks.distributed else ""
+        events = [f"NaN injected at step {poisoned + 1}{where}"] if poisoned is not None else []
         rollback = self._governor_check(epoch, losses, events)
         # The counterfactual only means something once the seed is in the forward (alpha > 0).
         measured = self._validate(attribution=controller.stage is not None and self.model.seed_slot.alpha > 0)
@@ -388,7 +443,7 @@ class LifecycleRun:
                 self.governor.snapshot()
         epoch_time = train_before + time.perf_counter() - start
 
-        return {
+        record = {
             "type": "epoch",
             "epoch": epoch,
             "stage": stage_name,
@@ -416,12 +471,67 @@ class LifecycleRun:
             "train_time_s": train_time,
             "eval_time_s": epoch_time - train_time,
             "epoch_time_s": epoch_time,
-            "samples_per_s": _samples_per_second(self.train_batches, len(losses) - skip, train_time - train_before),
+            "samples_per_s": _samples_per_second(self.train_batches, len(losses) - skip, train_time - train_before,
+                                                 self.ranks.world_size),
         }
+        if self.ranks.distributed:
+            record["ranks"] = self.ranks.gather({
+                "rank": self.ranks.rank, "checksum": state_checksum(self.model, self.device),
+                "stage": record["stage_after"], "alpha": float(self.model.seed_slot.alpha),
+            })
+        return record
+
+    def _stop_agreed(self, requested: bool) -> bool:
+        """Whether to stop now. Over several processes the ranks agree (the largest signal
+        number asked of any rank; one all-reduce), so that they all stop at the same step."""
+        if not self.ranks.distributed:
+            return requested
+        signum = self.ranks.max(self.stop.signum or 0)
+        if signum:
+            self.stop.adopt(signum)
+        return bool(signum)
+
+    def _epoch_losses(self) -> list[float]:
+        """Every step's loss of the epoch, read from the device once; over several processes
+        the mean over the ranks (one all-reduce), so that every rank's governor sees the same."""
+        if not self.ranks.distributed:
+            return self.watch.epoch_losses()
+        return self.ranks.mean(self.watch.losses[: self.watch.step]).tolist()
+
+    def _check_ranks_agree(self, record: dict) -> None:
+        """Raises :class:`RanksDivergedError` (on every rank: they all see the same list) when
+        the ranks' checksums differ after the epoch; rank 0 logs the record first."""
+        ranks = record.get("ranks")
+        if ranks is None or len({r["checksum"] for r in ranks}) == 1:
+            return
+        self.run_dir.append(record)
+        raise RanksDivergedError(f"the ranks differ after epoch {record['epoch']}: "
+                                 + ", ".join(f"rank {r['rank']} {r['checksum']} {r['stage']}" for r in ranks))
+
+    def _wrap(self, stage: SeedStage | None) -> None:
+        """Builds the DDP wrapper again when the trained parameters or the slot's stage changed
+        since it was built (see :meth:`Ranks.wrap`); a single process trains the model itself."""
+        if not self.ranks.distributed:
+            return
+        slot = self.model.seed_slot
+        wanted = (tuple(id(p) for p in self.model.parameters() if p.requires_grad), stage, slot.isolate_gradients)
+        if wanted == self._wrapped_for:
+            return
+        # The old wrapper's gradient hooks go with it: drop it before the new one registers its own.
+        self.trained = self.model
+        gc.collect()
+        self.trained = self.ranks.wrap(self.model)
+        self._wrapped_for = wanted
 
     def _stop_in_epoch(self, epoch: int, progress: dict) -> None:
         """A stop came before the epoch's last step: checkpoint where it stands. With no step
-        done the epoch has not changed anything, and the checkpoint of the epoch before is it."""
+        done the epoch has not changed anything, and the checkpoint of the epoch before is it.
+        Several processes stop at the same step; what each rank holds of its own (its losses
+        and BatchNorm statistics so far) goes into the checkpoint."""
+        if self.ranks.distributed:
+            progress["losses_by_rank"] = self.ranks.gather(progress["losses"])
+            progress["norm_statistics_by_rank"] = self.ranks.gather(
+                [t.detach().cpu().clone() for t in norm_statistics(self.model)])
         if progress["steps_done"] == 0 and self._checkpoint_position == (epoch - 1, 0):
             return
         self._checkpoint(epoch - 1, progress)
@@ -449,20 +559,21 @@ class LifecycleRun:
 
         batches = Progress(
             Batches(self.train_batches, before_batch=before_batch, skip=skip, after_skip=after_skip,
-                    should_stop=lambda i: self.stop.at_step(epoch, i)),
+                    should_stop=lambda i: self._stop_agreed(self.stop.at_step(epoch, i))),
             self.watch,
             desc=f"epoch {epoch}/{self.config.epochs} {stage_name.lower()}",
-            enabled=self.config.progress,
+            enabled=self.config.progress and self.ranks.is_writer,
             initial=skip,
         )
-        common = (self.config.device, self.task_type)
+        common = (self.device, self.task_type)
+        trained = self.trained
         with self.tally.tracing(start=False):
             if stage is None:
-                train_epoch_normal(self.model, batches, self.watch, self.host_optimizer, *common)
+                train_epoch_normal(trained, batches, self.watch, self.host_optimizer, *common)
             elif stage == SeedStage.TRAINING:
-                train_epoch_incubator_mode(self.model, batches, self.watch, self.host_optimizer, self.seed_optimizer, *common)
+                train_epoch_incubator_mode(trained, batches, self.watch, self.host_optimizer, self.seed_optimizer, *common)
             else:
-                train_epoch_blended(self.model, batches, self.watch, self.host_optimizer, self.seed_optimizer, *common)
+                train_epoch_blended(trained, batches, self.watch, self.host_optimizer, self.seed_optimizer, *common)
 
     def _governor_check(self, epoch: int, losses: list[float], events: list[str]) -> bool:
         """Feeds every step's loss to the governor in order; on a panic rolls back. True if it did."""
@@ -489,7 +600,7 @@ class LifecycleRun:
                 self.train_batches,
                 Batches(self.test_batches, before_batch=self.tally.first_batch_only),
                 self.criterion,
-                self.config.device,
+                self.device,
                 compute_per_class=self.task_type == "classification",
                 num_classes=self.num_classes,
                 task_type=self.task_type,
@@ -517,6 +628,7 @@ class LifecycleRun:
             "chance_accuracy": None if self.task_type == "lm" else 100.0 / self.num_classes,
             "final_perplexity": final.get("perplexity"),
             "rollbacks": self.rollbacks,
+            "world_size": self.ranks.world_size,
             "epochs": len(records),
             "epochs_planned": self.config.epochs,
             "mean_epoch_time_s": sum(r["epoch_time_s"] for r in records) / max(len(records), 1),
@@ -533,7 +645,7 @@ class LifecycleRun:
         self.log_records.append(summary)
         self.run_dir.append(summary)
         self.draw_plot(summary["seed_outcome"] if status == "finished" else f"stopped after epoch {len(records)}")
-        for line in summary_lines(summary, self.config.device):
+        for line in summary_lines(summary, self.device, self.ranks.backend):
             self.echo(line)
         self.run_dir.write_status(status=status, epochs_done=len(records),
                                   stopped_by=self.stop.name if status == "interrupted" else None)
@@ -549,9 +661,10 @@ class LifecycleRun:
         ))
 
 
-def _samples_per_second(train_batches: Batches, steps: int, seconds: float) -> float | None:
+def _samples_per_second(train_batches: Batches, steps: int, seconds: float, world_size: int = 1) -> float | None:
+    """Training samples per second over every rank (each rank takes a batch per step)."""
     sampler = getattr(train_batches.source, "batch_sampler", None) or getattr(train_batches.source, "sampler", None)
     batch_size = getattr(sampler, "batch_size", None)
     if not batch_size or seconds <= 0:
         return None
-    return steps * batch_size / seconds
+    return world_size * steps * batch_size / seconds

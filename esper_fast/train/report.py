@@ -38,9 +38,14 @@ def outcome(seeds: list[SeedRecord]) -> str:
     return "; ".join(parts)
 
 
-def summary_lines(summary: dict, device: str) -> list[str]:
-    """The run's closing report, one fact per line."""
+def summary_lines(summary: dict, device: str, backend: str | None = None) -> list[str]:
+    """The run's closing report, one fact per line (the world size when there are several
+    processes; ``backend`` is theirs)."""
     lines = [f"seed outcome: {summary['seed_outcome']}"]
+    world = summary.get("world_size", 1)
+    if world > 1:
+        lines.append(f"world size: {world} processes (torch.distributed {backend}, DistributedDataParallel); "
+                     "every rank checked the same model after each epoch")
     if summary["chance_accuracy"] is not None:
         lines.append(
             f"accuracy: final {_fmt(summary['final_val_accuracy'], '.1f')}%, best {_fmt(summary['best_val_accuracy'], '.1f')}% "
