@@ -3,6 +3,8 @@
     esper-fast train --task cifar10 --device cpu --epochs 8 --out runs/demo
     esper-fast train --task cifar10 --epochs 6 --inject-nan-at 4      # governor demo
     esper-fast train --resume runs/demo                               # continue a stopped run
+    esper-fast train --nproc 2 --out runs/ddp                         # 2 processes (torchrun + DDP)
+    torchrun --nproc-per-node 2 -m esper_fast train --out runs/ddp    # the same, launched by hand
     esper-fast plot runs/demo                                         # redraw its plot
     esper-fast bench -k e2e
     esper-fast info
@@ -11,7 +13,7 @@ A user mistake (a bad or inapplicable flag, unknown task or blueprint, CUDA with
 unwritable --out, a folder that holds another run or is in use, a missing data root or text
 file) ends the command with one ``esper-fast: error: ...`` line on stderr and exit status
 2, never a traceback. A run stopped by SIGINT or SIGTERM exits 130 or 143 after saving
-everything, with a line saying how to resume it.
+everything, with a line saying how to resume it. Under torchrun only rank 0 prints.
 """
 
 from __future__ import annotations
@@ -21,11 +23,14 @@ import math
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 EXIT_USAGE = 2
+# How `esper-fast train --nproc N` tells the processes it launches the command it was given.
+LAUNCH_COMMAND_ENV = "ESPER_FAST_LAUNCH_COMMAND"
 MAX_SEED = 2**64 - 1  # torch's generators take seeds in [0, 2**64)
 
 
@@ -74,6 +79,16 @@ def _seed(text: str) -> int:
     return value
 
 
+def _rank(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a rank (an int from 0), got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a rank (an int from 0), got {text!r}")
+    return value
+
+
 def _folder(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("expected a folder name, got an empty string")
@@ -110,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
         "A run owns its --out folder: metrics.jsonl (the log), metrics.png, run.json (status) and",
         "checkpoints/. A folder holding a run is never written over: continue it with --resume DIR or",
         "replace it with --overwrite. SIGINT/SIGTERM stop after the current step, saving everything.",
+        "",
+        "Several processes: --nproc N launches `torchrun --standalone --nproc-per-node N` on this machine",
+        "(or start `torchrun ... -m esper_fast train ...` yourself): DistributedDataParallel, gloo on cpu,",
+        "NCCL on cuda (one GPU per process), --batch-size per process, each rank on its shard of the data,",
+        "every lifecycle and governor decision the same on every rank; rank 0 alone prints and writes --out.",
     ])
     train = commands.add_parser(
         "train", help="run a full seed lifecycle (offline data, progress, log, plot, checkpoints)",
@@ -144,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--compile", action="store_true", help="torch.compile the model")
     train.add_argument("--inject-nan-at", type=_positive_int, metavar="EPOCH",
                        help="make one training step of this epoch produce NaN (the governor rolls back)")
+    train.add_argument("--inject-nan-rank", type=_rank, metavar="RANK",
+                       help=f"with several processes: the rank whose step produces NaN; every rank rolls back "
+                            f"(default: {d.inject_nan_rank})")
+    train.add_argument("--nproc", type=_positive_int, metavar="N",
+                       help="train on N processes of this machine (launches torchrun --standalone; default: 1, "
+                            "no torch.distributed)")
     train.add_argument("--keep-checkpoints", type=_positive_int, metavar="N",
                        help=f"checkpoints kept in --out/checkpoints (default: {DEFAULT_KEEP_CHECKPOINTS})")
     train.add_argument("--no-progress", dest="progress", action="store_false",
@@ -180,12 +206,27 @@ def _check_device(device: str) -> None:
         raise CLIError(f"unsupported device {device!r}; use cpu, cuda or cuda:N")
 
 
+def _check_world(config_device: str, world: int) -> None:
+    """The device checks of a run of ``world`` processes (one GPU per process on CUDA)."""
+    import torch
+
+    if world == 1 or not config_device.startswith("cuda"):
+        return
+    if torch.device(config_device).index is not None:
+        raise CLIError(f"--device {config_device}: with several processes give --device cuda (each process uses "
+                       "cuda:LOCAL_RANK)")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if local > torch.cuda.device_count():
+        raise CLIError(f"{local} processes on cuda need {local} GPUs, this machine has {torch.cuda.device_count()}")
+
+
 def _flag(dest: str) -> str:
     return {"text_path": "--text", "progress": "--no-progress"}.get(dest, "--" + dest.replace("_", "-"))
 
 
-def _run_config(given: dict):
-    """The RunConfig of a new run from the flags given; every check that needs no data."""
+def _run_config(given: dict, world: int = 1):
+    """The RunConfig of a new run of ``world`` processes from the flags given; every check
+    that needs no data."""
     from esper_fast.kasmina import BlueprintRegistry
     from esper_fast.runtime import get_task_spec
     from esper_fast.train import TASKS, RunConfig
@@ -215,7 +256,14 @@ def _run_config(given: dict):
             raise CLIError(str(exc))
     if config.inject_nan_at is not None and config.inject_nan_at > config.epochs:
         raise CLIError(f"--inject-nan-at {config.inject_nan_at} is after the last epoch ({config.epochs})")
+    if "inject_nan_rank" in given:
+        if config.inject_nan_at is None:
+            raise CLIError("--inject-nan-rank needs --inject-nan-at")
+        if config.inject_nan_rank >= world:
+            raise CLIError(f"--inject-nan-rank {config.inject_nan_rank}: the run has {world} process(es), "
+                           f"ranks 0 to {world - 1}")
     _check_device(config.device)
+    _check_world(config.device, world)
     # Data paths are recorded absolute, so that --resume works from any folder.
     for dest in ("data_root", "text_path"):
         if getattr(config, dest) is not None:
@@ -223,13 +271,34 @@ def _run_config(given: dict):
     return config
 
 
+def _recorded_world_size(folder: str) -> int:
+    """The number of processes the run in ``folder`` was started with (its run.json; 1 when unknown)."""
+    import json
+
+    from esper_fast.train import STATUS_FILE
+
+    try:
+        with open(os.path.join(folder, STATUS_FILE), encoding="utf-8") as handle:
+            return int(json.load(handle).get("world_size", 1))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 1
+
+
 def _train(args, argv: list[str]) -> int:
     from esper_fast import data, train
+    from esper_fast.train.ranks import launched_world_size
 
     given = {k: v for k, v in vars(args).items() if k != "command"}
     overwrite = given.pop("overwrite", False)
     resume = given.pop("resume", None)
-    command = shlex.join(["esper-fast", *argv])
+    nproc = given.pop("nproc", None)
+    # Under `esper-fast train --nproc N` the log records the command as typed.
+    command = os.environ.get(LAUNCH_COMMAND_ENV) or shlex.join(["esper-fast", *argv])
+    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    launched = launched_world_size() if under_torchrun else 1
+    if nproc is not None and under_torchrun and nproc != launched:
+        raise CLIError(f"--nproc {nproc} but torchrun started {launched} processes; under torchrun leave --nproc out")
+    world = launched if under_torchrun else (nproc or 1)
     if resume is not None:
         extra = [_flag(k) for k in given if k not in train.RESUME_OVERRIDES]
         if overwrite:
@@ -238,10 +307,18 @@ def _train(args, argv: list[str]) -> int:
             raise CLIError(f"--resume continues a run with the settings it started with; drop {', '.join(extra)}")
         if "device" in given:
             _check_device(given["device"])
+        recorded = _recorded_world_size(resume)
+        if os.path.isdir(resume) and recorded != world:
+            how = f"with --nproc {recorded}" if recorded > 1 else "without --nproc (one process)"
+            raise CLIError(f"the run in {resume} was started with {recorded} process(es); resume it {how}")
         config = None
     else:
-        config = _run_config(given)
+        config = _run_config(given, world)
     try:
+        if world > 1 and not under_torchrun:
+            out = resume or config.out
+            train.check_out(out, resume=resume is not None, overwrite=overwrite)
+            return _launch(nproc, argv, out)
         return train.train(config, resume=resume, overrides=given if resume else None, overwrite=overwrite, command=command)
     except (data.DataError, train.RunDirError) as exc:
         raise CLIError(str(exc))
@@ -249,6 +326,74 @@ def _train(args, argv: list[str]) -> int:
         if "CUDA" in str(exc) and "not available" in str(exc):
             raise CLIError(str(exc).splitlines()[0])
         raise
+
+
+def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
+    """The torchrun command ``esper-fast train --nproc N ...`` runs: N processes on this machine
+    (``--standalone``: a local rendezvous, no network set-up), each ``python -m esper_fast``
+    with the same arguments but --nproc (torchrun would take it for an abbreviation of its own
+    --nproc-per-node)."""
+    workers, value_next = [], False
+    for token in argv:
+        if value_next:
+            value_next = False
+            continue
+        name = token.split("=", 1)[0]
+        if len(name) > 3 and "--nproc".startswith(name):  # --nproc, or a prefix argparse took for it
+            value_next = "=" not in token
+            continue
+        workers.append(token)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "esper_fast", *workers]
+
+
+def _launch(nproc: int, argv: list[str], out: str) -> int:
+    """Runs :func:`torchrun_command` and returns its exit status. SIGINT and SIGTERM are passed
+    on to torchrun once (it passes them to every rank, which stop after the same step). A run
+    that stopped cleanly exits 128 + the signal number, as one process does (torchrun itself
+    reports the ranks' exit statuses 130/143 as failures, and exits 1)."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise CLIError("--nproc needs torch.distributed, which this torch build lacks")
+    env = dict(os.environ)
+    env[LAUNCH_COMMAND_ENV] = shlex.join(["esper-fast", *argv])
+    # One process per core share, as torchrun would set (and warn about) otherwise.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # torchrun in its own session: a terminal's Ctrl-C reaches it once, through us.
+    child = subprocess.Popen(torchrun_command(nproc, argv), env=env, start_new_session=True)
+    forwarded: list[int] = []
+
+    def forward(signum, frame):
+        if not forwarded:
+            forwarded.append(signum)
+            child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if forwarded:
+        return 128 + forwarded[0]
+    return _stopped_by_signal(out) or code
+
+
+def _stopped_by_signal(out: str) -> int | None:
+    """128 + the signal that stopped the run in ``out`` cleanly (its run.json), else None."""
+    import json
+
+    from esper_fast.train import STATUS_FILE
+
+    try:
+        with open(os.path.join(out, STATUS_FILE), encoding="utf-8") as handle:
+            status = json.load(handle)
+        if status.get("status") == "interrupted":
+            return 128 + int(getattr(signal, status["stopped_by"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return None
 
 
 # ---------------------------------------------------------------- plot
@@ -353,7 +498,10 @@ def main(argv: list[str] | None = None) -> int:
                 return _train(args, argv)
             return {"plot": _plot, "bench": _bench, "info": _info}[args.command](args)
         except CLIError as exc:
-            print(f"esper-fast: error: {exc}", file=sys.stderr)
+            from esper_fast.train.ranks import launched_rank
+
+            if launched_rank() == 0:  # under torchrun every rank finds the mistake; one says it
+                print(f"esper-fast: error: {exc}", file=sys.stderr)
             return EXIT_USAGE
         except SystemExit as exc:  # --help, --version
             return exc.code if isinstance(exc.code, int) else 0
