@@ -4,7 +4,7 @@
     esper-fast train --task cifar10 --epochs 6 --inject-nan-at 4      # governor demo
     esper-fast train --resume runs/demo                               # continue a stopped run
     esper-fast train --nproc 2 --out runs/ddp                         # 2 processes (torchrun + DDP)
-    torchrun --nproc-per-node 2 -m esper_fast train --out runs/ddp    # the same, launched by hand
+    torchrun --standalone --nproc-per-node 2 -m esper_fast train --out runs/ddp   # the same, by hand
     esper-fast plot runs/demo                                         # redraw its plot
     esper-fast bench -k e2e
     esper-fast info
