@@ -217,10 +217,11 @@ def state_checksum(model: nn.Module, device: str) -> str:
     the wrapped int64 sum of its bit patterns, weighted by its position in the state dict.
     Any single changed bit changes it. 16 hex digits; one host read."""
     tensors = [value for value in model.state_dict().values() if isinstance(value, torch.Tensor)]
-    sums = [_bits(t).sum(dtype=torch.int64) for t in tensors]
+    generators = [torch.get_rng_state()]
     if device.startswith("cuda"):
-        sums.append(_bits(torch.cuda.get_rng_state(torch.device(device))).sum(dtype=torch.int64))
-    values = torch.stack([s.cpu() for s in sums] + [_bits(torch.get_rng_state()).sum(dtype=torch.int64)]).tolist()
+        generators.append(torch.cuda.get_rng_state(torch.device(device)))
+    on_device = torch.stack([_bits(t).sum(dtype=torch.int64).to(device) for t in tensors]).cpu()
+    values = on_device.tolist() + [int(_bits(g).sum(dtype=torch.int64)) for g in generators]
     total = 0
     for index, value in enumerate(values):
         total = (total + (2 * index + 1) * value) % 2**64
