@@ -7,14 +7,15 @@
 #      check, then racecheck and synccheck over the checks whose kernels use shared memory,
 #      barriers and warp shuffles (blend, metrics),
 #   4. time every benchmark case with CUDA events (benchmarks/gpu_report.py),
-#   5. merge everything into gpu_report.json and print a short table last.
+#   5. time the distributed run's collectives on NCCL (benchmarks/bench_distributed.py),
+#   6. merge everything into gpu_report.json and print a short table last.
 # Each step has its own timeout cut from one overall budget, so the whole run ends in time
 # even when a step hangs; a failed step is recorded and the next steps still run. Exit 0 only
 # when every step passed (performance goals are reported, not enforced).
 #
-# Output in $OUT (default benchmarks/results), 9 files: gpu_report.json, gpu_check.log (this
+# Output in $OUT (default benchmarks/results), 11 files: gpu_report.json, gpu_check.log (this
 # script's output), build.log, tests.log, tests_junit.xml, memcheck.log, racecheck.log,
-# synccheck.log, bench.log.
+# synccheck.log, bench.log, distributed.log, distributed.json.
 #
 # Settings: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 450: seconds for the whole
 # run), GPU_CHECK_SKIP (step names to skip, e.g. "build" to reuse an in-place build),
@@ -39,6 +40,7 @@ MEMCHECK_CAP=120
 RACECHECK_CAP=70
 SYNCCHECK_CAP=60
 BENCH_CAP=200
+DISTRIBUTED_CAP=45
 TESTS_MIN=60
 BENCH_MIN=60
 FINALIZE_S=40
@@ -160,7 +162,13 @@ step_bench() {
         ${GPU_CHECK_ONLY:+--only "$GPU_CHECK_ONLY"}
 }
 
-export -f find_sanitizer sanitize step_build step_tests step_memcheck step_racecheck step_synccheck step_bench
+step_distributed() {
+    # NCCL: the validation all-reduce, the stop agreement and the rollback (2 processes with
+    # 2 GPUs or more, else a process group of one); the epoch-scaling runs only on CPU.
+    "$PYTHON" benchmarks/bench_distributed.py --backend nccl --rounds 100 --skip-epochs --json "$OUT/distributed.json"
+}
+
+export -f find_sanitizer sanitize step_build step_tests step_memcheck step_racecheck step_synccheck step_bench step_distributed
 
 # The sanitizer steps one after the other (they share the GPU with the tests).
 run_sanitizers() {
@@ -186,7 +194,8 @@ main() {
     wait "$sanitizers_pid"
 
     # Timing runs alone on the card.
-    run_step bench "$BENCH_CAP" "$FINALIZE_S" "$OUT/bench.log" bash -c step_bench
+    run_step bench "$BENCH_CAP" $((FINALIZE_S + 20)) "$OUT/bench.log" bash -c step_bench
+    run_step distributed "$DISTRIBUTED_CAP" "$FINALIZE_S" "$OUT/distributed.log" bash -c step_distributed
 
     echo "== finalize: $(date -u +%T), $SECONDS s elapsed"
     timeout -k 5 $((FINALIZE_S - 10)) "$PYTHON" benchmarks/gpu_report.py --finalize --out "$OUT" \

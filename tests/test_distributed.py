@@ -87,6 +87,7 @@ def _worker(rank, init_file, out_dir):
         dist.all_reduce = original
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
+        dist.barrier()  # no rank tears the group down while another still uses it
     finally:
         dist.destroy_process_group()
 
