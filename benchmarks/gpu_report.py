@@ -710,8 +710,17 @@ def finalize(out_dir: str, steps_path: str | None, build_log: str | None, junit:
     }
     bench["ok"] = (_step_ok(steps, "bench") and bench["ok_cases"] > 0
                    and not bench["error_cases"] and not bench["import_problems"])
-    report.update(build=build, tests=tests, bench=bench, **sanitizers)
-    report["ok"] = all(part["ok"] for part in (build, tests, bench, *sanitizers.values()))
+    # The distributed step's own numbers (bench_distributed.py --json), when it ran.
+    distributed = {"ok": _step_ok(steps, "distributed"), "results": None}
+    distributed_json = os.path.join(out_dir, "distributed.json")
+    if os.path.exists(distributed_json):
+        with open(distributed_json) as f:
+            distributed["results"] = json.load(f)
+    parts = [build, tests, bench, *sanitizers.values()]
+    if "distributed" in steps:
+        parts.append(distributed)
+    report.update(build=build, tests=tests, bench=bench, distributed=distributed, **sanitizers)
+    report["ok"] = all(part["ok"] for part in parts)
     write_json(path, report)
     return report, report["ok"]
 
