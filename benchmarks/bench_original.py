@@ -18,7 +18,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn as nn
 
 import bench_validation as fast_cases
 from common import Case, bench_params, run_case
@@ -37,21 +36,7 @@ def _original():
 
 def _original_model(task: str, blueprint: str, slot_id: str | None = None):
     tolaria, leyline = _original()
-    torch.manual_seed(0)
-    model = tolaria.create_model(task, "cpu")
-    if slot_id is not None and slot_id != model.slot_id:
-        host = model.host
-        host.unregister_slot(model.slot_id)
-        model.slot_id = model.seed_slot.slot_id = slot_id
-        model.seed_slot.channels = host.injection_points[slot_id]
-        host.register_slot(slot_id, model.seed_slot)
-    model.germinate_seed(blueprint, "bench-seed")
-    model.seed_slot.state.transition(leyline.SeedStage.TRAINING)
-    model.seed_slot.state.transition(leyline.SeedStage.BLENDING)
-    model.seed_slot.set_alpha(0.5)
-    if blueprint == "lora":
-        nn.init.normal_(model.seed_slot.seed.up.weight, std=0.02)
-    return model
+    return fast_cases.blending_model(tolaria.create_model, leyline.SeedStage, task, "cpu", blueprint, slot_id)
 
 
 def _with_original(fast_setup, task, blueprint, slot_id=None):

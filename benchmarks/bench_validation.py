@@ -52,7 +52,9 @@ def _sizes(task: str, device: str) -> dict:
     return SIZES[task]["cuda" if device.startswith("cuda") else "cpu"]
 
 
-def _blending_model(task: str, device: str, blueprint: str, slot_id: str | None = None):
+def blending_model(create_model, stages, task: str, device: str, blueprint: str, slot_id: str | None = None):
+    """The task's model (from ``create_model``: esper_fast's or the original's) with a seed
+    BLENDING at alpha 0.5 in slot ``slot_id`` (default: the preset's, the first)."""
     torch.manual_seed(0)
     model = create_model(task, device)
     if slot_id is not None and slot_id != model.slot_id:
@@ -63,12 +65,16 @@ def _blending_model(task: str, device: str, blueprint: str, slot_id: str | None 
         model.seed_slot.channels = host.injection_points[slot_id]
         host.register_slot(slot_id, model.seed_slot)
     model.germinate_seed(blueprint, "bench-seed")
-    model.seed_slot.state.transition(SeedStage.TRAINING)
-    model.seed_slot.state.transition(SeedStage.BLENDING)
+    model.seed_slot.state.transition(stages.TRAINING)
+    model.seed_slot.state.transition(stages.BLENDING)
     model.seed_slot.set_alpha(0.5)
     if blueprint == "lora":
         nn.init.normal_(model.seed_slot.seed.up.weight, std=0.02)  # a seed that changes the output
     return model
+
+
+def _blending_model(task: str, device: str, blueprint: str, slot_id: str | None = None):
+    return blending_model(create_model, SeedStage, task, device, blueprint, slot_id)
 
 
 def _cifar10_setup(device: str):

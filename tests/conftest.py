@@ -25,3 +25,21 @@ def device(request):
 @pytest.fixture(autouse=True)
 def _seed_everything():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def device_reads(monkeypatch):
+    """The validation reads: one entry (the number of accumulators read together) per
+    ``MetricsAccumulator.compute_all``; a per-accumulator ``compute`` fails the test."""
+    from esper_fast.ops import MetricsAccumulator
+
+    reads = []
+    original = MetricsAccumulator.compute_all
+
+    def counting(accumulators):
+        reads.append(len(accumulators))
+        return original(accumulators)
+
+    monkeypatch.setattr(MetricsAccumulator, "compute_all", staticmethod(counting))
+    monkeypatch.setattr(MetricsAccumulator, "compute", lambda self: pytest.fail("per-accumulator read"))
+    return reads

@@ -2,7 +2,6 @@
 schema, the plot, the controller's decisions, help and version, and the one-line errors
 for every bad flag. Run folders, checkpoints and resume: test_run_dir.py, test_resume.py."""
 
-import json
 import math
 import os
 import subprocess
@@ -14,6 +13,7 @@ import torch
 from esper_fast import cli, train
 from esper_fast.kasmina import SeedStage
 from esper_fast.plotting import plot_run, read_epoch_records
+from cli_helpers import read_log, run_cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EPOCH_KEYS = {
@@ -22,17 +22,6 @@ EPOCH_KEYS = {
     "events": list, "steps": int, "epoch_time_s": float,
 }
 TINY = ["--max-batches", "3", "--batch-size", "32", "--no-progress"]
-
-
-def run_cli(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def read_log(path):
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
 
 
 @pytest.fixture

@@ -15,27 +15,13 @@ import torch
 
 from esper_fast import cli, train
 from esper_fast.train import checkpoint
+from cli_helpers import outcome, read_log
 
 # Six epochs reach the keep/cull decision: germinate after 1, TRAINING 2, BLENDING 3 (the
 # alpha ramp moves every step), SHADOWING 4, PROBATIONARY 5.
 LIFECYCLE = ["--epochs", "6", "--max-batches", "3", "--batch-size", "32", "--no-progress"]
 # A rollback in epoch 2 (the seed is culled), then host epochs.
 ROLLBACK = ["--epochs", "4", "--inject-nan-at", "2", "--max-batches", "3", "--batch-size", "32", "--no-progress"]
-# Wall-clock fields, and the paths of the run's files: the only ones a resumed run (in
-# another folder than the run it is compared with) may differ in.
-CLOCK = {"started_at", "ended_at", "train_time_s", "eval_time_s", "epoch_time_s", "samples_per_s",
-         "time", "total_time_s", "mean_epoch_time_s", "metrics", "plot"}
-
-
-def read_log(path):
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle]
-
-
-def outcome(out):
-    """Every epoch record and the summary, without the wall-clock fields."""
-    records = [r for r in read_log(out / train.METRICS_FILE) if r["type"] in ("epoch", "summary")]
-    return [{k: v for k, v in r.items() if k not in CLOCK} for r in records]
 
 
 def child(argv, cwd, signal_at=None, **kwargs):

@@ -14,21 +14,10 @@ import time
 import pytest
 import torch
 
-from esper_fast import cli, train
+from esper_fast import train
+from cli_helpers import one_line_error, run_cli
 
 TINY = ["--max-batches", "2", "--batch-size", "32", "--no-progress"]
-
-
-def run_cli(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(code, err, fragment):
-    lines = err.strip().splitlines()
-    assert code == cli.EXIT_USAGE and len(lines) == 1, err
-    assert lines[0].startswith("esper-fast: error: ") and fragment in lines[0], lines[0]
 
 
 def start_child(argv, cwd, **kwargs):

@@ -20,24 +20,13 @@ import torch.multiprocessing as mp
 
 from esper_fast import cli, data, train
 from esper_fast.train.ranks import Ranks, state_checksum
+from cli_helpers import one_line_error, outcome, read_log, run_cli
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Six epochs reach the keep/cull decision (as in test_resume.py), 3 steps of 32 per rank.
 LIFECYCLE = ["--epochs", "6", "--max-batches", "3", "--batch-size", "32", "--no-progress"]
-CLOCK = {"started_at", "ended_at", "train_time_s", "eval_time_s", "epoch_time_s", "samples_per_s",
-         "time", "total_time_s", "mean_epoch_time_s", "metrics", "plot"}
-
-
-def read_log(path):
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle]
-
-
-def outcome(out):
-    records = [r for r in read_log(out / train.METRICS_FILE) if r["type"] in ("epoch", "summary")]
-    return [{k: v for k, v in r.items() if k not in CLOCK} for r in records]
 
 
 def child(command, cwd, signal_at=None):
@@ -233,18 +222,6 @@ def test_a_world_of_one_is_a_single_process(monkeypatch):
     with torch.no_grad():
         model.weight[0, 0] = torch.nextafter(model.weight[0, 0], torch.tensor(2.0))  # one bit
     assert state_checksum(model, "cpu") != before
-
-
-def run_cli(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(code, err, fragment):
-    lines = err.strip().splitlines()
-    assert code == cli.EXIT_USAGE and len(lines) == 1, err
-    assert lines[0].startswith("esper-fast: error: ") and fragment in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("flags, message", [
