@@ -492,7 +492,8 @@ class SeedSlot(nn.Module):
             seed.train(was_training)
 
     def _seed_summary(self) -> dict:
-        """The seed's record at a decisive moment (telemetry data of fossilize and cull)."""
+        """The seed's record at a decisive moment, taken before the transition resets the
+        stage counters (telemetry data of fossilize and cull)."""
         metrics = self.state.metrics
         return {
             "blueprint_id": self.state.blueprint_id,
@@ -500,6 +501,8 @@ class SeedSlot(nn.Module):
             "improvement": metrics.total_improvement,
             "blending_delta": metrics.blending_delta,
             "counterfactual": metrics.counterfactual_contribution,
+            "epochs_total": metrics.epochs_total,
+            "epochs_in_stage": metrics.epochs_in_current_stage,
         }
 
     def advance_stage(self, target_stage: SeedStage | None = None) -> GateResult:
@@ -520,8 +523,6 @@ class SeedSlot(nn.Module):
             return gate
         old_stage = self.state.stage
         summary = self._seed_summary()
-        summary["epochs_total"] = self.state.metrics.epochs_total
-        summary["epochs_in_stage"] = self.state.metrics.epochs_in_current_stage
         if not self.state.transition(target_stage):
             return GateResult(gate=gate.gate, passed=False, checks_failed=["transition_failed"])
 
@@ -533,19 +534,9 @@ class SeedSlot(nn.Module):
                 self.start_blending(self._blending_steps())
         self._emit_stage_changed(old_stage)
         if target_stage == SeedStage.FOSSILIZED:
-            self._emit_telemetry(
-                TelemetryEventType.SEED_FOSSILIZED,
-                data={
-                    "blueprint_id": summary["blueprint_id"],
-                    "seed_id": summary["seed_id"],
-                    "improvement": summary["improvement"],
-                    "blending_delta": summary["blending_delta"],
-                    "counterfactual": summary["counterfactual"],
-                    "params_added": _trainable_params(self.seed),
-                    "epochs_total": summary["epochs_total"],
-                    "epochs_in_stage": summary["epochs_in_stage"],
-                },
-            )
+            epochs = {key: summary.pop(key) for key in ("epochs_total", "epochs_in_stage")}
+            data = {**summary, "params_added": _trainable_params(self.seed), **epochs}
+            self._emit_telemetry(TelemetryEventType.SEED_FOSSILIZED, data=data)
         return gate
 
     def _enter_blending(self) -> None:
@@ -565,8 +556,6 @@ class SeedSlot(nn.Module):
         if not self.state or self.state.stage == SeedStage.FOSSILIZED:
             return False
         summary = self._seed_summary()
-        summary["epochs_total"] = self.state.metrics.epochs_total
-        summary["epochs_in_stage"] = self.state.metrics.epochs_in_current_stage
         old_stage = self.state.stage
         if not self.state.transition(SeedStage.CULLED):
             return False
@@ -684,18 +673,24 @@ class SeedSlot(nn.Module):
         state = self.state
         if not self.is_active or not is_active_stage(state.stage):
             return host_features
-        seed_input = host_features.detach() if self.isolate_gradients else host_features
-        seed_features = self.seed(seed_input)
+        seed_features = self._seed_features(host_features)
         if state.stage == SeedStage.TRAINING and state.alpha == 0.0:
             if _DEBUG_STE:
                 assert seed_features.requires_grad, "STE needs a seed output that requires grad"
             return ste_forward(host_features, seed_features)
-        topology = self.task_config.topology if self.task_config is not None else None
-        detach_host = not (topology == "transformer" and state.stage in _HOST_GRADIENT_STAGES)
         # Eager passes the float; a compiled graph reads the device copy, so that a new
         # alpha is new data for the same graph rather than a recompile.
         alpha = self._alpha_value if torch.compiler.is_compiling() else state.alpha
-        return blend_with_isolation(host_features, seed_features, alpha, detach_host=detach_host)
+        return blend_with_isolation(host_features, seed_features, alpha, detach_host=self._detaches_host())
+
+    def _seed_features(self, host_features: torch.Tensor) -> torch.Tensor:
+        # With isolate_gradients the seed's gradient does not reach the host through its input.
+        return self.seed(host_features.detach() if self.isolate_gradients else host_features)
+
+    def _detaches_host(self) -> bool:
+        # The blend's host path keeps its gradient only for a transformer from BLENDING on.
+        topology = self.task_config.topology if self.task_config is not None else None
+        return not (topology == "transformer" and self.state.stage in _HOST_GRADIENT_STAGES)
 
     def forward_alpha_configs(self, host_features: torch.Tensor, alphas) -> tuple[torch.Tensor, list[int]]:
         """The slot's output under each alpha in ``alphas``, the seed run once (eval, no grad).
@@ -725,11 +720,8 @@ class SeedSlot(nn.Module):
                     out = host_features
                 else:
                     if seed_features is None:
-                        seed_input = host_features.detach() if self.isolate_gradients else host_features
-                        seed_features = self.seed(seed_input)
-                    topology = self.task_config.topology if self.task_config is not None else None
-                    detach_host = not (topology == "transformer" and state.stage in _HOST_GRADIENT_STAGES)
-                    out = blend_with_isolation(host_features, seed_features, alpha, detach_host=detach_host)
+                        seed_features = self._seed_features(host_features)
+                    out = blend_with_isolation(host_features, seed_features, alpha, detach_host=self._detaches_host())
                 keys[key] = len(outputs)
                 outputs.append(out)
             groups.append(keys[key])
