@@ -76,48 +76,45 @@ def blend_scalar_alpha():
 
 @check
 def blend_per_sample_alpha_channels_last():
-    from esper_fast.ops import blend, reference
-
     for dtype in DTYPES:
         for channels_last in (False, True):
             host, seed = _pair((6, 5, 7, 3), dtype, channels_last)
             alpha = torch.rand(6, device=DEVICE, dtype=dtype).requires_grad_()
-            out = blend(host, seed, alpha, detach_host=False)
-            grad = torch.randn_like(out)
-            out.backward(grad)
-            r_host, r_seed = host.detach().clone().requires_grad_(), seed.detach().clone().requires_grad_()
-            r_alpha = alpha.detach().clone().requires_grad_()
-            ref = reference.blend_reference(r_host, r_seed, r_alpha, False)
-            ref.backward(grad)
-            what = f"blend per-sample {dtype} channels_last={channels_last}"
-            assert_close(out, ref, what=what)
-            assert_close(host.grad, r_host.grad, what=f"{what} d_host")
-            assert_close(seed.grad, r_seed.grad, what=f"{what} d_seed")
+            r_alpha, _ = _blend_matches_reference(
+                host, seed, alpha, f"blend per-sample {dtype} channels_last={channels_last}"
+            )
             # d_alpha sums a whole sample: rounding grows with its length.
             torch.testing.assert_close(alpha.grad.float(), r_alpha.grad.float(), rtol=5e-2, atol=5e-2)
+
+
+def _blend_matches_reference(host, seed, alpha, what: str):
+    """blend with a tensor alpha, host keeping its gradient, forward and backward against the
+    reference; returns the reference's alpha (with its gradient) and the incoming gradient."""
+    from esper_fast.ops import blend, reference
+
+    out = blend(host, seed, alpha, detach_host=False)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    r_host, r_seed = host.detach().clone().requires_grad_(), seed.detach().clone().requires_grad_()
+    r_alpha = alpha.detach().clone().requires_grad_()
+    ref = reference.blend_reference(r_host, r_seed, r_alpha, False)
+    ref.backward(grad)
+    assert_close(out, ref, what=what)
+    assert_close(host.grad, r_host.grad, what=f"{what} d_host")
+    assert_close(seed.grad, r_seed.grad, what=f"{what} d_seed")
+    return r_alpha, grad
 
 
 @check
 def blend_small_groups_and_long_groups():
     """Per-sample groups of 3 and 16 elements (packed tiles, d_alpha summed in shared memory) and
     groups of several tiles (tile sums added by a second kernel)."""
-    from esper_fast.ops import blend, reference
-
     for dtype in (torch.float32, torch.bfloat16):
         for shape, per_sample in (((4097, 3), True), ((513, 16), True), ((3, 70001), True), ((2, 70001), False)):
             host, seed = _pair(shape, dtype)
             alpha = torch.rand(shape[0] if per_sample else 1, device=DEVICE).requires_grad_()
-            out = blend(host, seed, alpha, detach_host=False)
-            grad = torch.randn_like(out)
-            out.backward(grad)
-            r_host, r_seed = host.detach().clone().requires_grad_(), seed.detach().clone().requires_grad_()
-            r_alpha = alpha.detach().clone().requires_grad_()
-            ref = reference.blend_reference(r_host, r_seed, r_alpha, False)
-            ref.backward(grad)
             what = f"blend {dtype} {shape} per_sample={per_sample}"
-            assert_close(out, ref, what=what)
-            assert_close(host.grad, r_host.grad, what=f"{what} d_host")
-            assert_close(seed.grad, r_seed.grad, what=f"{what} d_seed")
+            _, grad = _blend_matches_reference(host, seed, alpha, what)
             expected = (grad.double() * (seed - host).detach().double()).reshape(shape[0], -1).sum(1)
             expected = expected if per_sample else expected.sum().reshape(1)
             scale = (grad.double() * (seed - host).detach().double()).abs().sum()

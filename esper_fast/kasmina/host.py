@@ -355,7 +355,7 @@ class MorphogeneticModel(nn.Module):
         result = super()._apply(fn, recurse)
         first = next(self.parameters(), None)
         if first is not None:
-            self.seed_slot._moved_to(first.device)
+            self.seed_slot.device = first.device
             self._device = str(first.device)
         return result
 

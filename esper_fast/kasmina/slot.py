@@ -334,10 +334,6 @@ class SeedSlot(nn.Module):
             self._shape_probe_cache.clear()
         return self
 
-    def _moved_to(self, device: torch.device) -> None:
-        # Called by MorphogeneticModel after its tree moved (nn.Module.to does not call ours).
-        self.device = device
-
     # ---------------------------------------------------------------- properties
 
     @property
