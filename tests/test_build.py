@@ -1,6 +1,7 @@
 """The compiled extension is the one in use: no silent fallback to Python."""
 
 import ast
+import importlib.util
 import os
 import re
 import shutil
@@ -92,14 +93,42 @@ __global__ void probe(float* out, const float* a, const float* b, const float* c
 }
 """
 
+_REQUIRED = os.environ.get("ESPER_FAST_REQUIRE_CUDA_BUILD") == "1"
 
+
+def _tool(name: str) -> str:
+    """A CUDA binary tool: on PATH, in the toolkit, or the copy triton ships inside torch's
+    environment. Missing: a skip, or a failure where the CUDA build is required (CI)."""
+    triton = importlib.util.find_spec("triton")
+    candidates = [shutil.which(name)]
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home:
+            candidates.append(os.path.join(home, "bin", name))
+    if triton is not None and triton.submodule_search_locations:
+        candidates.append(os.path.join(list(triton.submodule_search_locations)[0], "backends", "nvidia", "bin", name))
+    found = next((c for c in candidates if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
+    if found is None:
+        message = f"{name} not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin, triton's bin)"
+        if _REQUIRED:
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
+
+
+def _built_cuda_extension() -> str:
+    if not esper_fast._C.cuda_compiled:
+        if _REQUIRED:
+            pytest.fail("the CUDA build is required but the extension has no CUDA kernels")
+        pytest.skip("a CPU-only build")
+    return esper_fast.extension_path()
+
+
+@pytest.mark.toolchain
 def test_nvcc_flags_keep_denormals(tmp_path):
     # The extension's nvcc flags must not flush float32 denormals to zero.
     flags = _setup_list("nvcc_flags")
     assert not {"--use_fast_math", "-use_fast_math", "-ftz=true", "--ftz=true"} & set(flags), flags
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        pytest.skip("nvcc not found: the flags were checked, not the PTX they produce")
+    nvcc = _tool("nvcc")
     source = tmp_path / "probe.cu"
     source.write_text(_PROBE)
     ptx = tmp_path / "probe.ptx"
@@ -111,21 +140,89 @@ def test_nvcc_flags_keep_denormals(tmp_path):
     assert not _FTZ.findall(text), _FTZ.findall(text)[:5]
 
 
-@pytest.mark.cuda
+# A SASS instruction: its address comment, an optional predicate, then the opcode with its modifiers.
+_SASS_OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)")
+# Float32 arithmetic, comparison, conversion between float types and the special-function unit:
+# their .FTZ form flushes float denormals. F2I.FTZ...TRUNC (every integer division emits one)
+# converts to an integer, where a denormal becomes 0 either way.
+_FLOAT_OPCODES = ("FADD", "FMUL", "FFMA", "FMNMX", "FSET", "FSETP", "FCHK", "FRND", "FSWZADD", "F2F", "MUFU")
+
+
+def flushing_instructions(sass: str) -> list[str]:
+    """The distinct float instructions of ``sass`` that flush denormals to zero."""
+    flushed = set()
+    for match in _SASS_OPCODE.finditer(sass):
+        base, *modifiers = match.group(1).split(".")
+        if "FTZ" not in modifiers:
+            continue
+        # FADD32I, FFMA2...: sized and packed forms of the same operations.
+        if not any(base == op or (base.startswith(op) and base[len(op):].rstrip("I").isdigit())
+                   for op in _FLOAT_OPCODES):
+            continue
+        if base == "MUFU" and any(m.endswith("64H") for m in modifiers):
+            continue  # the float64 reciprocal's seed, not a float32 result
+        flushed.add(match.group(1))
+    return sorted(flushed)
+
+
+def test_flushing_instructions_reads_sass():
+    sass = """
+        /*0040*/                   FADD.FTZ R1, R2, R3 ;
+        /*0050*/               @!P0 FSETP.GT.FTZ.AND P1, PT, R2, R3, PT ;
+        /*0060*/                   F2I.FTZ.U32.TRUNC.NTZ R4, R5 ;
+        /*0070*/                   MUFU.RCP64H R6, R7 ;
+        /*0080*/                   MUFU.EX2.FTZ R8, R9 ;
+        /*0090*/                   FFMA R1, R2, R3, R4 ;
+        /*00a0*/                   F2F.FTZ.F32.F64 R1, R2 ;
+        /*00b0*/                   FMUL32I.FTZ R1, R2, 0.5 ;
+        /*00c0*/                   IMAD.WIDE.U32 R2, R3, R4, R5 ;
+        /*00d0*/                   UF2I.FTZ.U32.TRUNC.NTZ UR4, UR5 ;
+    """
+    assert flushing_instructions(sass) == [
+        "F2F.FTZ.F32.F64", "FADD.FTZ", "FMUL32I.FTZ", "FSETP.GT.FTZ.AND", "MUFU.EX2.FTZ"]
+
+
+@pytest.mark.toolchain
 def test_built_kernels_keep_denormals():
-    # The machine code of the built extension: no float32 instruction with .FTZ.
-    if not esper_fast._C.cuda_compiled:
-        pytest.skip("a CPU-only build")
-    cuobjdump = shutil.which("cuobjdump") or next(
-        (p for p in ("/usr/local/cuda/bin/cuobjdump",) if os.path.exists(p)), None)
-    if cuobjdump is None:
-        pytest.skip("cuobjdump not found")
-    done = subprocess.run([cuobjdump, "-sass", esper_fast.extension_path()], capture_output=True, text=True,
-                          timeout=300)
+    # The machine code of the built extension: no float instruction with .FTZ.
+    path = _built_cuda_extension()
+    done = subprocess.run([_tool("cuobjdump"), "-sass", path], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Function :" in done.stdout, "no device code found in the extension"
-    # Float32 opcodes (FADD.FTZ, FFMA.FTZ, FSETP.GT.FTZ, F2F..., MUFU.EX2...); the double
-    # division's reciprocal seed (MUFU.RCP64H) is not a float32 op.
-    flushed = {m.group(0) for m in re.finditer(r"\b(?:F[A-Z0-9]*|MUFU)(?:\.[A-Z0-9_]+)*?\.FTZ\b[\w.]*", done.stdout)}
-    flushed = sorted(op for op in flushed if "64" not in op)
+    assert _SASS_OPCODE.search(done.stdout), "cuobjdump printed no instruction this test can read"
+    flushed = flushing_instructions(done.stdout)
     assert not flushed, flushed[:10]
+
+
+_RESOURCES = re.compile(r"Function ([^:\s]+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+
+
+def kernels_with_local_memory(res_usage: str) -> tuple[int, list[tuple[str, int, int]]]:
+    """How many kernels ``cuobjdump -res-usage`` lists, and those with a stack frame or local
+    memory: (name, stack bytes, local bytes)."""
+    kernels = _RESOURCES.findall(res_usage)
+    assert len(kernels) == res_usage.count("Function "), "a kernel's resource line was not read"
+    return len(kernels), [(name, int(stack), int(local)) for name, _, stack, _, local in kernels
+                          if int(stack) or int(local)]
+
+
+def test_kernels_with_local_memory_reads_res_usage():
+    listing = """
+ Function _Z4fastPf:
+  REG:32 STACK:0 SHARED:0 LOCAL:0 CONSTANT[0]:904 TEXTURE:0 SURFACE:0 SAMPLER:0
+ Function _Z5spillPf:
+  REG:255 STACK:16 SHARED:1024 LOCAL:8 CONSTANT[0]:904 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+    assert kernels_with_local_memory(listing) == (2, [("_Z5spillPf", 16, 8)])
+
+
+@pytest.mark.toolchain
+def test_built_kernels_use_no_local_memory():
+    # A kernel with a stack frame or local memory spills registers (or indexes a local array):
+    # every kernel of the built extension keeps its state in registers and shared memory.
+    done = subprocess.run([_tool("cuobjdump"), "-res-usage", _built_cuda_extension()], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    count, spilling = kernels_with_local_memory(done.stdout)
+    assert count, "cuobjdump -res-usage listed no kernel"
+    assert not spilling, spilling[:5]
