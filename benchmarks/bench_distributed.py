@@ -17,8 +17,10 @@ of one, which times the collective's fixed cost only), ``--json FILE`` for the n
    process takes ``--batch-size`` samples per step, so 2 processes do twice the samples per
    epoch) and one process limited to one thread, from the runs' own ``metrics.jsonl``.
 
-Not a pytest-benchmark module: each part needs its own processes. Medians over ``--rounds``
-calls, with the 10th and 90th percentiles.
+Not a pytest-benchmark module: each part needs its own processes (``CASES`` is empty, so
+``gpu_report.py`` times nothing here; the GPU check runs this script as its own step). Medians
+over ``--rounds`` calls, with the 10th and 90th percentiles. The report names the
+``esper_fast`` each rank imported (``esper_fast_files``): the in-place build of this checkout.
 """
 
 from __future__ import annotations
@@ -39,7 +41,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parent.parent
+# The ranks are spawned with this process's sys.path: the checkout's esper_fast, installed or not.
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 CLOCK = time.perf_counter
+CASES: list = []  # timed by its own processes, not by gpu_report.py
 
 
 def _spread(samples: list[float]) -> dict:
@@ -89,6 +95,7 @@ def _model_state(task: str, device: str):
 
 
 def _collectives(rank: int, world: int, backend: str, init: str, rounds: int, out: str) -> None:
+    import esper_fast
     from esper_fast.ops.metrics import MetricsAccumulator
     from esper_fast.tolaria.distributed import reduce_results
 
@@ -125,7 +132,7 @@ def _collectives(rank: int, world: int, backend: str, init: str, rounds: int, ou
             found[f"rollback {task}: rank 0's snapshot + broadcast"] = _timed(restore_and_broadcast, few, device, barrier)
             found[f"rollback {task}: snapshot bytes per rank"] = {"bytes": governor._model_snapshot.nbytes}
         with open(os.path.join(out, f"rank{rank}.json"), "w") as handle:
-            json.dump(found, handle)
+            json.dump({"esper_fast": esper_fast.__file__, "results": found}, handle)
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -135,7 +142,8 @@ def collectives(backend: str, rounds: int) -> dict:
     world = 2 if backend == "gloo" else min(2, max(1, torch.cuda.device_count()))
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_collectives, args=(world, backend, os.path.join(tmp, "init"), rounds, tmp), nprocs=world, join=True)
-        ranks = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world)]
+        written = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world)]
+    ranks = [w["results"] for w in written]
     # A collective takes as long as its slowest rank.
     merged = {}
     for name in ranks[0]:
@@ -143,7 +151,8 @@ def collectives(backend: str, rounds: int) -> dict:
             merged[name] = ranks[0][name]
         else:
             merged[name] = max((r[name] for r in ranks), key=lambda s: s["median_us"])
-    return {"world_size": world, "backend": backend, "results": merged}
+    return {"world_size": world, "backend": backend, "results": merged,
+            "esper_fast_files": [w["esper_fast"] for w in written]}
 
 
 def _epoch_run(workdir: Path, nproc: int, threads: int | None, args) -> dict:

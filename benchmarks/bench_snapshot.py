@@ -109,14 +109,16 @@ def _bytes(state):
     return _state_bytes(state["model"])
 
 
+# name, builder, devices, pytest-benchmark rounds, large (4 GB on the device: left out of the
+# one-shot GPU check unless asked for)
 MODELS = [
-    ("cifar10-cnn", cifar10_cnn, ("cpu", "cuda"), None),
-    ("gpt-30M", gpt_tensors, ("cpu", "cuda"), 10),
-    ("synthetic-1B", synthetic_1b, ("cuda",), 3),
+    ("cifar10-cnn", cifar10_cnn, ("cpu", "cuda"), None, False),
+    ("gpt-30M", gpt_tensors, ("cpu", "cuda"), 10, False),
+    ("synthetic-1B", synthetic_1b, ("cuda",), 3, True),
 ]
 
 CASES = []
-for _name, _build, _devices, _rounds in MODELS:
+for _name, _build, _devices, _rounds, _large in MODELS:
     _params = {"model": _name, "rounds": _rounds} if _rounds else {"model": _name}
     CASES += [
         Case(
@@ -129,6 +131,7 @@ for _name, _build, _devices, _rounds in MODELS:
             devices=_devices,
             goal={"gpt-30M": "CUDA >= 5x; CPU >= 1.5x", "cifar10-cnn": "CPU >= 1.5x"}.get(_name, ""),
             params=_params,
+            large=_large,
         ),
         Case(
             family="snapshot",
@@ -142,13 +145,14 @@ for _name, _build, _devices, _rounds in MODELS:
                 _name, ""
             ),
             params=_params,
+            large=_large,
         ),
     ]
 
 
 # Rollback, and the device-resident option (one device copy, no host transfer), for the
 # two real models; a 1B rollback would spend the GPU check's time on the original's copies.
-for _name, _build, _devices, _rounds in MODELS[:2]:
+for _name, _build, _devices, _rounds, _large in MODELS[:2]:
     _params = {"model": _name, "rounds": _rounds} if _rounds else {"model": _name}
     CASES.append(
         Case(

@@ -10,9 +10,24 @@ times them with CUDA events.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Callable
 
 import torch
+
+_DEVICE_WORDS = {"cpu": ("cpu",), "cuda": ("cuda", "gpu")}
+
+
+def goal_clauses(goal: str, device: str | None = None) -> list[str]:
+    """The clauses of a goal such as ``"cpu >= 2x, cuda >= 5x and >= 80% of copy"`` (split on
+    ``;``, ``,`` and ``and``) that apply on ``device``: a clause naming another device is left
+    out; a clause naming none applies everywhere."""
+    clauses = [c.strip() for c in re.split(r";|,|\band\b", (goal or "").replace("\u2265", ">="))]
+    if device is None:
+        return [c for c in clauses if c]
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    others = [w for k, words in _DEVICE_WORDS.items() if k != kind for w in words]
+    return [c for c in clauses if c and not any(re.search(rf"\b{w}\b", c.lower()) for w in others)]
 
 
 @dataclasses.dataclass
@@ -27,6 +42,12 @@ class Case:
     goal: str = ""                           # the issue's goal for this case, e.g. ">= 3x"
     params: dict = dataclasses.field(default_factory=dict)  # sizes, dtype... for the report
     floor: Callable[[Any], Any] | None = None  # the work no implementation can skip, timed alike
+    large: bool = False                      # needs many GB: left out of the one-shot GPU check unless asked for
+
+    @property
+    def gpu_goal(self) -> bool:
+        """Whether the goal says something about CUDA: such cases are timed first in the GPU check."""
+        return bool(goal_clauses(self.goal, "cuda"))
 
     def id(self) -> str:
         return self.name.replace(" ", "_")
