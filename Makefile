@@ -35,8 +35,9 @@ bench: build
 	$(PY) -m pytest benchmarks -o python_files="bench_*.py" --benchmark-only --benchmark-autosave \
 		--benchmark-storage=benchmarks/.results --benchmark-compare --benchmark-group-by=group -q
 
-# Runs on the GPU machine with its own python3 and torch; see benchmarks/gpu_check.sh.
-gpu-check:
+# Runs on the GPU machine with its own python3 and torch (no .venv there); see
+# benchmarks/gpu_check.sh. GPU_CHECK_DRY_RUN=1 rehearses it here with the venv's build.
+gpu-check: $(if $(filter 1,$(GPU_CHECK_DRY_RUN)),build)
 	bash benchmarks/gpu_check.sh
 
 clean:

@@ -1,35 +1,32 @@
-"""Times every benchmark case fast vs reference in one process and writes ``gpu_report.json``.
+"""Times the benchmark cases, fast vs reference in one process, and writes a report part.
 
-Two modes:
+``python3 benchmarks/gpu_report.py [--device cuda|cpu] [--part goals|rest|all] [--quick | --once]
+[--out DIR] [--report-name NAME] [--time-budget S] [--only TEXT] [--include-large]``
 
-``python3 benchmarks/gpu_report.py [--device cuda|cpu] [--quick] [--out DIR] [--time-budget S]``
-    Imports every ``benchmarks/bench_*.py`` module's ``CASES`` (see ``benchmarks/common.py``),
-    measures the copy bandwidths of this machine (device-to-device, pinned host<->device),
-    then times each case's reference and fast callables on the device: CUDA events after
-    warm-up on ``cuda``, ``time.perf_counter`` on ``cpu``; the median of many repeats,
-    interleaved in two rounds, bounded in time per case. Writes the JSON after every case,
-    so a crash or a timeout keeps what was measured, and prints a short table last.
-    A module that fails to import, a module without ``CASES`` and a case that raises are
-    recorded in the report; they never stop the run.
+Imports every ``benchmarks/bench_*.py`` module's ``CASES`` (see ``benchmarks/common.py``),
+measures the copy bandwidths of this machine (device-to-device, pinned host<->device), then
+times each case's reference and fast callables (and its work floor, where it has one): CUDA
+events after warm-up on ``cuda``, ``time.perf_counter`` on ``cpu``; the median of many repeats,
+interleaved in two rounds, bounded in time per case. ``--once`` calls each side exactly once
+(the CPU rehearsal of the GPU check). Writes the JSON after every case, so a crash or a timeout
+keeps what was measured, and prints a short table last.
 
-``python3 benchmarks/gpu_report.py --finalize --out DIR [--steps F] [--junit F] ...``
-    Used by ``benchmarks/gpu_check.sh`` after its steps: merges the build log (ptxas
-    registers and spills), the test results (junit xml), the memcheck, racecheck and synccheck
-    logs and each step's status into the report, prints the table and exits 0 only if every step passed.
+``--part goals`` takes the cases whose goal speaks of CUDA (``Case.gpu_goal``), ``--part rest``
+the others: ``gpu_check.sh`` times the goals first and the rest with the time left.
+A case that cannot run here is listed, never silently dropped: ``device only`` (a CUDA-only
+case in a CPU run), ``left out (flag)`` (a ``Case.large`` case without ``--include-large``),
+``not run (time)`` (the time budget was spent). Those do not fail the run; a module that fails
+to import, a module without ``CASES`` and a case that raises do (exit status 1).
 
-The report goes to ``$OUT`` when set, else ``benchmarks/results/``. Performance goals are
-reported (met / not met / not judged) but do not decide the exit status: the check passes
-when everything builds, runs and is correct.
+``benchmarks/gpu_finalize.py`` merges the parts and the other steps' results into
+``gpu_report.json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import glob
 import importlib.util
-import json
-import math
 import os
 import platform
 import re
@@ -38,12 +35,31 @@ import subprocess
 import sys
 import time
 import traceback
-import xml.etree.ElementTree as ElementTree
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-SCHEMA = "esper_fast.gpu_report/1"
-REPORT_NAME = "gpu_report.json"
+for _path in (ROOT, HERE):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+from common import goal_clauses  # noqa: E402
+from report_format import (  # noqa: E402
+    DEVICE_ONLY,
+    ERROR,
+    LEFT_OUT_FLAG,
+    NOT_RUN_CONTEXT,
+    NOT_RUN_TIME,
+    OK,
+    PENDING,
+    QUIET_STATUSES,
+    REPORT_NAME,
+    RUNNING,
+    SCHEMA,
+    format_table,
+    now_utc,
+    suggested_name,
+    write_json,
+)
 
 # Time spent timing one case (both sides together), repeats per side, and the same in --quick.
 CASE_BUDGET_S = 3.0
@@ -51,15 +67,12 @@ QUICK_CASE_BUDGET_S = 0.3
 MAX_REPEATS = 500
 QUICK_MAX_REPEATS = 20
 MIN_REPEATS = 3
+PARTS = ("all", "goals", "rest")
 
 
 # ----------------------------------------------------------------------------- small helpers
 
-def _now_utc() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
-
-
-def _error_text(exc: BaseException, limit: int = 12) -> str:
+def error_text(exc: BaseException, limit: int = 12) -> str:
     """The exception and the innermost frames of its traceback, short enough for a report."""
     lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
     text = "".join(lines).strip().splitlines()
@@ -72,16 +85,6 @@ def _run_quiet(cmd: list[str], timeout: float = 10.0) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout.strip() if done.returncode == 0 else None
-
-
-def write_json(path: str, data: dict) -> None:
-    """Write atomically: a reader (or a killed run) never sees half a report."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=False, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def default_out_dir() -> str:
@@ -108,7 +111,7 @@ def load_cases(bench_dir: str = HERE) -> tuple[list, list[dict]]:
             spec.loader.exec_module(module)
         except BaseException as exc:  # noqa: BLE001  (a module may even call sys.exit)
             sys.modules.pop(module_name, None)
-            problems.append({"module": module_name, "error": _error_text(exc)})
+            problems.append({"module": module_name, "error": error_text(exc)})
             continue
         module_cases = getattr(module, "CASES", None)
         if not isinstance(module_cases, (list, tuple)):
@@ -185,22 +188,8 @@ class Timer:
         return None
 
 
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, int(round(q * (len(ordered) - 1)))))
-    return ordered[index]
-
-
-def time_case(case, device: str, budget_s: float, max_repeats: int) -> dict:
-    """Set the case up, warm both sides, then time them interleaved in two rounds."""
-    timer = Timer(device)
-    setup_start = time.perf_counter()
-    state = case.setup(device)
-    timer.sync()
-    result = {"setup_s": round(time.perf_counter() - setup_start, 3)}
-    sides = {"reference": case.reference, "fast": case.fast}
-    if getattr(case, "floor", None) is not None:
-        sides["floor"] = case.floor  # the work no implementation can skip, timed alike
+def _repeats(timer: Timer, sides: dict, state, budget_s: float, max_repeats: int) -> dict:
+    """Calls per side that fit the case's budget, from one or two warm-up calls."""
     estimates = {}
     per_side_s = budget_s / 2
     for side, fn in sides.items():
@@ -211,12 +200,33 @@ def time_case(case, device: str, budget_s: float, max_repeats: int) -> dict:
     for side, estimate in estimates.items():
         fit = int(per_side_s / estimate)
         repeats[side] = max(1 if estimate * MIN_REPEATS > per_side_s else MIN_REPEATS, min(max_repeats, fit))
+    return repeats
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, int(round(q * (len(ordered) - 1)))))
+    return ordered[index]
+
+
+def time_case(case, device: str, budget_s: float, max_repeats: int, once: bool = False) -> dict:
+    """Set the case up, warm each side, then time them interleaved in two rounds. ``once``:
+    one timed call per side, nothing else (a rehearsal of the path, not a measurement)."""
+    timer = Timer(device)
+    setup_start = time.perf_counter()
+    state = case.setup(device)
+    timer.sync()
+    result = {"setup_s": round(time.perf_counter() - setup_start, 3)}
+    sides = {"reference": case.reference, "fast": case.fast}
+    if getattr(case, "floor", None) is not None:
+        sides["floor"] = case.floor  # the work no implementation can skip, timed alike
+    rounds, repeats = (1, {side: 1 for side in sides}) if once else (2, _repeats(timer, sides, state, budget_s, max_repeats))
     times = {side: [] for side in sides}
     walls = {side: [] for side in sides}
     peaks = {side: None for side in sides}
-    for _ in range(2):  # interleaved rounds: drift (clocks, heat) hits both sides alike
+    for _ in range(rounds):  # interleaved rounds: drift (clocks, heat) hits both sides alike
         for side, fn in sides.items():
-            n = max(1, (repeats[side] + 1) // 2)
+            n = max(1, (repeats[side] + rounds - 1) // rounds)
             timer.peak_reset()
             side_times, wall_ms = timer.repeat(fn, state, n)
             times[side].extend(side_times)
@@ -239,7 +249,7 @@ def time_case(case, device: str, budget_s: float, max_repeats: int) -> dict:
         try:
             result["bytes_moved"] = int(case.bytes_moved(state))
         except Exception as exc:  # noqa: BLE001  (the timings stand without it)
-            result["bytes_moved_error"] = _error_text(exc, 4)
+            result["bytes_moved_error"] = error_text(exc, 4)
     del state
     return result
 
@@ -289,22 +299,13 @@ _GOAL_PCT = re.compile(r">=\s*([0-9.]+)\s*%")
 def evaluate_goal(goal: str, row: dict, device: str | None = None) -> dict:
     """Judge a goal written like ``">= 3x"``, ``">= 80% of copy"``, ``"never slower; >= 1.3x"``.
 
-    Each clause (split on ``;``, ``,`` and `` and ``) is met, not met, or not judged (a clause
-    this parser does not understand, or a number the run did not produce). A clause naming
-    the other device ("CPU >= 2x" in a CUDA run) is left out. The goal is met only when every
-    remaining clause is judged and met.
+    Each clause that applies on ``device`` (:func:`common.goal_clauses`) is met, not met, or not
+    judged (a clause this parser does not understand, or a number the run did not produce).
+    The goal is met only when every such clause is judged and met.
     """
-    if not goal or not goal.strip():
-        return {"met": None, "clauses": []}
     clauses = []
-    for text in re.split(r";|,|\band\b", goal.replace("\u2265", ">=")):
-        text = text.strip()
-        if not text:
-            continue
+    for text in goal_clauses(goal, device):
         lowered = text.lower()
-        other = ("cpu",) if device and device.startswith("cuda") else ("cuda", "gpu") if device == "cpu" else ()
-        if any(re.search(rf"\b{word}\b", lowered) for word in other):
-            continue
         value, need, what = None, None, None
         ratio, pct = _GOAL_RATIO.search(lowered), _GOAL_PCT.search(lowered)
         if "never slower" in lowered:
@@ -375,7 +376,7 @@ def environment(device: str) -> dict:
     import torch
 
     env = {
-        "created_utc": _now_utc(),
+        "created_utc": now_utc(),
         "device": device,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
@@ -405,18 +406,28 @@ def environment(device: str) -> dict:
             "kernels": esper_fast.kernels_available(),
         }
     except Exception as exc:  # noqa: BLE001  (the report must say why, not crash)
-        env["esper_fast"] = {"error": _error_text(exc, 4)}
+        env["esper_fast"] = {"error": error_text(exc, 4)}
     return env
 
 
-def suggested_name(report: dict) -> str:
-    """``<date>_<card>.json``: the name under benchmarks/results/ when the report is committed."""
-    card = (report.get("card") or {}).get("name") or report.get("device", "unknown")
-    date = (report.get("created_utc") or _now_utc())[:10]
-    return f"{date}_{re.sub(r'[^A-Za-z0-9.]+', '-', card).strip('-')}.json"
-
-
 # ----------------------------------------------------------------------------- the benchmark run
+
+def select_cases(cases: list, part: str, only: str | None = None) -> list:
+    """The cases of one part of the check, in their modules' order."""
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {PARTS}, got {part!r}")
+    chosen = [c for c in cases if part == "all" or (getattr(c, "gpu_goal", False) == (part == "goals"))]
+    return [c for c in chosen if not only or only in getattr(c, "name", "")]
+
+
+def _skip_reason(case, device: str, include_large: bool) -> str | None:
+    """Why a case is listed without being timed, or None when it runs."""
+    if device.split(":")[0] not in tuple(getattr(case, "devices", ("cpu", "cuda"))):
+        return DEVICE_ONLY
+    if getattr(case, "large", False) and not include_large:
+        return LEFT_OUT_FLAG
+    return None
+
 
 def run_benchmarks(
     cases: list,
@@ -426,18 +437,25 @@ def run_benchmarks(
     out_path: str,
     time_budget_s: float | None = None,
     case_budget_s: float | None = None,
+    *,
+    once: bool = False,
+    include_large: bool = False,
+    part: str = "all",
 ) -> dict:
     import torch
 
     started = time.perf_counter()
     report = environment(device)
     report["schema"] = SCHEMA
+    report["part"] = part
     report["timing"] = {
         "clock": "cuda events" if device.startswith("cuda") else "time.perf_counter",
-        "statistic": "median of the repeats of two interleaved rounds per side, after two warm-up calls",
+        "statistic": "one call per side" if once else
+        "median of the repeats of two interleaved rounds per side, after one or two warm-up calls",
         "case_budget_s": case_budget_s or (QUICK_CASE_BUDGET_S if quick else CASE_BUDGET_S),
         "time_budget_s": time_budget_s,
         "quick": quick,
+        "once": once,
     }
     report["import_problems"] = problems
     report["cases"] = []
@@ -451,40 +469,45 @@ def run_benchmarks(
         write_json(out_path, report)
         return report
     try:
-        report["floors"] = measure_floors(device, quick)
+        report["floors"] = measure_floors(device, quick or once)
     except Exception as exc:  # noqa: BLE001
-        report["floors"] = {"error": _error_text(exc)}
+        report["floors"] = {"error": error_text(exc)}
 
-    selected = [c for c in cases if device.split(":")[0] in tuple(getattr(c, "devices", ("cpu", "cuda")))]
     budget = case_budget_s or (QUICK_CASE_BUDGET_S if quick else CASE_BUDGET_S)
     max_repeats = QUICK_MAX_REPEATS if quick else MAX_REPEATS
+    rows = [{
+        "family": getattr(case, "family", "?"),
+        "name": getattr(case, "name", repr(case)),
+        "params": dict(getattr(case, "params", {}) or {}),
+        "goal": getattr(case, "goal", "") or "",
+        "gpu_goal": bool(getattr(case, "gpu_goal", False)),
+        "status": _skip_reason(case, device, include_large) or PENDING,
+    } for case in cases]
+    report["cases"] = rows
+    runnable = sum(1 for row in rows if row["status"] == PENDING)
     lost_context = None
-    for index, case in enumerate(selected):
-        row = {
-            "family": getattr(case, "family", "?"),
-            "name": getattr(case, "name", repr(case)),
-            "params": dict(getattr(case, "params", {}) or {}),
-            "goal": getattr(case, "goal", "") or "",
-            "status": "running",
-        }
-        report["cases"].append(row)
+    for case, row in zip(cases, rows):
+        if row["status"] != PENDING:
+            continue
+        runnable -= 1
+        row["status"] = RUNNING
         report["bench_state"] = f"running {row['name']}"
         write_json(out_path, report)
         left = None if time_budget_s is None else time_budget_s - (time.perf_counter() - started)
         if lost_context:
-            row.update(status="not run", error=f"the CUDA context was lost in '{lost_context}'")
+            row.update(status=NOT_RUN_CONTEXT, error=f"the CUDA context was lost in '{lost_context}'")
             continue
         if left is not None and left < 1.0:
-            row.update(status="not run", error="the benchmark time budget was spent")
+            row.update(status=NOT_RUN_TIME, error="the benchmark time budget was spent")
             continue
-        this_budget = budget if left is None else min(budget, max(0.2, (left - 2.0) / (len(selected) - index)))
+        this_budget = budget if left is None else min(budget, max(0.2, (left - 2.0) / (runnable + 1)))
         try:
-            timing = time_case(case, device, this_budget, max_repeats)
+            timing = time_case(case, device, this_budget, max_repeats, once=once)
             row.update(case_row(case, timing, report["floors"]))
             row["goal_verdict"] = evaluate_goal(row["goal"], row, device)
-            row["status"] = "ok"
+            row["status"] = OK
         except Exception as exc:  # noqa: BLE001  (one broken case must not hide the others)
-            row.update(status="error", error=_error_text(exc))
+            row.update(status=ERROR, error=error_text(exc))
             if device.startswith("cuda") and not _cuda_alive():
                 lost_context = row["name"]
         finally:
@@ -499,6 +522,23 @@ def run_benchmarks(
     return report
 
 
+def case_rows(cases: list) -> str:
+    """RESULTS.md's table rows (the columns of ``gpu_finalize.py --markdown``) for cases that no
+    GPU report has timed yet: name, sizes and goal, no number."""
+    lines = []
+    for case in cases:
+        params = ", ".join(f"{k}={v}" for k, v in (case.params or {}).items()) or "-"
+        status = "not run" + (" (large)" if case.large else "")
+        lines.append(f"| {case.family} | {case.name} | {params} | {status} | | | | | {case.goal or '-'} | not judged | | |")
+    return "\n".join(lines)
+
+
+def failed(report: dict) -> bool:
+    """A run fails on a module that did not load, a case that raised, or a run that did not end."""
+    return bool(report.get("bench_state") != "done" or report.get("import_problems")
+                or any(c.get("status") not in (OK, *QUIET_STATUSES) for c in report.get("cases", [])))
+
+
 def _cuda_alive() -> bool:
     import torch
 
@@ -510,377 +550,38 @@ def _cuda_alive() -> bool:
         return False
 
 
-# ----------------------------------------------------------------------------- step summaries
-
-def read_steps(path: str | None) -> dict:
-    """``name<TAB>status<TAB>rc<TAB>seconds<TAB>timeout_s<TAB>log`` lines written by gpu_check.sh."""
-    steps = {}
-    if not path or not os.path.exists(path):
-        return steps
-    with open(path) as f:
-        for line in f:
-            fields = line.rstrip("\n").split("\t")
-            if len(fields) < 4:
-                continue
-            name, status, rc, seconds = fields[:4]
-            steps[name] = {
-                "status": status,
-                "rc": int(rc) if rc.lstrip("-").isdigit() else None,
-                "seconds": float(seconds) if seconds.replace(".", "", 1).isdigit() else None,
-                "timeout_s": float(fields[4]) if len(fields) > 4 and fields[4].isdigit() else None,
-                "log": fields[5] if len(fields) > 5 else None,
-            }
-    return steps
-
-
-_PTXAS_ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\w+)'")
-_PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
-_PTXAS_USED = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
-
-
-def summarize_build(log_path: str | None) -> dict:
-    """nvcc version, warning count and, per kernel, ptxas registers / stack / spills."""
-    summary = {"nvcc": None, "warnings": 0, "kernels": []}
-    if not log_path or not os.path.exists(log_path):
-        return summary
-    with open(log_path, errors="replace") as f:
-        text = f.read()
-    version = re.search(r"Cuda compilation tools, release ([^\n]+)", text)
-    summary["nvcc"] = version.group(1).strip() if version else None
-    summary["warnings"] = sum(1 for line in text.splitlines() if re.search(r"\bwarning\b", line, re.I))
-    kernel = None
-    for line in text.splitlines():
-        entry = _PTXAS_ENTRY.search(line)
-        if entry:
-            kernel = {"kernel": entry.group(1), "arch": entry.group(2), "registers": None,
-                      "stack_bytes": None, "spill_stores": None, "spill_loads": None, "smem_bytes": None}
-            summary["kernels"].append(kernel)
-            continue
-        if kernel is None:
-            continue
-        frame = _PTXAS_FRAME.search(line)
-        if frame:
-            kernel["stack_bytes"], kernel["spill_stores"], kernel["spill_loads"] = map(int, frame.groups())
-        used = _PTXAS_USED.search(line)
-        if used:
-            kernel["registers"] = int(used.group(1))
-            kernel["smem_bytes"] = int(used.group(2)) if used.group(2) else 0
-    _demangle(summary["kernels"])
-    summary["spilling_kernels"] = sum(1 for k in summary["kernels"] if (k["spill_stores"] or 0) > 0)
-    return summary
-
-
-def _demangle(kernels: list[dict]) -> None:
-    names = [k["kernel"] for k in kernels]
-    if not names:
-        return
-    try:
-        done = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True, timeout=10)
-        readable = done.stdout.splitlines()
-    except (OSError, subprocess.SubprocessError):
-        return
-    if len(readable) == len(names):
-        for kernel, name in zip(kernels, readable):
-            kernel["demangled"] = name
-
-
-def summarize_tests(junit_path: str | None, log_path: str | None = None) -> dict:
-    """Counts and failing test names from pytest's junit xml; the log's last line otherwise."""
-    summary = {"source": None, "total": 0, "passed": 0, "failed": 0, "errors": 0, "skipped": 0, "failures": []}
-    if junit_path and os.path.exists(junit_path):
-        try:
-            root = ElementTree.parse(junit_path).getroot()
-            for case in root.iter("testcase"):
-                summary["total"] += 1
-                outcome = "passed"
-                for child in case:
-                    if child.tag in ("failure", "error", "skipped"):
-                        outcome = child.tag
-                        message = (child.get("message") or child.text or "").strip().splitlines()
-                        break
-                if outcome == "passed":
-                    summary["passed"] += 1
-                elif outcome == "skipped":
-                    summary["skipped"] += 1
-                else:
-                    summary["failed" if outcome == "failure" else "errors"] += 1
-                    name = f"{case.get('classname', '')}::{case.get('name', '')}"
-                    summary["failures"].append({"test": name, "kind": outcome,
-                                                "message": (message[0] if message else "")[:300]})
-            summary["source"] = "junit"
-            return summary
-        except ElementTree.ParseError:
-            pass
-    if log_path and os.path.exists(log_path):
-        with open(log_path, errors="replace") as f:
-            lines = f.read().splitlines()
-        for line in reversed(lines):
-            if re.search(r"\b(passed|failed|error|errors|skipped|deselected|no tests ran)\b", line) and " in " in line:
-                for count, word in re.findall(r"(\d+) (passed|failed|errors?|skipped)", line):
-                    key = {"error": "errors"}.get(word, word)
-                    summary[key] = int(count)
-                summary["total"] = summary["passed"] + summary["failed"] + summary["errors"] + summary["skipped"]
-                summary["source"] = "log"
-                break
-        summary["failures"] = [{"test": line.split(" ", 1)[1].split(" - ")[0], "kind": "failure", "message": ""}
-                               for line in lines if line.startswith(("FAILED ", "ERROR "))][:50]
-    return summary
-
-
-_CHECK_LINE = re.compile(r"^memcheck_ops: check (\S+): (ok|FAILED)(.*)$")
-
-
-def summarize_memcheck(log_path: str | None) -> dict:
-    """compute-sanitizer's error count and memcheck_ops.py's per-check results (any tool's log:
-    memcheck and synccheck end with an ERROR SUMMARY, racecheck with a RACECHECK SUMMARY)."""
-    summary = {"sanitizer": False, "errors": None, "checks": {}, "failed_checks": []}
-    if not log_path or not os.path.exists(log_path):
-        return summary
-    with open(log_path, errors="replace") as f:
-        lines = f.read().splitlines()
-    for line in lines:
-        if "COMPUTE-SANITIZER" in line:
-            summary["sanitizer"] = True
-        errors = re.search(r"ERROR SUMMARY: (\d+) error", line) or re.search(
-            r"RACECHECK SUMMARY: \d+ hazards? displayed \((\d+) errors?", line)
-        if errors:
-            summary["errors"] = int(errors.group(1))
-        check = _CHECK_LINE.match(line.strip())
-        if check:
-            name, outcome, detail = check.groups()
-            summary["checks"][name] = outcome if outcome == "ok" else f"FAILED{detail}"[:300]
-            if outcome != "ok":
-                summary["failed_checks"].append(name)
-    return summary
-
-
-# ----------------------------------------------------------------------------- verdicts and table
-
-def _step_ok(steps: dict, name: str) -> bool:
-    return steps.get(name, {}).get("status") == "ok"
-
-
-SANITIZER_STEPS = ("memcheck", "racecheck", "synccheck")
-
-
-def finalize(out_dir: str, steps_path: str | None, build_log: str | None, junit: str | None,
-             tests_log: str | None, memcheck_log: str | None, racecheck_log: str | None = None,
-             synccheck_log: str | None = None) -> tuple[dict, bool]:
-    """Merge the steps' outcomes into the report in ``out_dir`` (created if missing)."""
-    path = os.path.join(out_dir, REPORT_NAME)
-    report = {}
-    if os.path.exists(path):
-        try:
-            with open(path) as f:
-                report = json.load(f)
-        except (OSError, ValueError) as exc:
-            report = {"report_read_error": str(exc)}
-    if "torch" not in report:
-        try:
-            report.update(environment("cuda"))
-        except Exception as exc:  # noqa: BLE001
-            report["environment_error"] = _error_text(exc, 4)
-        report.setdefault("cases", [])
-    report["schema"] = SCHEMA
-    report.setdefault("suggested_name", suggested_name(report))
-    for row in report.get("cases", []):
-        if row.get("status") == "running":
-            row.update(status="error", error="the benchmark process ended during this case (crash or timeout)")
-    steps = read_steps(steps_path)
-    report["steps"] = steps
-
-    build = summarize_build(build_log)
-    build["ok"] = _step_ok(steps, "build")
-    tests = summarize_tests(junit, tests_log)
-    tests["ok"] = (_step_ok(steps, "tests") and tests["passed"] > 0
-                   and tests["failed"] == 0 and tests["errors"] == 0)
-    sanitizers = {}
-    for name, log in zip(SANITIZER_STEPS, (memcheck_log, racecheck_log, synccheck_log)):
-        summary = summarize_memcheck(log)
-        summary["ok"] = (_step_ok(steps, name) and summary["sanitizer"] and summary["errors"] == 0
-                         and bool(summary["checks"]) and not summary["failed_checks"])
-        sanitizers[name] = summary
-    cases = report.get("cases", [])
-    bench = {
-        "cases": len(cases),
-        "ok_cases": sum(1 for c in cases if c.get("status") == "ok"),
-        "error_cases": [c.get("name") for c in cases if c.get("status") != "ok"],
-        "import_problems": [p.get("module") for p in report.get("import_problems", [])],
-        "state": report.get("bench_state"),
-    }
-    bench["ok"] = (_step_ok(steps, "bench") and bench["ok_cases"] > 0
-                   and not bench["error_cases"] and not bench["import_problems"])
-    # The distributed step's own numbers (bench_distributed.py --json), when it ran.
-    distributed = {"ok": _step_ok(steps, "distributed"), "results": None}
-    distributed_json = os.path.join(out_dir, "distributed.json")
-    if os.path.exists(distributed_json):
-        with open(distributed_json) as f:
-            distributed["results"] = json.load(f)
-    parts = [build, tests, bench, *sanitizers.values()]
-    if "distributed" in steps:
-        parts.append(distributed)
-    report.update(build=build, tests=tests, bench=bench, distributed=distributed, **sanitizers)
-    report["ok"] = all(part["ok"] for part in parts)
-    write_json(path, report)
-    return report, report["ok"]
-
-
-def _fmt(value, spec: str, missing: str = "-") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return missing
-    return format(value, spec)
-
-
-def format_table(report: dict) -> str:
-    card = (report.get("card") or {}).get("name") or report.get("device", "?")
-    floors = report.get("floors") or {}
-    lines = [
-        f"esper_fast {report.get('device', '?')} report: {card}; torch {report.get('torch')} "
-        f"(CUDA {report.get('cuda')}); {report.get('created_utc')}",
-        "floors: copy {} GB/s (read+write){}".format(
-            _fmt(floors.get("device_copy_gbps"), ".1f"),
-            "; pinned D2H {} GB/s, H2D {} GB/s, pageable D2H {} GB/s".format(
-                _fmt(floors.get("d2h_pinned_gbps"), ".1f"), _fmt(floors.get("h2d_pinned_gbps"), ".1f"),
-                _fmt(floors.get("d2h_pageable_gbps"), ".1f")) if "d2h_pinned_gbps" in floors else ""),
-    ]
-    if "error" in floors:
-        lines.append(f"floors: ERROR {floors['error'].splitlines()[-1]}")
-    header = f"{'family':<11}{'case':<44}{'ref ms':>10}{'fast ms':>10}{'ratio':>8}{'GB/s':>9}{'%floor':>8}  {'goal':<20}met"
-    lines += [header, "-" * len(header)]
-    for row in report.get("cases", []):
-        name = row.get("name", "?")
-        name = name if len(name) <= 43 else name[:40] + "..."
-        if row.get("status") != "ok":
-            first = (row.get("error") or "").strip().splitlines()
-            lines.append(f"{row.get('family', '?'):<11}{name:<44}{row.get('status', '?').upper()}: "
-                         f"{(first[-1] if first else '')[:70]}")
-            continue
-        pct = row.get("pct_host_link") if row.get("host_link") else row.get("pct_copy")
-        pct_text = f"{pct:.0f}%{'h' if row.get('host_link') else 'c'}" if pct is not None else "-"
-        if pct is None and row.get("pct_work_floor") is not None:
-            pct_text = f"{row['pct_work_floor']:.0f}%w"
-        met = (row.get("goal_verdict") or {}).get("met")
-        met_text = {True: "yes", False: "NO", None: "-"}[met]
-        goal = row.get("goal") or "-"
-        lines.append(f"{row.get('family', '?'):<11}{name:<44}{_fmt(row.get('reference_ms'), '10.3f'):>10}"
-                     f"{_fmt(row.get('fast_ms'), '10.3f'):>10}{_fmt(row.get('ratio'), '7.2f') + 'x':>8}"
-                     f"{_fmt(row.get('gbps'), '9.1f'):>9}{pct_text:>8}  {goal[:15]:<16}{met_text}")
-    state = report.get("bench_state")
-    if state and state != "done":
-        lines.append(f"benchmarks: {state}")
-    for problem in report.get("import_problems", []):
-        last = (problem.get("error") or "").strip().splitlines()
-        lines.append(f"IMPORT {problem.get('module')}: {(last[-1] if last else '')[:90]}")
-    lines.append("%floor: c = of the device copy, h = of the pinned host link (snapshot cases), "
-                 "w = the least work timed alike (validation cases)")
-    if "steps" in report:
-        lines.append(_steps_line(report))
-        lines.append(f"RESULT: {'PASS' if report.get('ok') else 'FAIL'}")
-    return "\n".join(lines)
-
-
-def _steps_line(report: dict) -> str:
-    steps = report.get("steps", {})
-
-    def state(name: str, ok: bool | None) -> str:
-        step = steps.get(name, {})
-        word = "ok" if ok else (step.get("status") or "missing")
-        if ok is False and word == "ok":
-            word = "FAILED"
-        seconds = step.get("seconds")
-        return f"{name} {word}{f' ({seconds:.0f} s)' if seconds is not None else ''}"
-
-    build, tests, bench = (report.get(k, {}) for k in ("build", "tests", "bench"))
-    spills = build.get("spilling_kernels")
-    parts = [
-        state("build", build.get("ok")) + f", {len(build.get('kernels', []))} kernels"
-        + (f", {spills} spilling" if spills else ""),
-        state("tests", tests.get("ok")) + f": {tests.get('passed', 0)} passed, {tests.get('failed', 0)} failed, "
-        f"{tests.get('errors', 0)} errors, {tests.get('skipped', 0)} skipped",
-        *(state(name, tool.get("ok")) + f": {_fmt(tool.get('errors'), 'd', '?')} errors, "
-          f"{len(tool.get('checks', {})) - len(tool.get('failed_checks', []))}/{len(tool.get('checks', {}))} checks"
-          for name, tool in ((n, report.get(n, {})) for n in SANITIZER_STEPS)),
-        state("bench", bench.get("ok")) + f": {bench.get('ok_cases', 0)}/{bench.get('cases', 0)} cases"
-        + (f", {len(bench.get('import_problems', []))} modules not imported" if bench.get("import_problems") else ""),
-    ]
-    failing = [f["test"] for f in tests.get("failures", [])][:10]
-    text = "steps: " + " | ".join(parts)
-    if failing:
-        text += "\nfailed tests: " + ", ".join(failing)
-    return text
-
-
-def markdown_rows(report: dict) -> str:
-    """RESULTS.md's table rows for a committed report, so that no number is typed by hand."""
-    card = (report.get("card") or {}).get("name") or report.get("device", "?")
-    source = report.get("suggested_name", "?")
-    lines = []
-    for row in report.get("cases", []):
-        params = ", ".join(f"{k}={v}" for k, v in (row.get("params") or {}).items()) or "-"
-        if row.get("status") != "ok":
-            lines.append(f"| {row.get('family')} | {row.get('name')} | {params} | {row.get('status')} "
-                         f"| | | | | {row.get('goal') or '-'} | not judged | {card} | {source} |")
-            continue
-        if row.get("host_link") and row.get("pct_host_link") is not None:
-            floor = f"{row['pct_host_link']:.0f}% of pinned {row['host_link'].upper()}"
-        elif row.get("pct_copy") is not None:
-            floor = f"{row['pct_copy']:.0f}% of copy"
-        else:
-            floor = "-"
-        met = {True: "met", False: "not met", None: "not judged"}[(row.get("goal_verdict") or {}).get("met")]
-        lines.append(f"| {row.get('family')} | {row.get('name')} | {params} | {_fmt(row.get('reference_ms'), '.4f')} "
-                     f"| {_fmt(row.get('fast_ms'), '.4f')} | {_fmt(row.get('ratio'), '.2f')}x "
-                     f"| {_fmt(row.get('gbps'), '.1f')} | {floor} | {row.get('goal') or '-'} | {met} | {card} | {source} |")
-    return "\n".join(lines)
-
-
 # ----------------------------------------------------------------------------- entry point
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda", help="cuda (CUDA events) or cpu (perf_counter dry run)")
-    parser.add_argument("--quick", action="store_true", help="short budgets: a dry run of the report path")
-    parser.add_argument("--out", default=None, help="folder for gpu_report.json (default: $OUT or benchmarks/results)")
+    parser.add_argument("--device", default="cuda", help="cuda (CUDA events) or cpu (perf_counter)")
+    parser.add_argument("--part", default="all", choices=PARTS,
+                        help="goals: the cases with a CUDA goal; rest: the others (default all)")
+    timing = parser.add_mutually_exclusive_group()
+    timing.add_argument("--quick", action="store_true", help="short budgets per case")
+    timing.add_argument("--once", action="store_true", help="one call per side: a rehearsal of the path")
+    parser.add_argument("--out", default=None, help="folder for the report (default: $OUT or benchmarks/results)")
+    parser.add_argument("--report-name", default=REPORT_NAME, help=f"file name of the report (default {REPORT_NAME})")
     parser.add_argument("--bench-dir", default=HERE, help="folder holding the bench_*.py modules")
     parser.add_argument("--only", default=None, help="time only cases whose name contains this text")
+    parser.add_argument("--include-large", action="store_true", help="also time the cases marked large (many GB)")
     parser.add_argument("--time-budget", type=float, default=None, help="seconds for all cases together")
     parser.add_argument("--case-budget", type=float, default=None, help="seconds of timing per case")
-    parser.add_argument("--finalize", action="store_true", help="merge gpu_check.sh's step results")
-    parser.add_argument("--markdown", metavar="REPORT", default=None,
-                        help="print RESULTS.md table rows for a report file, then exit")
-    parser.add_argument("--steps", default=None)
-    parser.add_argument("--build-log", default=None)
-    parser.add_argument("--junit", default=None)
-    parser.add_argument("--tests-log", default=None)
-    parser.add_argument("--memcheck-log", default=None)
-    parser.add_argument("--racecheck-log", default=None)
-    parser.add_argument("--synccheck-log", default=None)
+    parser.add_argument("--list", action="store_true",
+                        help="print every case as a row of RESULTS.md's table (nothing measured), then exit")
     args = parser.parse_args(argv)
-    out_dir = args.out or default_out_dir()
-
-    if args.markdown:
-        with open(args.markdown) as f:
-            print(markdown_rows(json.load(f)))
-        return 0
-
-    if args.finalize:
-        report, ok = finalize(out_dir, args.steps, args.build_log, args.junit, args.tests_log, args.memcheck_log,
-                              args.racecheck_log, args.synccheck_log)
-        print(f"report: {os.path.join(out_dir, REPORT_NAME)} (commit it as "
-              f"benchmarks/results/{report.get('suggested_name')})", flush=True)
-        print(format_table(report), flush=True)
-        return 0 if ok else 1
+    out_path = os.path.join(args.out or default_out_dir(), args.report_name)
 
     cases, problems = load_cases(args.bench_dir)
-    if args.only:
-        cases = [c for c in cases if args.only in getattr(c, "name", "")]
-    report = run_benchmarks(cases, problems, args.device, args.quick, os.path.join(out_dir, REPORT_NAME),
-                            args.time_budget, args.case_budget)
+    if args.list:
+        print(case_rows(cases))
+        return 1 if problems else 0
+    cases = select_cases(cases, args.part, args.only)
+    report = run_benchmarks(cases, problems, args.device, args.quick, out_path, args.time_budget, args.case_budget,
+                            once=args.once, include_large=args.include_large, part=args.part)
     print(format_table(report), flush=True)
-    print(f"report: {os.path.join(out_dir, REPORT_NAME)}", flush=True)
-    failed = (report.get("bench_state") != "done" or problems
-              or any(c.get("status") != "ok" for c in report["cases"]) or not report["cases"])
-    return 1 if failed else 0
+    print(f"report: {out_path}", flush=True)
+    return 1 if failed(report) else 0
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """A short run of every esper_fast op family on CUDA, for ``compute-sanitizer`` (memcheck over
 every check; racecheck and synccheck over the blend and metrics checks, ``--checks blend,metrics``).
+``--device cpu`` runs the same checks on the CPU kernels: the GPU check's rehearsal.
 
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python3 benchmarks/memcheck_ops.py
 
@@ -233,21 +234,26 @@ def snapshot_mapping_async_device_resident():
 
 
 def main(argv: list[str] | None = None) -> int:
+    global DEVICE
     parser = argparse.ArgumentParser(description="esper_fast ops under compute-sanitizer")
     parser.add_argument("--checks", default="", help="comma-separated name prefixes (default: every check)")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                        help="cpu: the same checks on the CPU kernels (the GPU check's rehearsal)")
     args = parser.parse_args([] if argv is None else argv)
     prefixes = [p for p in args.checks.split(",") if p]
     checks = [fn for fn in CHECKS if not prefixes or fn.__name__.startswith(tuple(prefixes))]
     if not checks:
         print(f"memcheck_ops: no check matches {args.checks!r}", flush=True)
         return 1
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("memcheck_ops: CUDA is not available", flush=True)
         return 1
+    DEVICE = args.device
     import esper_fast
 
-    print(f"memcheck_ops: torch {torch.__version__}, {torch.cuda.get_device_name()}, "
-          f"kernels {esper_fast.kernels_available()['cuda']}", flush=True)
+    where = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
+    print(f"memcheck_ops: torch {torch.__version__}, {where}, kernels {esper_fast.kernels_available()[DEVICE]}",
+          flush=True)
     failed = 0
     for fn in checks:
         torch.manual_seed(0)

@@ -1,5 +1,6 @@
-"""The GPU check's parts that need no GPU: the report schema from a quick CPU run over
-injected cases, the step summaries it merges, goal judging, and the shell script's syntax."""
+"""The GPU check without a GPU: its CPU rehearsal end to end (every step through the same code
+as on the device), the report parts it writes, the verdict its finalize step gives, the limits
+of what the device returns, and the ops script the sanitizers run."""
 
 import importlib.util
 import json
@@ -7,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import tarfile
 import types
 
 import pytest
@@ -32,6 +34,12 @@ def gpu_report(monkeypatch):
         del sys.modules[name]
 
 
+@pytest.fixture
+def gpu_finalize(monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    return _load("gpu_finalize")
+
+
 FAKE_BENCH = '''
 import torch
 from common import Case
@@ -54,6 +62,7 @@ CASES = [
     Case("fake", "broken setup", _broken_setup, _slow, _fast),
     Case("snapshot", "fake snapshot restore", _setup, _slow, _fast, bytes_moved=lambda s: 4096 * 4),
     Case("fake", "cuda only", _setup, _slow, _fast, devices=("cuda",)),
+    Case("fake", "large scale", _setup, _slow, _fast, goal="cpu >= 1x", large=True),
 ]
 '''
 
@@ -74,7 +83,7 @@ def test_quick_cpu_report_schema(gpu_report, tmp_path):
     assert rc == 1, "a broken case and broken modules must fail the run"
     report = json.loads((out / "gpu_report.json").read_text())
 
-    assert report["schema"] == gpu_report.SCHEMA
+    assert report["schema"] == gpu_report.SCHEMA and report["part"] == "all"
     assert report["device"] == "cpu" and report["torch"] == torch.__version__
     assert report["card"]["name"] and report["created_utc"] and report["bench_state"] == "done"
     assert report["timing"]["clock"] == "time.perf_counter" and report["timing"]["quick"] is True
@@ -82,8 +91,8 @@ def test_quick_cpu_report_schema(gpu_report, tmp_path):
     assert report["suggested_name"].endswith(".json")
 
     names = [c["name"] for c in report["cases"]]
-    assert names == ["scale 4096 fp32", "broken setup", "fake snapshot restore"], "cuda-only cases are not timed on cpu"
-    ok, broken, snap = report["cases"]
+    assert names == ["scale 4096 fp32", "broken setup", "fake snapshot restore", "cuda only", "large scale"]
+    ok, broken, snap, cuda_only, large = report["cases"]
     assert ok["status"] == "ok" and ok["family"] == "fake" and ok["params"] == {"n": 4096, "dtype": "float32"}
     assert ok["reference_ms"] > 0 and ok["fast_ms"] > 0
     assert math.isclose(ok["ratio"], ok["reference_ms"] / ok["fast_ms"], rel_tol=1e-3)
@@ -98,6 +107,9 @@ def test_quick_cpu_report_schema(gpu_report, tmp_path):
 
     assert broken["status"] == "error" and "setup exploded on purpose" in broken["error"]
     assert snap["status"] == "ok" and snap["host_link"] == "h2d" and snap["pct_host_link"] is None  # no host link on cpu
+    # Cases that cannot run here are listed with the reason, not dropped.
+    assert cuda_only["status"] == "device only" and "reference_ms" not in cuda_only
+    assert large["status"] == "left out (flag)"
 
     problems = {p["module"]: p["error"] for p in report["import_problems"]}
     assert "no such kernel module" in problems["bench_gpucheck_broken"]
@@ -108,20 +120,47 @@ def test_clean_run_exits_zero_and_only_filters(gpu_report, tmp_path, capsys):
     out = tmp_path / "out"
     bench = _bench_dir(tmp_path, with_problems=False)
     rc = gpu_report.main(["--device", "cpu", "--quick", "--bench-dir", str(bench), "--out", str(out), "--only", "scale"])
-    assert rc == 0
+    assert rc == 0, "cases left out by a flag do not fail the run"
     report = json.loads((out / "gpu_report.json").read_text())
-    assert [c["name"] for c in report["cases"]] == ["scale 4096 fp32"]
+    assert [(c["name"], c["status"]) for c in report["cases"]] == [
+        ("scale 4096 fp32", "ok"), ("large scale", "left out (flag)")]
     table = capsys.readouterr().out
     assert "scale 4096 fp32" in table and "ratio" in table
 
 
-def test_spent_time_budget_marks_cases_not_run(gpu_report, tmp_path):
+def test_once_calls_each_side_once_and_large_cases_on_request(gpu_report, tmp_path):
     out = tmp_path / "out"
     bench = _bench_dir(tmp_path, with_problems=False)
-    rc = gpu_report.main(["--device", "cpu", "--quick", "--bench-dir", str(bench), "--out", str(out), "--time-budget", "0"])
-    assert rc == 1
+    rc = gpu_report.main(["--device", "cpu", "--once", "--bench-dir", str(bench), "--out", str(out), "--only", "scale",
+                          "--include-large", "--report-name", "part.json"])
+    assert rc == 0
+    report = json.loads((out / "part.json").read_text())
+    assert report["timing"]["once"] is True
+    assert [c["status"] for c in report["cases"]] == ["ok", "ok"]
+    assert all(c["timing"][side]["repeats"] == 1 for c in report["cases"] for side in ("reference", "fast"))
+
+
+def test_parts_split_on_the_cuda_goal(gpu_report, tmp_path):
+    cases, problems = gpu_report.load_cases(str(_bench_dir(tmp_path, with_problems=False)))
+    assert not problems
+    goals = [c.name for c in gpu_report.select_cases(cases, "goals")]
+    rest = [c.name for c in gpu_report.select_cases(cases, "rest")]
+    # "never slower; >= 0.01x" applies everywhere, "cpu >= 1x" only on the CPU, no goal nowhere.
+    assert goals == ["scale 4096 fp32"]
+    assert rest == ["broken setup", "fake snapshot restore", "cuda only", "large scale"]
+    assert [c.name for c in gpu_report.select_cases(cases, "all", "scale")] == ["scale 4096 fp32", "large scale"]
+    with pytest.raises(ValueError, match="part must be one of"):
+        gpu_report.select_cases(cases, "some")
+
+
+def test_spent_time_budget_marks_cases_not_run_without_failing(gpu_report, tmp_path):
+    out = tmp_path / "out"
+    bench = _bench_dir(tmp_path, with_problems=False)
+    rc = gpu_report.main(["--device", "cpu", "--quick", "--bench-dir", str(bench), "--out", str(out),
+                          "--time-budget", "0", "--only", "scale"])
+    assert rc == 0, "a case left out for time is reported, not a failure"
     report = json.loads((out / "gpu_report.json").read_text())
-    assert {c["status"] for c in report["cases"]} == {"not run"}
+    assert [c["status"] for c in report["cases"]] == ["not run (time)", "left out (flag)"]
 
 
 @pytest.mark.parametrize(
@@ -149,16 +188,39 @@ def test_goal_clauses_for_the_other_device_are_left_out(gpu_report):
     assert cuda["met"] is False and [c["need"] for c in cuda["clauses"]] == [5.0]
 
 
-def test_markdown_rows_come_from_the_report(gpu_report, tmp_path):
+def test_markdown_rows_come_from_the_report(gpu_report, gpu_finalize, tmp_path):
     out = tmp_path / "out"
     gpu_report.main(["--device", "cpu", "--quick", "--bench-dir", str(_bench_dir(tmp_path)), "--out", str(out)])
     report = json.loads((out / "gpu_report.json").read_text())
-    rows = gpu_report.markdown_rows(report).splitlines()
-    assert len(rows) == len(report["cases"]) == 3
+    rows = gpu_finalize.markdown_rows(report).splitlines()
+    assert len(rows) == len(report["cases"]) == 5
     ok = report["cases"][0]
     assert rows[0].startswith("| fake | scale 4096 fp32 | n=4096, dtype=float32 | ")
     assert f"| {ok['ratio']:.2f}x |" in rows[0] and report["card"]["name"] in rows[0]
     assert "| error |" in rows[1] and "not judged" in rows[1]
+    assert "| device only |" in rows[3]
+
+
+def _results_md_cases():
+    """The case names of RESULTS.md's GPU table."""
+    with open(os.path.join(BENCHMARKS, "RESULTS.md")) as f:
+        text = f.read()
+    table = text[text.index("## Cases"):text.index("## Goals not met")]
+    return [line.split("|")[2].strip() for line in table.splitlines()
+            if line.startswith("| ") and not line.startswith("| family") and not line.startswith("|---")]
+
+
+def test_results_md_lists_exactly_the_cases_that_exist(gpu_report, monkeypatch):
+    monkeypatch.delenv("ESPER_LITE_SRC", raising=False)  # the original's side-by-side cases need a checkout
+    cases, problems = gpu_report.load_cases()
+    assert not problems, problems
+    names = [c.name for c in cases]
+    assert len(set(names)) == len(names), "two cases share a name"
+    listed = _results_md_cases()
+    assert sorted(listed) == sorted(names), {"missing from RESULTS.md": sorted(set(names) - set(listed)),
+                                             "no such case": sorted(set(listed) - set(names))}
+    # The one-shot check leaves the 1B-parameter cases out unless asked for.
+    assert {c.name for c in cases if c.large} == {c.name for c in cases if "synthetic-1B" in c.name}
 
 
 PTXAS_LOG = """\
@@ -210,109 +272,307 @@ memcheck_ops: 1 checks, 0 failed
 ========= ERROR SUMMARY: 0 errors
 """
 
+DRY_SANITIZER_LOG = """\
+command: PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python3 benchmarks/memcheck_ops.py
+dry run: compute-sanitizer is not available; the ops script runs on the CPU
+memcheck_ops: check blend_scalar_alpha: ok
+memcheck_ops: 1 checks, 0 failed
+"""
 
-def _finalize_inputs(tmp_path, steps, report=None):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "build.log").write_text(PTXAS_LOG)
-    (out / "tests_junit.xml").write_text(JUNIT)
-    (out / "memcheck.log").write_text(MEMCHECK_LOG)
-    (out / "racecheck.log").write_text(RACECHECK_LOG)
-    (out / "synccheck.log").write_text(SYNCCHECK_LOG)
-    (tmp_path / "steps.tsv").write_text("".join(
-        f"{name}\t{status}\t{rc}\t12\t200\t{name}.log\n" for name, status, rc in steps))
-    base = {"torch": "2.11.0", "device": "cuda", "card": {"name": "NVIDIA H100 80GB HBM3"},
+PASSING = [("build", "ok", 0), ("tests", "ok", 0), ("memcheck", "ok", 0), ("bench-goals", "ok", 0),
+           ("racecheck", "ok", 0), ("synccheck", "ok", 0), ("distributed", "ok", 0), ("bench-rest", "ok", 0)]
+
+
+def _case(name, status="ok", part="goals", **extra):
+    row = {"family": "blend", "name": name, "status": status, "goal": ">= 3x"}
+    if status == "ok":
+        row.update(reference_ms=2.0, fast_ms=1.0, ratio=2.0, gbps=2000.0, pct_copy=66.7,
+                   goal_verdict={"met": False, "clauses": []})
+    row.update(extra)
+    return row
+
+
+def _part(cases, state="done", part="goals"):
+    return {"torch": "2.11.0", "device": "cuda", "card": {"name": "NVIDIA H100 80GB HBM3"}, "part": part,
             "created_utc": "2026-11-27T10:00:00+00:00", "floors": {"device_copy_gbps": 3000.0},
-            "import_problems": [], "bench_state": "done",
-            "cases": [{"family": "blend", "name": "ste 64M", "status": "ok", "reference_ms": 2.0, "fast_ms": 1.0,
-                       "ratio": 2.0, "gbps": 2000.0, "pct_copy": 66.7, "goal": ">= 3x",
-                       "goal_verdict": {"met": False, "clauses": []}}]}
-    (out / "gpu_report.json").write_text(json.dumps(report or base))
-    return out
+            "import_problems": [], "bench_state": state, "cases": cases}
 
 
-def _finalize(gpu_report, out, tmp_path):
-    return gpu_report.finalize(str(out), str(tmp_path / "steps.tsv"), str(out / "build.log"),
-                               str(out / "tests_junit.xml"), str(out / "tests.log"), str(out / "memcheck.log"),
-                               str(out / "racecheck.log"), str(out / "synccheck.log"))
+def _logs(tmp_path, steps, parts=None, clean=False):
+    """A logs folder as gpu_check.sh leaves it: step records, logs, benchmark parts."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "build.log").write_text(PTXAS_LOG.replace("16 bytes stack frame, 8 bytes spill stores", "0 bytes stack "
+                                                      "frame, 0 bytes spill stores") if clean else PTXAS_LOG)
+    (logs / "tests.log").write_text("gpu-check: 4 cuda tests collected\n")
+    (logs / "tests_junit.xml").write_text(JUNIT.replace(
+        '<failure message="AssertionError: 3 != 4">trace</failure>', "") if clean else JUNIT)
+    (logs / "memcheck.log").write_text(MEMCHECK_LOG.replace(
+        "FAILED TypeError: HostSnapshot has none of ('capture',)", "ok").replace("1 failed", "0 failed")
+        if clean else MEMCHECK_LOG)
+    (logs / "racecheck.log").write_text(RACECHECK_LOG.replace("1 hazard displayed (1 error", "0 hazards displayed (0 errors")
+                                        if clean else RACECHECK_LOG)
+    (logs / "synccheck.log").write_text(SYNCCHECK_LOG)
+    (logs / "steps.tsv").write_text("".join(
+        f"{name}\t{status}\t{rc}\t12\t200\t{name}.log\n" for name, status, rc in steps))
+    parts = parts if parts is not None else {"goals": [_case("ste 64M")], "rest": [_case("snapshot 1", part="rest")]}
+    for part, cases in parts.items():
+        (logs / f"bench_{part}.json").write_text(json.dumps(_part(cases, part=part)))
+    return logs
 
 
-def test_finalize_merges_step_results(gpu_report, tmp_path):
-    steps = [("build", "ok", 0), ("memcheck", "failed", 1), ("racecheck", "failed", 3), ("synccheck", "ok", 0),
-             ("tests", "failed", 1), ("bench", "ok", 0)]
-    out = _finalize_inputs(tmp_path, steps)
-    report, ok = _finalize(gpu_report, out, tmp_path)
-    assert ok is False and report["ok"] is False
+def _finalize(gpu_finalize, tmp_path, logs, dry_run=False):
+    out = tmp_path / "out"
+    return gpu_finalize.finalize(str(out), str(logs), dry_run=dry_run, whole_out=True)
+
+
+def test_finalize_merges_step_results(gpu_finalize, tmp_path):
+    steps = [("build", "ok", 0), ("tests", "failed", 1), ("memcheck", "failed", 1), ("bench-goals", "ok", 0),
+             ("racecheck", "failed", 3), ("synccheck", "ok", 0), ("distributed", "ok", 0), ("bench-rest", "ok", 0)]
+    report, ok = _finalize(gpu_finalize, tmp_path, _logs(tmp_path, steps))
+    out = tmp_path / "out"
+    assert ok is False and report["ok"] is False and report["harness_errors"] == []
     assert json.loads((out / "gpu_report.json").read_text())["ok"] is False
 
     build = report["build"]
-    assert build["ok"] and build["nvcc"].startswith("13.0") and build["warnings"] == 1
+    assert build["nvcc"].startswith("13.0") and build["warnings"] == 1
     assert [(k["kernel"], k["registers"], k["spill_stores"], k["smem_bytes"]) for k in build["kernels"]] == [
         ("_Z4axpyPfPKffl", 10, 0, 0), ("_Z2tkIdEvPT_", 255, 8, 4096)]
     assert build["spilling_kernels"] == 1
+    assert report["steps"]["build"]["outcome"] == "FAILED", "a spilling kernel fails the build step"
 
     tests = report["tests"]
     assert (tests["passed"], tests["failed"], tests["errors"], tests["skipped"]) == (2, 1, 0, 1)
+    assert tests["cuda_collected"] == 4
     assert tests["failures"] == [{"test": "tests.test_metrics::test_c[cuda]", "kind": "failure",
                                   "message": "AssertionError: 3 != 4"}]
-    assert tests["ok"] is False
+    assert report["steps"]["tests"]["outcome"] == "FAILED"
 
     memcheck = report["memcheck"]
-    assert memcheck["sanitizer"] and memcheck["errors"] == 0
-    assert memcheck["failed_checks"] == ["snapshot_capture_restore"] and memcheck["ok"] is False
+    assert memcheck["sanitizer"] and memcheck["errors"] == 0 and memcheck["failed_checks"] == ["snapshot_capture_restore"]
     racecheck, synccheck = report["racecheck"], report["synccheck"]
-    assert racecheck["errors"] == 1 and not racecheck["failed_checks"] and racecheck["ok"] is False
-    assert synccheck["errors"] == 0 and list(synccheck["checks"]) == ["blend_scalar_alpha"] and synccheck["ok"] is True
-    assert report["bench"]["ok"] is True
+    assert racecheck["errors"] == 1 and not racecheck["failed_checks"]
+    assert synccheck["errors"] == 0 and list(synccheck["checks"]) == ["blend_scalar_alpha"]
+    outcomes = {name: step["outcome"] for name, step in report["steps"].items()}
+    assert outcomes["memcheck"] == outcomes["racecheck"] == "FAILED" and outcomes["synccheck"] == "passed"
+    assert outcomes["bench-goals"] == outcomes["bench-rest"] == "passed"
+    assert [c["name"] for c in report["cases"]] == ["ste 64M", "snapshot 1"]
+    assert [c["part"] for c in report["cases"]] == ["bench-goals", "bench-rest"]
 
-    table = gpu_report.format_table(report)
+    table = gpu_finalize.format_table(report)
     assert table.splitlines()[-1] == "RESULT: FAIL"
     assert "tests.test_metrics::test_c[cuda]" in table and "ste 64M" in table
-    assert "racecheck failed (12 s): 1 errors, 2/2 checks" in table and "synccheck ok (12 s)" in table
+    assert "racecheck FAILED (12 s): 1 errors, 2/2 checks" in table and "synccheck passed (12 s)" in table
+
+    # The logs come back bundled: one archive beside the report and the console log.
+    with tarfile.open(out / "logs.tar.gz") as bundle:
+        assert {"logs/build.log", "logs/tests_junit.xml", "logs/steps.tsv", "logs/bench_goals.json"} <= set(
+            bundle.getnames())
+    assert sorted(f["name"] for f in report["out_files"]) == ["gpu_report.json", "logs.tar.gz"]
 
 
-def test_finalize_passes_only_when_every_step_passes(gpu_report, tmp_path):
-    steps = [("build", "ok", 0), ("memcheck", "ok", 0), ("racecheck", "ok", 0), ("synccheck", "ok", 0),
-             ("tests", "ok", 0), ("bench", "ok", 0)]
-    out = _finalize_inputs(tmp_path, steps)
-    (out / "memcheck.log").write_text(MEMCHECK_LOG.replace(
-        "FAILED TypeError: HostSnapshot has none of ('capture',)", "ok"))
-    (out / "racecheck.log").write_text(RACECHECK_LOG.replace("1 hazard displayed (1 error", "0 hazards displayed (0 errors"))
-    (out / "tests_junit.xml").write_text(JUNIT.replace(
-        '<failure message="AssertionError: 3 != 4">trace</failure>', ""))
-    report, ok = _finalize(gpu_report, out, tmp_path)
-    assert ok is True, {k: report[k]["ok"] for k in ("build", "tests", "memcheck", "racecheck", "synccheck", "bench")}
-    assert gpu_report.format_table(report).splitlines()[-1] == "RESULT: PASS"
-    # A sanitizer step that did not run fails the check.
-    steps_file = tmp_path / "steps.tsv"
-    steps_file.write_text("".join(line for line in steps_file.read_text().splitlines(keepends=True)
-                                  if not line.startswith("synccheck")))
-    report, ok = _finalize(gpu_report, out, tmp_path)
-    assert ok is False and report["synccheck"]["ok"] is False
+def test_finalize_passes_only_when_every_step_passes(gpu_finalize, tmp_path):
+    report, ok = _finalize(gpu_finalize, tmp_path, _logs(tmp_path, PASSING, clean=True))
+    assert ok is True, {name: step["outcome"] for name, step in report["steps"].items()}
+    assert gpu_finalize.format_table(report).splitlines()[-1] == "RESULT: PASS"
 
 
-def test_finalize_marks_a_case_cut_off_by_a_crash(gpu_report, tmp_path):
-    steps = [("build", "ok", 0), ("memcheck", "ok", 0), ("racecheck", "ok", 0), ("synccheck", "ok", 0),
-             ("tests", "ok", 0), ("bench", "timeout", 124)]
-    report = {"torch": "2.11.0", "device": "cuda", "cases": [{"family": "snapshot", "name": "1B", "status": "running"}],
-              "bench_state": "running 1B"}
-    out = _finalize_inputs(tmp_path, steps, report)
-    merged, ok = _finalize(gpu_report, out, tmp_path)
-    assert not ok and merged["cases"][0]["status"] == "error" and "during this case" in merged["cases"][0]["error"]
-    assert merged["bench"]["error_cases"] == ["1B"] and merged["steps"]["bench"]["status"] == "timeout"
+@pytest.mark.parametrize("name", ["build", "tests", "memcheck"])
+def test_a_mandatory_step_that_does_not_finish_fails_the_check(gpu_finalize, tmp_path, name):
+    for status, rc in (("no-time", -1), ("timeout", 124)):
+        steps = [(n, status if n == name else s, rc if n == name else r) for n, s, r in PASSING]
+        case = tmp_path / f"{name}-{status}"
+        case.mkdir()
+        report, ok = _finalize(gpu_finalize, case, _logs(case, steps, clean=True))
+        assert ok is False, (name, status)
 
 
-def test_tests_summary_falls_back_to_the_log(gpu_report, tmp_path):
+@pytest.mark.parametrize("name", ["racecheck", "synccheck", "distributed", "bench-rest"])
+def test_a_later_step_left_out_for_time_is_reported_not_failed(gpu_finalize, tmp_path, name):
+    steps = [(n, "no-time" if n == name else s, -1 if n == name else r) for n, s, r in PASSING]
+    parts = {"goals": [_case("ste 64M")]} if name == "bench-rest" else None
+    report, ok = _finalize(gpu_finalize, tmp_path, _logs(tmp_path, steps, parts, clean=True))
+    assert ok is True and report["steps"][name]["outcome"] == "not run (time)"
+    assert f"{name} not run (time)" in gpu_finalize.format_table(report)
+
+
+def test_a_bench_step_cut_off_by_its_timeout_keeps_its_cases_as_not_run(gpu_finalize, tmp_path):
+    steps = [(n, "timeout" if n == "bench-rest" else s, 124 if n == "bench-rest" else r) for n, s, r in PASSING]
+    rest = [_case("done", part="rest"), _case("cut", "running"), _case("never reached", "pending")]
+    report, ok = _finalize(gpu_finalize, tmp_path, _logs(tmp_path, steps, {"goals": [_case("g")], "rest": rest},
+                                                         clean=True))
+    assert ok is True
+    assert [c["status"] for c in report["cases"]] == ["ok", "ok", "not run (time)", "not run (time)"]
+    assert report["steps"]["bench-rest"]["outcome"] == "incomplete (time)"
+
+
+def test_a_crashed_bench_step_fails_on_the_case_it_was_in(gpu_finalize, tmp_path):
+    steps = [(n, "failed" if n == "bench-goals" else s, 139 if n == "bench-goals" else r) for n, s, r in PASSING]
+    goals = [_case("ok"), _case("crashed here", "running"), _case("after", "pending")]
+    report, ok = _finalize(gpu_finalize, tmp_path, _logs(tmp_path, steps, {"goals": goals, "rest": []}, clean=True))
+    assert ok is False
+    assert [c["status"] for c in report["cases"]] == ["ok", "error", "error"]
+    assert "during this case" in report["cases"][1]["error"]
+
+
+@pytest.mark.parametrize(
+    "breakage, expected",
+    [
+        ("no record", "distributed: the step left no record"),
+        ("command not found", "tests: a command was not found"),
+        ("unavailable outside a dry run", "memcheck: 'not available' is only a dry run's sanitizer outcome"),
+        ("no part file", "bench-rest: the step ran but left no bench_rest.json"),
+        ("module not loaded", "benchmark module bench_x did not load"),
+        ("no cuda test", "tests: no CUDA test was collected"),
+    ],
+)
+def test_harness_errors_fail_the_check(gpu_finalize, tmp_path, breakage, expected):
+    steps = list(PASSING)
+    logs = _logs(tmp_path, steps, clean=True)
+    records = (logs / "steps.tsv").read_text().splitlines(keepends=True)
+    if breakage == "no record":
+        records = [r for r in records if not r.startswith("distributed")]
+    elif breakage == "command not found":
+        records = [r.replace("tests\tok\t0", "tests\tfailed\t127") for r in records]
+    elif breakage == "unavailable outside a dry run":
+        records = [r.replace("memcheck\tok\t0", "memcheck\tunavailable\t77") for r in records]
+    elif breakage == "no part file":
+        (logs / "bench_rest.json").unlink()
+    elif breakage == "module not loaded":
+        part = json.loads((logs / "bench_goals.json").read_text())
+        part["import_problems"] = [{"module": "bench_x", "error": "ImportError: gone"}]
+        (logs / "bench_goals.json").write_text(json.dumps(part))
+    elif breakage == "no cuda test":
+        (logs / "tests.log").write_text("gpu-check: 0 cuda tests collected\n")
+    (logs / "steps.tsv").write_text("".join(records))
+    report, ok = _finalize(gpu_finalize, tmp_path, logs)
+    assert ok is False
+    assert any(problem.startswith(expected) for problem in report["harness_errors"]), report["harness_errors"]
+    assert "HARNESS: " + expected in gpu_finalize.format_table(report)
+
+
+def test_dry_run_verdict(gpu_finalize, tmp_path):
+    steps = [(n, "unavailable", 77) if n in ("memcheck", "racecheck", "synccheck") else (n, s, r) for n, s, r in PASSING]
+    logs = _logs(tmp_path, steps, clean=True)
+    for tool in ("memcheck", "racecheck", "synccheck"):
+        (logs / f"{tool}.log").write_text(DRY_SANITIZER_LOG)
+    report, ok = _finalize(gpu_finalize, tmp_path, logs, dry_run=True)
+    assert ok is True and report["dry_run"] is True, report["harness_errors"]
+    assert report["steps"]["memcheck"]["outcome"] == "not available"
+    assert gpu_finalize.format_table(report).splitlines()[-1] == "RESULT: REHEARSAL PASS"
+    # The ops script must have passed on the CPU for "not available" to count.
+    (logs / "racecheck.log").write_text(DRY_SANITIZER_LOG.replace("check blend_scalar_alpha: ok", "check x: FAILED boom"))
+    report, ok = _finalize(gpu_finalize, tmp_path, logs, dry_run=True)
+    assert ok is False and report["steps"]["racecheck"]["outcome"] == "FAILED"
+    # A rehearsal runs every step: a skipped one is a harness error.
+    (logs / "racecheck.log").write_text(DRY_SANITIZER_LOG)
+    (logs / "steps.tsv").write_text((logs / "steps.tsv").read_text().replace("distributed\tok\t0", "distributed\tskipped\t0"))
+    report, ok = _finalize(gpu_finalize, tmp_path, logs, dry_run=True)
+    assert ok is False and "distributed: skipped, but the rehearsal runs every step" in report["harness_errors"]
+
+
+def test_tests_summary_falls_back_to_the_log(gpu_finalize, tmp_path):
     log = tmp_path / "tests.log"
-    log.write_text("FAILED tests/test_x.py::test_y[cuda] - boom\n== 1 failed, 7 passed, 2 skipped in 3.21s ==\n")
-    summary = gpu_report.summarize_tests(str(tmp_path / "missing.xml"), str(log))
+    log.write_text("gpu-check: 12 cuda tests collected\n"
+                   "FAILED tests/test_x.py::test_y[cuda] - boom\n== 1 failed, 7 passed, 2 skipped in 3.21s ==\n")
+    summary = gpu_finalize.summarize_tests(str(tmp_path / "missing.xml"), str(log))
     assert (summary["source"], summary["passed"], summary["failed"], summary["skipped"]) == ("log", 7, 1, 2)
+    assert summary["cuda_collected"] == 12
     assert summary["failures"][0]["test"] == "tests/test_x.py::test_y[cuda]"
+
+
+def test_out_dir_limits_are_the_devices(gpu_finalize, tmp_path):
+    out = tmp_path / "out"
+    (out / "a" / "b" / "c").mkdir(parents=True)
+    for i in range(8):
+        (out / f"f{i}.log").write_text("x")
+    (out / "a" / "b" / "c" / "deep.log").write_text("x")
+    (out / "bad name.txt").write_text("x")
+    with open(out / "big.bin", "wb") as f:
+        f.truncate(gpu_finalize.OUT_LIMITS["file_bytes"] + 1)
+    files, problems = gpu_finalize.check_out_dir(str(out))
+    assert len(files) == 11
+    text = "\n".join(problems)
+    assert "11 files, over 8" in text and "a/b/c/deep.log: more than 2 folders down" in text
+    assert "bad name.txt: a name the device does not return" in text and "big.bin:" in text
+    files, problems = gpu_finalize.check_out_dir(str(out), ["f0.log", "f1.log", "missing.json"])
+    assert [f["name"] for f in files] == ["f0.log", "f1.log"] and problems == []
+
+
+def test_bundled_logs_keep_the_end_of_a_long_log(gpu_finalize, tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_finalize, "LOG_KEEP_BYTES", 100)
+    logs, out = tmp_path / "logs", tmp_path / "out"
+    logs.mkdir()
+    out.mkdir()
+    (logs / "tests.log").write_text("early line\n" * 50 + "THE END\n")
+    path = gpu_finalize.bundle_logs(str(logs), str(out))
+    with tarfile.open(path) as bundle:
+        text = bundle.extractfile("logs/tests.log").read().decode()
+    assert text.startswith("[... cut: the last 100 of") and text.endswith("THE END\n")
 
 
 def test_gpu_check_script_parses():
     done = subprocess.run(["bash", "-n", os.path.join(BENCHMARKS, "gpu_check.sh")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the rehearsal is for machines without a GPU")
+def test_the_gpu_check_rehearsal_passes_every_step(tmp_path, gpu_report, gpu_finalize, monkeypatch):
+    """GPU_CHECK_DRY_RUN=1: every step of benchmarks/gpu_check.sh through the same code."""
+    monkeypatch.delenv("ESPER_LITE_SRC", raising=False)
+    import esper_fast
+
+    extension = esper_fast.extension_path()
+    built = os.stat(extension).st_mtime_ns
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GPU_CHECK_", "ESPER_LITE_SRC"))}
+    env.update(GPU_CHECK_DRY_RUN="1", OUT=str(out), PYTHON=sys.executable)
+    done = subprocess.run(["bash", os.path.join(BENCHMARKS, "gpu_check.sh")], env=env, capture_output=True, text=True,
+                          timeout=1800)
+    console = done.stdout + done.stderr
+    assert done.returncode == 0, console[-6000:]
+    assert console.rstrip().splitlines()[-2] == "RESULT: REHEARSAL PASS", console[-3000:]
+
+    report = json.loads((out / "gpu_report.json").read_text())
+    assert report["dry_run"] is True and report["ok"] is True and report["harness_errors"] == []
+    outcomes = {name: step["outcome"] for name, step in report["steps"].items()}
+    assert outcomes == {"build": "passed", "tests": "passed", "memcheck": "not available", "bench-goals": "passed",
+                        "racecheck": "not available", "synccheck": "not available", "distributed": "passed",
+                        "bench-rest": "passed"}
+    assert report["tests"]["cuda_collected"] > 0 and report["tests"]["passed"] > 0
+    assert report["tests"]["failed"] == report["tests"]["errors"] == 0
+    for tool in ("memcheck", "racecheck", "synccheck"):
+        assert report[tool]["ops_finished"] and report[tool]["checks"] and not report[tool]["failed_checks"]
+
+    # Every case is listed once: the CPU-capable ones ran once, the others say why not.
+    cases, _ = gpu_report.load_cases()
+    rows = {row["name"]: row for row in report["cases"]}
+    assert sorted(rows) == sorted(c.name for c in cases)
+    for case in cases:
+        expected = "ok" if "cpu" in case.devices and not case.large else "device only"
+        assert rows[case.name]["status"] == expected, (case.name, rows[case.name].get("error"))
+        assert rows[case.name]["part"] == ("bench-goals" if case.gpu_goal else "bench-rest")
+
+    # The distributed ranks imported esper_fast from the copy, not through the editable install.
+    files = report["distributed"]["results"]["collectives"]["esper_fast_files"]
+    assert files and all(os.path.realpath(ROOT) not in os.path.realpath(f) for f in files)
+
+    # What the device would return fits its limits.
+    assert sorted(os.listdir(out)) == ["gpu_check.log", "gpu_report.json", "logs.tar.gz"]
+    files, problems = gpu_finalize.check_out_dir(str(out))
+    assert problems == [] and len(files) <= gpu_finalize.OUT_LIMITS["files"]
+    # The suite's own extension was reused, not deleted or rebuilt.
+    assert report["steps"]["build"]["detail"] == "the installed extension, reused"
+    assert os.stat(extension).st_mtime_ns == built
+
+
+def test_memcheck_script_runs_on_the_cpu_kernels(capsys):
+    memcheck = _load("memcheck_ops")
+    assert memcheck.main(["--device", "cpu", "--checks", "metrics_c10,ste"]) == 0
+    printed = capsys.readouterr().out
+    assert "check metrics_c10: ok" in printed and "check ste_forward_backward: ok" in printed
+    assert "memcheck_ops: 2 checks, 0 failed" in printed
+    assert memcheck.main(["--device", "cpu", "--checks", "no_such_check"]) == 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
