@@ -150,13 +150,14 @@ def _demangle(kernels: list[dict]) -> None:
 
 
 _COLLECTED = re.compile(r"^gpu-check: (\d+) cuda tests collected", re.M)
+_NO_CUDA = "needs a CUDA device"  # tests/conftest.py's skip reason
 
 
 def summarize_tests(junit_path: str | None, log_path: str | None = None) -> dict:
     """Counts and failing test names from pytest's junit xml (the log's last line otherwise),
     and how many CUDA tests the step collected (its ``gpu-check: N cuda tests collected`` line)."""
     summary = {"source": None, "total": 0, "passed": 0, "failed": 0, "errors": 0, "skipped": 0, "failures": [],
-               "cuda_collected": None}
+               "cuda_collected": None, "skipped_without_cuda": 0}
     lines = []
     if log_path and os.path.exists(log_path):
         with open(log_path, errors="replace") as f:
@@ -182,6 +183,7 @@ def summarize_tests(junit_path: str | None, log_path: str | None = None) -> dict
                     summary["passed"] += 1
                 elif outcome == "skipped":
                     summary["skipped"] += 1
+                    summary["skipped_without_cuda"] += any(_NO_CUDA in line for line in message)
                 else:
                     summary["failed" if outcome == "failure" else "errors"] += 1
                     name = f"{case.get('classname', '')}::{case.get('name', '')}"
@@ -327,6 +329,8 @@ def judge(steps: dict, summaries: dict, cases: list[dict], dry_run: bool, harnes
                 outcome = FAILED
             elif outcome == PASSED and (tests["passed"] == 0 or tests["failed"] or tests["errors"]):
                 outcome = FAILED
+            elif outcome == PASSED and not dry_run and tests["skipped_without_cuda"]:
+                outcome, detail = FAILED, f"{tests['skipped_without_cuda']} CUDA tests skipped: no CUDA device"
         elif name in SANITIZER_STEPS and outcome in (PASSED, FAILED, NOT_AVAILABLE):
             tool = summaries[name]
             checks = tool["checks"]

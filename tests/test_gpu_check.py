@@ -471,6 +471,17 @@ def test_dry_run_verdict(gpu_finalize, tmp_path):
     assert ok is False and "distributed: skipped, but the rehearsal runs every step" in report["harness_errors"]
 
 
+def test_cuda_tests_that_skip_for_want_of_a_device_fail_a_real_run(gpu_finalize, tmp_path):
+    logs = _logs(tmp_path, PASSING, clean=True)
+    (logs / "tests_junit.xml").write_text(JUNIT.replace(
+        '<failure message="AssertionError: 3 != 4">trace</failure>', '<skipped message="needs a CUDA device"/>'))
+    report, ok = _finalize(gpu_finalize, tmp_path, logs)
+    assert ok is False and report["tests"]["skipped_without_cuda"] == 1
+    assert report["steps"]["tests"]["detail"] == "1 CUDA tests skipped: no CUDA device"
+    with open(os.path.join(ROOT, "tests", "conftest.py")) as f:
+        assert f'reason="{gpu_finalize._NO_CUDA}"' in f.read(), "the finalize step reads conftest's skip reason"
+
+
 def test_tests_summary_falls_back_to_the_log(gpu_finalize, tmp_path):
     log = tmp_path / "tests.log"
     log.write_text("gpu-check: 12 cuda tests collected\n"
