@@ -17,7 +17,7 @@ import torch
 
 from esper_fast import cli, train
 from esper_fast.train import checkpoint
-from cli_helpers import outcome, read_log, run_cli
+from cli_helpers import one_line_error, outcome, read_log, run_cli
 
 # Six epochs reach the keep/cull decision: germinate after 1, TRAINING 2, BLENDING 3 (the
 # alpha ramp moves every step), SHADOWING 4, PROBATIONARY 5.
@@ -138,6 +138,37 @@ def test_a_run_folder_written_by_an_earlier_version_plots_and_resumes(workdir, c
     assert json.loads((out / train.STATUS_FILE).read_text())["status"] == "finished"
     (out / train.PLOT_FILE).unlink()
     assert run_cli(capsys, "plot", out)[0] == 0 and (out / train.PLOT_FILE).is_file()
+
+
+def test_a_failed_run_resumed_to_its_end_is_then_described_in_full(workdir, capsys, monkeypatch):
+    monkeypatch.delenv("ESPER_FAST_REFERENCE", raising=False)
+    out = workdir / "failed"
+    at_step = train.StopSignals.at_step
+
+    def fail_in_epoch_2(self, epoch, steps_done):
+        if (epoch, steps_done) == (2, 1):
+            raise RuntimeError("injected failure")
+        return at_step(self, epoch, steps_done)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train.StopSignals, "at_step", fail_in_epoch_2)
+        with pytest.raises(RuntimeError, match="injected failure"):
+            cli.main(["train", "--epochs", "3", "--max-batches", "2", "--batch-size", "8", "--no-progress",
+                      "--out", str(out)])
+    capsys.readouterr()
+    started = json.loads((out / train.STATUS_FILE).read_text())
+    assert started["status"] == "failed" and started["error"] == "RuntimeError: injected failure"
+
+    assert run_cli(capsys, "train", "--resume", out)[0] == 0
+    resume = next(r for r in read_log(out / train.METRICS_FILE) if r["type"] == "resume")
+    assert resume["stopped_by"] == "an error" and resume["epochs_done"] == 1
+    # run.json still says what the run is, as it did before the failure; the error is history.
+    status = json.loads((out / train.STATUS_FILE).read_text())
+    for key in ("task", "epochs", "started_at", "world_size"):
+        assert status[key] == started[key], key
+    assert status["status"] == "finished" and status["epochs_done"] == 3 and "error" not in status
+    code, _, err = run_cli(capsys, "train", "--resume", out)
+    one_line_error(code, err, f"{out} holds a finished run (cifar10, 3 epochs, finished {status['updated_at']})")
 
 
 def test_a_checkpoint_loads_with_weights_only_in_a_process_without_esper_fast(workdir, uninterrupted):

@@ -105,6 +105,7 @@ def _open(run_dir: RunDir, config, resume, overrides, overwrite, command) -> dic
               "clear": contents.kind != "empty"}
     if resume is not None:
         run_dir.remove_stale_temporaries()
+        run_dir.continue_status(contents.status)
         payload, path = run_dir.load_checkpoint()
         config = dataclasses.replace(RunConfig(**payload["config"]), out=out, **(overrides or {}))
         opened.update(config=config, payload=payload, path=path)

@@ -230,12 +230,17 @@ class LifecycleRun:
         self._announce()
         self.log_records = [self._config_record(command)]
         self.run_dir.start_log(self.log_records)
+        self._write_running_status(command, epochs_done=0, steps_done=0, checkpoint=None)
+        self._checkpoint(0)
+
+    def _write_running_status(self, command: str, **position) -> None:
+        """``run.json`` as this process takes the run on: the run itself (from the log's config
+        record, the same for every session of the run) and where it stands."""
         self.run_dir.write_status(
             status="running", command=command, pid=os.getpid(), task=self.config.task, epochs=self.config.epochs,
-            started_at=self.log_records[0]["started_at"], epochs_done=0, steps_done=0, checkpoint=None, stopped_by=None,
+            started_at=self.log_records[0]["started_at"], **position, stopped_by=None,
             world_size=self.ranks.world_size,
         )
-        self._checkpoint(0)
 
     def resume_from(self, payload: dict, path, command: str, previous_status: dict | None = None) -> None:
         """Puts the run back where ``payload`` (a checkpoint) left it and rewrites the log to
@@ -305,7 +310,8 @@ class LifecycleRun:
         }
         self.log_records.append(resume)
         self.run_dir.start_log(self.log_records)
-        self.run_dir.write_status(status="running", command=command, pid=os.getpid(), stopped_by=None)
+        self._write_running_status(command, epochs_done=position["epochs_done"], steps_done=position["steps_done"],
+                                   checkpoint=str(path))
         where = f"epoch {self.next_epoch}" + (f", step {position['steps_done'] + 1}" if position["steps_done"] else "")
         self.echo(f"resume: from {path} at {where} of {self.config.epochs} epochs")
 

@@ -313,8 +313,16 @@ class RunDir:
         self._guarded(METRICS_FILE, write)
         self._lines.append(line)
 
+    def continue_status(self, status: dict | None) -> None:
+        """A resumed run's status starts from ``status`` (what ``run.json`` held), so that its
+        updates keep what an earlier process wrote: the task, the planned epochs, the start,
+        the world size. The earlier process's ``error`` is dropped (the log's resume record
+        says how it ended)."""
+        self._status = {k: v for k, v in (status or {}).items() if k != "error"}
+
     def write_status(self, **fields) -> None:
-        """Updates ``run.json`` (status, position, last checkpoint...)."""
+        """Updates ``run.json`` (status, position, last checkpoint...): ``fields`` replace
+        theirs, the others keep the values this run gave them."""
         self._status.update(fields, updated_at=now_iso())
         self._guarded(STATUS_FILE, self._write_status_file)
 
@@ -390,6 +398,9 @@ class SilentRunDir:
         pass
 
     def append(self, record: dict) -> None:
+        pass
+
+    def continue_status(self, status: dict | None) -> None:
         pass
 
     def write_status(self, **fields) -> None:
