@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from esper_fast import cli, train
-from esper_fast.train import checkpoint
+from esper_fast import train
+from esper_fast.train import checkpoint, cli
 from cli_helpers import one_line_error, outcome, read_log, run_cli
 
 # Six epochs reach the keep/cull decision: germinate after 1, TRAINING 2, BLENDING 3 (the

@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from esper_fast import cli, data, train
+from esper_fast import train
+from esper_fast.train import cli, data
 from esper_fast.train.ranks import Ranks, state_checksum
 from cli_helpers import one_line_error, outcome, read_log, run_cli
 

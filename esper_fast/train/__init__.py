@@ -1,7 +1,10 @@
-"""``esper-fast train``: a complete seed lifecycle run that loses nothing.
+"""The ``esper-fast`` application: a complete seed lifecycle run that loses nothing.
 
-Where things are:
+The layers below it (leyline, kasmina, tolaria, runtime, utils: esper-lite's API; ops: the
+kernels) know nothing of it. Where things are:
 
+- :mod:`~esper_fast.train.cli` is the command line (``esper-fast``, ``python -m esper_fast``):
+  train, plot, bench, info;
 - :mod:`~esper_fast.train.controller` decides (germinate, advance, fossilize or cull);
 - :mod:`~esper_fast.train.loop` trains (the epoch loop, checkpoints and resume);
 - :mod:`~esper_fast.train.watch` watches each step (losses for the governor, batches,
@@ -9,6 +12,9 @@ Where things are:
 - :mod:`~esper_fast.train.run_dir` writes (the run folder: lock, ``run.json``,
   ``metrics.jsonl``, checkpoints, ``metrics.png``);
 - :mod:`~esper_fast.train.checkpoint` says what a checkpoint holds, as plain data;
+- :mod:`~esper_fast.train.data` reads the offline datasets (CIFAR-10 from disk, a text file,
+  or generated stand-ins), sharded over the ranks;
+- :mod:`~esper_fast.train.plotting` draws ``metrics.png`` from the epoch records;
 - :mod:`~esper_fast.train.signals` turns SIGINT/SIGTERM into clean stops;
 - :mod:`~esper_fast.train.ranks` joins a ``torchrun`` job and moves what the ranks agree on;
 - :mod:`~esper_fast.train.config`, :mod:`~esper_fast.train.report` and
@@ -151,7 +157,7 @@ def train(
     A new run takes ``config``; ``resume`` continues the run in that folder from its newest
     checkpoint, with its own settings (``overrides`` may change those of
     :data:`RESUME_OVERRIDES`). User mistakes raise :class:`RunDirError` or
-    :class:`esper_fast.data.DataError` before the folder is changed.
+    :class:`esper_fast.train.data.DataError` before the folder is changed.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) every process calls this; they form one
     data-parallel run (see :mod:`esper_fast.train.loop`), rank 0 writes and prints, the

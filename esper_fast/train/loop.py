@@ -73,8 +73,8 @@ def _cosine_lr(base: float, epoch: int, epochs: int) -> float:
 
 
 def load_data(config: RunConfig, spec, ranks: Ranks | None = None):
-    """The task's loaders (see :mod:`esper_fast.data`), this rank's shards; ``config`` is resolved."""
-    from esper_fast import data
+    """The task's loaders (see :mod:`esper_fast.train.data`), this rank's shards; ``config`` is resolved."""
+    from esper_fast.train import data
 
     pin = config.device.startswith("cuda")
     shard = {} if ranks is None or not ranks.distributed else {"rank": ranks.rank, "world_size": ranks.world_size}
@@ -658,7 +658,7 @@ class LifecycleRun:
         return summary
 
     def draw_plot(self, what: str) -> None:
-        from esper_fast.plotting import plot_run
+        from esper_fast.train.plotting import plot_run
 
         config = self.config
         self.run_dir.write_plot(lambda path: plot_run(
