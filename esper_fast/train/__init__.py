@@ -36,8 +36,10 @@ import os
 from esper_fast.train.config import DEFAULT_KEEP_CHECKPOINTS, DEFAULT_OUT, TASK_DEFAULTS, TASKS, RunConfig, resolve
 from esper_fast.train.console import say, warn
 from esper_fast.train.controller import LifecycleSchedule, SeedController, SeedRecord
-from esper_fast.train.loop import LifecycleRun, ResumeError
+from esper_fast.train.checkpoint import Checkpoint, ResumeError
+from esper_fast.train.loop import LifecycleRun
 from esper_fast.train.ranks import Ranks, RanksDivergedError
+from esper_fast.train.report import EpochRecord
 from esper_fast.train.run_dir import (
     CHECKPOINT_DIR,
     LOCK_FILE,
@@ -56,7 +58,7 @@ __all__ = [
     "train", "RunConfig", "resolve", "TASKS", "TASK_DEFAULTS", "DEFAULT_OUT", "DEFAULT_KEEP_CHECKPOINTS",
     "LifecycleRun", "LifecycleSchedule", "SeedController", "SeedRecord", "LossWatch", "Batches", "KernelTally",
     "Progress", "RunDir", "RunDirError", "SilentRunDir", "ResumeError", "StopSignals", "ForcedStop", "read_log",
-    "Ranks", "RanksDivergedError", "check_out",
+    "Ranks", "RanksDivergedError", "check_out", "Checkpoint", "EpochRecord",
     "METRICS_FILE", "PLOT_FILE", "STATUS_FILE", "CHECKPOINT_DIR", "LOCK_FILE",
 ]
 
@@ -107,14 +109,15 @@ def _open(run_dir: RunDir, config, resume, overrides, overwrite, command) -> dic
         raise RunDirError(f"--resume {resume}: no such run folder")
     run_dir.acquire(command)
     contents = _check_contents(run_dir, out, resume, overwrite)
-    opened = {"config": config, "payload": None, "path": None, "status": contents.status,
+    opened = {"config": config, "checkpoint": None, "path": None, "status": contents.status,
               "clear": contents.kind != "empty"}
     if resume is not None:
         run_dir.remove_stale_temporaries()
         run_dir.continue_status(contents.status)
         payload, path = run_dir.load_checkpoint()
-        config = dataclasses.replace(RunConfig(**payload["config"]), out=out, **(overrides or {}))
-        opened.update(config=config, payload=payload, path=path)
+        state = Checkpoint.from_payload(payload, path)
+        config = dataclasses.replace(RunConfig(**state.config), out=out, **(overrides or {}))
+        opened.update(config=config, checkpoint=state, path=path)
     return opened
 
 
@@ -181,7 +184,7 @@ def train(
             config = resolve(config, get_task_spec(config.task).block_size)
             run = LifecycleRun(config, run_dir, stop, echo=say if writer else _silent, ranks=ranks)
             if resume is not None:
-                run.resume_from(opened["payload"], opened["path"], command, opened["status"])
+                run.resume_from(opened["checkpoint"], opened["path"], command, opened["status"])
             else:
                 if opened["clear"]:
                     run_dir.clear()
