@@ -48,6 +48,7 @@ from esper_fast.train.run_dir import (
     STATUS_FILE,
     RunDir,
     RunDirError,
+    RunWriteError,
     SilentRunDir,
     read_log,
 )
@@ -57,13 +58,15 @@ from esper_fast.train.watch import Batches, KernelTally, LossWatch, Progress
 __all__ = [
     "train", "RunConfig", "resolve", "TASKS", "TASK_DEFAULTS", "DEFAULT_OUT", "DEFAULT_KEEP_CHECKPOINTS",
     "LifecycleRun", "LifecycleSchedule", "SeedController", "SeedRecord", "LossWatch", "Batches", "KernelTally",
-    "Progress", "RunDir", "RunDirError", "SilentRunDir", "ResumeError", "StopSignals", "ForcedStop", "read_log",
+    "Progress", "RunDir", "RunDirError", "RunWriteError", "SilentRunDir", "ResumeError", "StopSignals", "ForcedStop", "read_log",
     "Ranks", "RanksDivergedError", "check_out", "Checkpoint", "EpochRecord",
     "METRICS_FILE", "PLOT_FILE", "STATUS_FILE", "CHECKPOINT_DIR", "LOCK_FILE",
 ]
 
 # Settings a resumed run may change: none of them changes what the run computes on a device.
 RESUME_OVERRIDES = ("device", "progress", "keep_checkpoints")
+# The exit status of a run that stopped because a file it needs could not be written.
+EXIT_WRITE_FAILED = 1
 
 
 def _refusal(out: str, contents) -> str:
@@ -145,6 +148,15 @@ def _silent(line: str) -> None:
     pass
 
 
+def _write_status_if_possible(run_dir, **fields) -> None:
+    """``run.json`` on the way out of a run that failed: the disk that failed it may refuse
+    this write too, and the run's own error is the one to report."""
+    try:
+        run_dir.write_status(**fields)
+    except RunWriteError:
+        pass
+
+
 def train(
     config: RunConfig | None = None,
     *,
@@ -155,7 +167,9 @@ def train(
 ) -> int:
     """Runs ``esper-fast train`` and returns its exit status: 0 when the run finished, 130
     or 143 when SIGINT or SIGTERM stopped it (after writing a checkpoint, the summary and the
-    plot).
+    plot), 1 when a checkpoint, ``run.json`` or ``metrics.jsonl`` could not be written (after
+    one line naming the file, the cause and how to resume; the last checkpoint and the log
+    are left as they were).
 
     A new run takes ``config``; ``resume`` continues the run in that folder from its newest
     checkpoint, with its own settings (``overrides`` may change those of
@@ -193,15 +207,22 @@ def train(
         clean = True
     except ForcedStop as stopped:
         if run is not None:
-            run_dir.write_status(status="interrupted", stopped_by=str(stopped))
+            _write_status_if_possible(run_dir, status="interrupted", stopped_by=str(stopped))
         last = run.checkpoint_path if run is not None else None
         if writer:
             warn(f"esper-fast: stopped at once by a second {stopped}; "
                  + (f"the last checkpoint is {last}; continue with: esper-fast train --resume {out}" if last else "nothing was saved"))
         return 128 + stopped.signum
+    except RunWriteError as exc:
+        _write_status_if_possible(run_dir, status="failed", error=f"{type(exc).__name__}: {exc}")
+        last = run.checkpoint_path if run is not None else None
+        warn(f"esper-fast: error: {exc}; the run stopped, "
+             + (f"its last checkpoint is {last}; continue with: esper-fast train --resume {out}" if last
+                else "with no checkpoint to resume from; start it again with --overwrite"))
+        return EXIT_WRITE_FAILED
     except BaseException as exc:
         if run is not None and not isinstance(exc, (RunDirError,)):
-            run_dir.write_status(status="failed", error=f"{type(exc).__name__}: {exc}")
+            _write_status_if_possible(run_dir, status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
     finally:
         run_dir.release()

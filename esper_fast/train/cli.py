@@ -13,7 +13,9 @@ A user mistake (a bad or inapplicable flag, unknown task or blueprint, CUDA with
 unwritable --out, a folder that holds another run or is in use, a missing data root or text
 file) ends the command with one ``esper-fast: error: ...`` line on stderr and exit status
 2, never a traceback. A run stopped by SIGINT or SIGTERM exits 130 or 143 after saving
-everything, with a line saying how to resume it. Under torchrun only rank 0 prints.
+everything, with a line saying how to resume it. A run that cannot write a checkpoint,
+run.json or metrics.jsonl (a full disk, a read-only folder) exits 1 after one such line
+naming the file, the cause and how to resume it. Under torchrun only rank 0 prints.
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ holds the steps' losses, the batch-order generator as the epoch began (the same 
 drawn again and the done ones skipped), torch's generator as the stop came (set once the
 skipped batches are drawn), and the governor's snapshot tensors (the model has moved on
 from them). On CPU a resumed run ends with the same records, bit for bit, as one that was
-never stopped.
+never stopped. :class:`~esper_fast.train.checkpoint.Checkpoint` is that record; each epoch's
+is a :class:`~esper_fast.train.report.EpochRecord`.
 
 Several processes (``torchrun``, see :mod:`esper_fast.train.ranks`). Every rank runs this
 loop on its shard of the data and trains through a DistributedDataParallel wrapper, built
@@ -302,10 +303,9 @@ class LifecycleRun:
             kernels=dict(self.tally.counts), elapsed_s=self.elapsed_before + self._session_time(),
         )
         path = self.run_dir.save_checkpoint(state.to_payload(), state.epochs_done, state.steps_done)
-        if path is not None:
-            self.checkpoint_path = path
-            self._checkpoint_position = (state.epochs_done, state.steps_done)
-            self.run_dir.write_status(epochs_done=state.epochs_done, steps_done=state.steps_done, checkpoint=str(path))
+        self.checkpoint_path = path
+        self._checkpoint_position = (state.epochs_done, state.steps_done)
+        self.run_dir.write_status(epochs_done=state.epochs_done, steps_done=state.steps_done, checkpoint=str(path))
 
     def _session_time(self) -> float:
         start = getattr(self, "_session_start", None)
