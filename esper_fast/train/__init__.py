@@ -11,15 +11,17 @@ kernels) know nothing of it. Where things are:
   kernel tally, progress bar);
 - :mod:`~esper_fast.train.run_dir` writes (the run folder: lock, ``run.json``,
   ``metrics.jsonl``, checkpoints, ``metrics.png``);
-- :mod:`~esper_fast.train.checkpoint` says what a checkpoint holds, as plain data;
+- :mod:`~esper_fast.train.checkpoint` owns the checkpoint: what it holds, as plain data
+  (:class:`Checkpoint`), how it is captured, checked and put back into a run;
+- :mod:`~esper_fast.train.report` owns the epoch record (:class:`EpochRecord`, one line of
+  ``metrics.jsonl``) and prints a run's lines;
 - :mod:`~esper_fast.train.data` reads the offline datasets (CIFAR-10 from disk, a text file,
   or generated stand-ins), sharded over the ranks;
 - :mod:`~esper_fast.train.plotting` draws ``metrics.png`` from the epoch records;
 - :mod:`~esper_fast.train.signals` turns SIGINT/SIGTERM into clean stops;
 - :mod:`~esper_fast.train.ranks` joins a ``torchrun`` job and moves what the ranks agree on;
-- :mod:`~esper_fast.train.config`, :mod:`~esper_fast.train.report` and
-  :mod:`~esper_fast.train.console`: the run's settings, its printed lines, and a terminal
-  that may go away.
+- :mod:`~esper_fast.train.config` and :mod:`~esper_fast.train.console`: the run's settings,
+  and a terminal that may go away.
 
 :func:`train` is the command: it takes the folder's lock, checks what the folder holds,
 starts or resumes the run and returns the exit status. Under ``torchrun`` every process calls
@@ -33,10 +35,10 @@ import contextlib
 import dataclasses
 import os
 
+from esper_fast.train.checkpoint import Checkpoint, ResumeError
 from esper_fast.train.config import DEFAULT_KEEP_CHECKPOINTS, DEFAULT_OUT, TASK_DEFAULTS, TASKS, RunConfig, resolve
 from esper_fast.train.console import say, warn
 from esper_fast.train.controller import LifecycleSchedule, SeedController, SeedRecord
-from esper_fast.train.checkpoint import Checkpoint, ResumeError
 from esper_fast.train.loop import LifecycleRun
 from esper_fast.train.ranks import Ranks, RanksDivergedError
 from esper_fast.train.report import EpochRecord
@@ -58,8 +60,8 @@ from esper_fast.train.watch import Batches, KernelTally, LossWatch, Progress
 __all__ = [
     "train", "RunConfig", "resolve", "TASKS", "TASK_DEFAULTS", "DEFAULT_OUT", "DEFAULT_KEEP_CHECKPOINTS",
     "LifecycleRun", "LifecycleSchedule", "SeedController", "SeedRecord", "LossWatch", "Batches", "KernelTally",
-    "Progress", "RunDir", "RunDirError", "RunWriteError", "SilentRunDir", "ResumeError", "StopSignals", "ForcedStop", "read_log",
-    "Ranks", "RanksDivergedError", "check_out", "Checkpoint", "EpochRecord",
+    "Progress", "RunDir", "RunDirError", "RunWriteError", "SilentRunDir", "ResumeError", "StopSignals", "ForcedStop",
+    "read_log", "Ranks", "RanksDivergedError", "check_out", "Checkpoint", "EpochRecord",
     "METRICS_FILE", "PLOT_FILE", "STATUS_FILE", "CHECKPOINT_DIR", "LOCK_FILE",
 ]
 
