@@ -2,6 +2,6 @@
 
 import sys
 
-from esper_fast.cli import main
+from esper_fast.train.cli import main
 
 sys.exit(main())

@@ -3,7 +3,8 @@ one-line errors, and reading a run's log."""
 
 import json
 
-from esper_fast import cli, train
+from esper_fast import train
+from esper_fast.train import cli
 
 # Wall-clock fields, and the paths of the run's files: the only ones in which two runs of the
 # same settings (in different folders, or one resumed) may differ.

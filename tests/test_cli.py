@@ -10,9 +10,10 @@ import sys
 import pytest
 import torch
 
-from esper_fast import cli, train
+from esper_fast import train
 from esper_fast.kasmina import SeedStage
-from esper_fast.plotting import plot_run, read_epoch_records
+from esper_fast.train import cli
+from esper_fast.train.plotting import plot_run, read_epoch_records
 from cli_helpers import read_log, run_cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -363,6 +364,17 @@ def test_info_lists_versions_kernels_and_the_reference_switch(capsys, monkeypatc
     monkeypatch.setenv("ESPER_FAST_REFERENCE", "1")
     _, out, _ = run_cli(capsys, "info")
     assert "reference switch: ON" in out
+
+
+def test_the_console_script_is_the_cli():
+    import importlib
+
+    tomllib = pytest.importorskip("tomllib")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml"), "rb") as handle:
+        target = tomllib.load(handle)["project"]["scripts"]["esper-fast"]
+    module, function = target.split(":")
+    assert getattr(importlib.import_module(module), function) is cli.main
 
 
 def test_python_dash_m_runs_the_cli():

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from esper_fast import data
+from esper_fast.train import data
 
 
 def test_synthetic_images_are_deterministic_and_balanced():

@@ -6,22 +6,29 @@ that a process without esper_fast reads; the lifecycle objects survive the round
 import datetime
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from esper_fast import cli, train
-from esper_fast.train import checkpoint
-from cli_helpers import outcome, read_log
+from esper_fast import train
+from esper_fast.train import checkpoint, cli
+from cli_helpers import one_line_error, outcome, read_log, run_cli
 
 # Six epochs reach the keep/cull decision: germinate after 1, TRAINING 2, BLENDING 3 (the
 # alpha ramp moves every step), SHADOWING 4, PROBATIONARY 5.
 LIFECYCLE = ["--epochs", "6", "--max-batches", "3", "--batch-size", "32", "--no-progress"]
 # A rollback in epoch 2 (the seed is culled), then host epochs.
 ROLLBACK = ["--epochs", "4", "--inject-nan-at", "2", "--max-batches", "3", "--batch-size", "32", "--no-progress"]
+# A run folder written by an earlier esper_fast (checkpoint format version 1), kept as it was
+# written: `esper-fast train --task cifar10 --device cpu --epochs 4 --max-batches 2
+# --batch-size 8 --keep-checkpoints 1 --no-progress --out run` stopped by SIGTERM after step 1
+# of epoch 3 (ESPER_FAST_SELF_SIGNAL=SIGTERM@3:1); its lock file and plot left out.
+EARLIER_RUN = Path(__file__).parent / "data" / "legacy_run"
 
 
 def child(argv, cwd, signal_at=None, **kwargs):
@@ -107,6 +114,61 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(workdir, uninterrupted):
     assert outcome(out) == uninterrupted["lifecycle"]
     resume = next(r for r in read_log(out / train.METRICS_FILE) if r["type"] == "resume")
     assert resume["stopped_by"] == "a crash" and resume["epochs_done"] == 4
+
+
+def test_a_run_folder_written_by_an_earlier_version_plots_and_resumes(workdir, capsys, monkeypatch):
+    monkeypatch.delenv("ESPER_FAST_REFERENCE", raising=False)
+    out = workdir / "earlier"
+    shutil.copytree(EARLIER_RUN, out)
+    before = read_log(out / train.METRICS_FILE)
+    code, stdout, err = run_cli(capsys, "plot", out)
+    assert code == 0 and stdout.strip() == f"plot: {out / train.PLOT_FILE}", err
+
+    code, stdout, err = run_cli(capsys, "train", "--resume", out)
+    assert code == 0, err
+    assert f"resume: from {out / train.CHECKPOINT_DIR / 'epoch-0002-step-0001.pt'} at epoch 3, step 2 of 4 epochs" in stdout
+    log = read_log(out / train.METRICS_FILE)
+    assert [r["type"] for r in log] == ["config", "epoch", "epoch", "resume", "epoch", "epoch", "summary"]
+    assert log[:3] == before[:3]  # the records written before are kept as they were
+    assert log[3]["stopped_by"] == "SIGTERM" and (log[3]["epochs_done"], log[3]["steps_done"]) == (2, 1)
+    # The epochs written now have the keys, in the order, of the epochs written then.
+    assert all(list(r) == list(before[1]) for r in log if r["type"] == "epoch")
+    assert [r["epoch"] for r in log if r["type"] == "epoch"] == [1, 2, 3, 4]
+    assert log[-1]["status"] == "finished" and log[-1]["epochs"] == 4
+    assert json.loads((out / train.STATUS_FILE).read_text())["status"] == "finished"
+    (out / train.PLOT_FILE).unlink()
+    assert run_cli(capsys, "plot", out)[0] == 0 and (out / train.PLOT_FILE).is_file()
+
+
+def test_a_failed_run_resumed_to_its_end_is_then_described_in_full(workdir, capsys, monkeypatch):
+    monkeypatch.delenv("ESPER_FAST_REFERENCE", raising=False)
+    out = workdir / "failed"
+    at_step = train.StopSignals.at_step
+
+    def fail_in_epoch_2(self, epoch, steps_done):
+        if (epoch, steps_done) == (2, 1):
+            raise RuntimeError("injected failure")
+        return at_step(self, epoch, steps_done)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train.StopSignals, "at_step", fail_in_epoch_2)
+        with pytest.raises(RuntimeError, match="injected failure"):
+            cli.main(["train", "--epochs", "3", "--max-batches", "2", "--batch-size", "8", "--no-progress",
+                      "--out", str(out)])
+    capsys.readouterr()
+    started = json.loads((out / train.STATUS_FILE).read_text())
+    assert started["status"] == "failed" and started["error"] == "RuntimeError: injected failure"
+
+    assert run_cli(capsys, "train", "--resume", out)[0] == 0
+    resume = next(r for r in read_log(out / train.METRICS_FILE) if r["type"] == "resume")
+    assert resume["stopped_by"] == "an error" and resume["epochs_done"] == 1
+    # run.json still says what the run is, as it did before the failure; the error is history.
+    status = json.loads((out / train.STATUS_FILE).read_text())
+    for key in ("task", "epochs", "started_at", "world_size"):
+        assert status[key] == started[key], key
+    assert status["status"] == "finished" and status["epochs_done"] == 3 and "error" not in status
+    code, _, err = run_cli(capsys, "train", "--resume", out)
+    one_line_error(code, err, f"{out} holds a finished run (cifar10, 3 epochs, finished {status['updated_at']})")
 
 
 def test_a_checkpoint_loads_with_weights_only_in_a_process_without_esper_fast(workdir, uninterrupted):

@@ -3,6 +3,7 @@ unfinished runs refused without --overwrite or --resume, atomic checkpoints (a p
 killed between write and rename leaves the previous one loadable), a run that survives its
 folder being deleted and its stdout being closed, and ``esper-fast plot``."""
 
+import errno
 import json
 import os
 import shutil
@@ -10,6 +11,8 @@ import signal
 import subprocess
 import sys
 import time
+import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,7 +141,7 @@ def test_a_checkpoint_is_atomic_a_kill_before_the_rename_leaves_the_previous_one
     run_dir.release()
 
 
-def test_the_folder_is_made_again_when_deleted_and_a_failed_write_is_reported_once(tmp_path):
+def test_the_folder_is_made_again_when_deleted_a_failed_checkpoint_stops_and_a_failed_plot_does_not(tmp_path):
     warnings = []
     run_dir = train.RunDir(tmp_path / "run", warn=warnings.append)
     run_dir.acquire("test")
@@ -151,9 +154,16 @@ def test_the_folder_is_made_again_when_deleted_and_a_failed_write_is_reported_on
     with pytest.raises(train.RunDirError, match="in use by another run"):
         train.RunDir(tmp_path / "run").acquire()
     (tmp_path / "run" / train.CHECKPOINT_DIR).write_text("not a folder")
-    assert run_dir.save_checkpoint({"epoch": 1}, 1) is None
-    assert run_dir.save_checkpoint({"epoch": 2}, 2) is None
-    assert len(warnings) == 2 and "could not write checkpoint epoch-0001.pt" in warnings[1]
+    with pytest.raises(train.RunWriteError) as failed:
+        run_dir.save_checkpoint({"epoch": 1}, 1)
+    assert str(failed.value) == f"could not write {tmp_path / 'run' / train.CHECKPOINT_DIR / 'epoch-0001.pt'} (File exists)"
+
+    def no_plot(path):
+        raise PermissionError(13, "Permission denied")
+
+    assert run_dir.write_plot(no_plot) is None and run_dir.write_plot(no_plot) is None
+    assert len(warnings) == 2
+    assert warnings[1] == f"warning: could not write {tmp_path / 'run' / train.PLOT_FILE} (Permission denied); the run goes on"
     run_dir.append({"type": "epoch", "epoch": 2})  # the run goes on
     assert len(whole_json_lines(tmp_path / "run" / train.METRICS_FILE)) == 3
     run_dir.release()
@@ -204,3 +214,158 @@ def test_the_first_stop_signal_is_a_request_and_the_second_stops_at_once():
             os.kill(os.getpid(), signal.SIGINT)
         assert forced.value.signum == signal.SIGINT
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+# ---------------------------------------------------------------- a write that fails
+
+FAILING = ["--epochs", "3", "--max-batches", "2", "--batch-size", "8", "--no-progress"]
+# What torch's zip writer raises when the disk fills up under torch.save: no errno, no cause.
+TORCH_SHORT_WRITE = "[enforce fail at inline_container.cc:672] . unexpected pos 4800 vs 4736"
+NO_SPACE = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _from_call(number, error, original):
+    """``original`` for its first ``number - 1`` calls; every later call raises ``error``."""
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) >= number:
+            raise error
+        return original(*args, **kwargs)
+
+    return failing
+
+
+def _disk_with_free(monkeypatch, free):
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: types.SimpleNamespace(total=1 << 40, used=(1 << 40) - free, free=free))
+
+
+def _checkpoint_short_write_on_a_full_disk(monkeypatch, out):
+    _disk_with_free(monkeypatch, 12 * 1024)
+    # torch.save: the checkpoints after epochs 0 and 1 are written, the one after epoch 2 fails.
+    monkeypatch.setattr(torch, "save", _from_call(3, RuntimeError(TORCH_SHORT_WRITE), torch.save))
+    return out / train.CHECKPOINT_DIR / "epoch-0002.pt", "no space left on the device: 12.0 KiB free", 1
+
+
+def _checkpoint_short_write_with_space_left(monkeypatch, out):
+    _disk_with_free(monkeypatch, 10 << 30)
+    monkeypatch.setattr(torch, "save", _from_call(3, RuntimeError(TORCH_SHORT_WRITE), torch.save))
+    return out / train.CHECKPOINT_DIR / "epoch-0002.pt", f"{TORCH_SHORT_WRITE}; 10.0 GiB free on the device", 1
+
+
+def _checkpoint_no_space(monkeypatch, out):
+    monkeypatch.setattr(torch, "save", _from_call(3, NO_SPACE, torch.save))
+    return out / train.CHECKPOINT_DIR / "epoch-0002.pt", "No space left on device", 1
+
+
+def _log_no_space(monkeypatch, out):
+    original = os.write
+    appends = []
+
+    def write(fd, data):
+        try:
+            to_log = os.path.samestat(os.fstat(fd), os.stat(out / train.METRICS_FILE))
+        except OSError:
+            to_log = False
+        if to_log:
+            appends.append(1)
+            if len(appends) >= 2:  # epoch 1's record is written, epoch 2's is not
+                raise NO_SPACE
+        return original(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    return out / train.METRICS_FILE, "No space left on device", 2
+
+
+def _status_no_space(monkeypatch, out):
+    from esper_fast.train import run_dir
+
+    original = open
+    opened = []
+
+    def status_open(path, *args, **kwargs):
+        if Path(path).name.startswith(f".{train.STATUS_FILE}."):
+            opened.append(1)
+            if len(opened) >= 4:  # written at the start and after epochs 0 and 1; not after epoch 2
+                raise NO_SPACE
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(run_dir, "open", status_open, raising=False)
+    return out / train.STATUS_FILE, "No space left on device", 2
+
+
+WRITE_FAILURES = [_checkpoint_short_write_on_a_full_disk, _checkpoint_short_write_with_space_left,
+                  _checkpoint_no_space, _log_no_space, _status_no_space]
+
+
+def _assert_stopped_by_a_failed_write(code, err, out, failed_file, cause, last_epoch):
+    """One line naming the file, the cause and how to resume; exit 1; the last good
+    checkpoint and the log as they were before the failed write."""
+    last = out / train.CHECKPOINT_DIR / f"epoch-{last_epoch:04d}.pt"
+    assert code == 1 and err.strip().splitlines() == [
+        f"esper-fast: error: could not write {failed_file} ({cause}); the run stopped, its last checkpoint is {last}; "
+        f"continue with: esper-fast train --resume {out}"
+    ], err
+    assert train.RunDir(out).checkpoints()[-1] == last
+    payload = torch.load(last, weights_only=True)
+    assert payload["position"] == {"epochs_done": last_epoch, "steps_done": 0}
+    log = whole_json_lines(out / train.METRICS_FILE)
+    assert [r["epoch"] for r in log if r["type"] == "epoch"] == [1]
+    assert not list(out.glob("**/.*.tmp"))
+
+
+def _assert_resumes_to_the_end(capsys, out):
+    code, stdout, err = run_cli(capsys, "train", "--resume", out)
+    assert code == 0, err
+    log = whole_json_lines(out / train.METRICS_FILE)
+    assert [r["epoch"] for r in log if r["type"] == "epoch"] == [1, 2, 3]
+    assert log[-1]["type"] == "summary" and log[-1]["status"] == "finished"
+    assert json.loads((out / train.STATUS_FILE).read_text())["status"] == "finished"
+
+
+@pytest.mark.parametrize("fail", WRITE_FAILURES, ids=[f.__name__.strip("_") for f in WRITE_FAILURES])
+def test_a_failed_write_stops_the_run_with_one_line_and_it_resumes(workdir, capsys, fail):
+    out = workdir / "full"
+    with pytest.MonkeyPatch.context() as patch:
+        failed_file, cause, last_epoch = fail(patch, out)
+        code, _, err = run_cli(capsys, "train", *FAILING, "--out", out)
+    _assert_stopped_by_a_failed_write(code, err, out, failed_file, cause, last_epoch)
+    _assert_resumes_to_the_end(capsys, out)
+
+
+def _can_write_into_a_read_only_folder(folder) -> bool:
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        (folder / "probe").write_text("")
+        return True  # root, or a process with CAP_DAC_OVERRIDE
+    except PermissionError:
+        return False
+    finally:
+        folder.chmod(0o755)
+
+
+def test_a_folder_made_read_only_stops_the_run_with_one_line_and_it_resumes(workdir, capsys):
+    if _can_write_into_a_read_only_folder(workdir / "probe"):
+        pytest.skip("this process writes into read-only folders (root)")
+    out = workdir / "read-only"
+    at_step = train.StopSignals.at_step
+    folders = (out, out / train.CHECKPOINT_DIR)
+
+    def read_only_from_epoch_2(self, epoch, steps_done):
+        if (epoch, steps_done) == (2, 0):
+            for folder in folders:
+                folder.chmod(0o555)
+        return at_step(self, epoch, steps_done)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train.StopSignals, "at_step", read_only_from_epoch_2)
+        try:
+            code, _, err = run_cli(capsys, "train", *FAILING, "--out", out)
+        finally:
+            for folder in folders:
+                folder.chmod(0o755)
+    _assert_stopped_by_a_failed_write(code, err, out, out / train.CHECKPOINT_DIR / "epoch-0002.pt",
+                                      "Permission denied", 1)
+    _assert_resumes_to_the_end(capsys, out)

@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from esper_fast import cli, data, train
+from esper_fast import train
+from esper_fast.train import cli, data
 from esper_fast.train.ranks import Ranks, state_checksum
 from cli_helpers import one_line_error, outcome, read_log, run_cli
 
@@ -152,6 +153,8 @@ def test_a_stopped_two_rank_run_resumes_to_the_same_records(workdir, lifecycle, 
     assert resumed.returncode == 0, resumed.stderr
     assert "at epoch 3, step 2 of 6 epochs" in resumed.stdout
     assert outcome(out) == outcome(lifecycle[0])
+    # run.json keeps the world size across sessions: a second stop resumes with --nproc 2 again.
+    assert json.loads((out / train.STATUS_FILE).read_text())["world_size"] == 2
 
 
 # ---------------------------------------------------------------- validation over shards

@@ -1,19 +1,27 @@
-"""``esper-fast train``: a complete seed lifecycle run that loses nothing.
+"""The ``esper-fast`` application: a complete seed lifecycle run that loses nothing.
 
-Where things are:
+The layers below it (leyline, kasmina, tolaria, runtime, utils: esper-lite's API; ops: the
+kernels) know nothing of it. Where things are:
 
+- :mod:`~esper_fast.train.cli` is the command line (``esper-fast``, ``python -m esper_fast``):
+  train, plot, bench, info;
 - :mod:`~esper_fast.train.controller` decides (germinate, advance, fossilize or cull);
 - :mod:`~esper_fast.train.loop` trains (the epoch loop, checkpoints and resume);
 - :mod:`~esper_fast.train.watch` watches each step (losses for the governor, batches,
   kernel tally, progress bar);
 - :mod:`~esper_fast.train.run_dir` writes (the run folder: lock, ``run.json``,
   ``metrics.jsonl``, checkpoints, ``metrics.png``);
-- :mod:`~esper_fast.train.checkpoint` says what a checkpoint holds, as plain data;
+- :mod:`~esper_fast.train.checkpoint` owns the checkpoint: what it holds, as plain data
+  (:class:`Checkpoint`), how it is captured, checked and put back into a run;
+- :mod:`~esper_fast.train.report` owns the epoch record (:class:`EpochRecord`, one line of
+  ``metrics.jsonl``) and prints a run's lines;
+- :mod:`~esper_fast.train.data` reads the offline datasets (CIFAR-10 from disk, a text file,
+  or generated stand-ins), sharded over the ranks;
+- :mod:`~esper_fast.train.plotting` draws ``metrics.png`` from the epoch records;
 - :mod:`~esper_fast.train.signals` turns SIGINT/SIGTERM into clean stops;
 - :mod:`~esper_fast.train.ranks` joins a ``torchrun`` job and moves what the ranks agree on;
-- :mod:`~esper_fast.train.config`, :mod:`~esper_fast.train.report` and
-  :mod:`~esper_fast.train.console`: the run's settings, its printed lines, and a terminal
-  that may go away.
+- :mod:`~esper_fast.train.config` and :mod:`~esper_fast.train.console`: the run's settings,
+  and a terminal that may go away.
 
 :func:`train` is the command: it takes the folder's lock, checks what the folder holds,
 starts or resumes the run and returns the exit status. Under ``torchrun`` every process calls
@@ -27,11 +35,13 @@ import contextlib
 import dataclasses
 import os
 
+from esper_fast.train.checkpoint import Checkpoint, ResumeError
 from esper_fast.train.config import DEFAULT_KEEP_CHECKPOINTS, DEFAULT_OUT, TASK_DEFAULTS, TASKS, RunConfig, resolve
 from esper_fast.train.console import say, warn
 from esper_fast.train.controller import LifecycleSchedule, SeedController, SeedRecord
-from esper_fast.train.loop import LifecycleRun, ResumeError
+from esper_fast.train.loop import LifecycleRun
 from esper_fast.train.ranks import Ranks, RanksDivergedError
+from esper_fast.train.report import EpochRecord
 from esper_fast.train.run_dir import (
     CHECKPOINT_DIR,
     LOCK_FILE,
@@ -40,6 +50,7 @@ from esper_fast.train.run_dir import (
     STATUS_FILE,
     RunDir,
     RunDirError,
+    RunWriteError,
     SilentRunDir,
     read_log,
 )
@@ -49,13 +60,15 @@ from esper_fast.train.watch import Batches, KernelTally, LossWatch, Progress
 __all__ = [
     "train", "RunConfig", "resolve", "TASKS", "TASK_DEFAULTS", "DEFAULT_OUT", "DEFAULT_KEEP_CHECKPOINTS",
     "LifecycleRun", "LifecycleSchedule", "SeedController", "SeedRecord", "LossWatch", "Batches", "KernelTally",
-    "Progress", "RunDir", "RunDirError", "SilentRunDir", "ResumeError", "StopSignals", "ForcedStop", "read_log",
-    "Ranks", "RanksDivergedError", "check_out",
+    "Progress", "RunDir", "RunDirError", "RunWriteError", "SilentRunDir", "ResumeError", "StopSignals", "ForcedStop",
+    "read_log", "Ranks", "RanksDivergedError", "check_out", "Checkpoint", "EpochRecord",
     "METRICS_FILE", "PLOT_FILE", "STATUS_FILE", "CHECKPOINT_DIR", "LOCK_FILE",
 ]
 
 # Settings a resumed run may change: none of them changes what the run computes on a device.
 RESUME_OVERRIDES = ("device", "progress", "keep_checkpoints")
+# The exit status of a run that stopped because a file it needs could not be written.
+EXIT_WRITE_FAILED = 1
 
 
 def _refusal(out: str, contents) -> str:
@@ -101,13 +114,15 @@ def _open(run_dir: RunDir, config, resume, overrides, overwrite, command) -> dic
         raise RunDirError(f"--resume {resume}: no such run folder")
     run_dir.acquire(command)
     contents = _check_contents(run_dir, out, resume, overwrite)
-    opened = {"config": config, "payload": None, "path": None, "status": contents.status,
+    opened = {"config": config, "checkpoint": None, "path": None, "status": contents.status,
               "clear": contents.kind != "empty"}
     if resume is not None:
         run_dir.remove_stale_temporaries()
+        run_dir.continue_status(contents.status)
         payload, path = run_dir.load_checkpoint()
-        config = dataclasses.replace(RunConfig(**payload["config"]), out=out, **(overrides or {}))
-        opened.update(config=config, payload=payload, path=path)
+        state = Checkpoint.from_payload(payload, path)
+        config = dataclasses.replace(RunConfig(**state.config), out=out, **(overrides or {}))
+        opened.update(config=config, checkpoint=state, path=path)
     return opened
 
 
@@ -135,6 +150,15 @@ def _silent(line: str) -> None:
     pass
 
 
+def _write_status_if_possible(run_dir, **fields) -> None:
+    """``run.json`` on the way out of a run that failed: the disk that failed it may refuse
+    this write too, and the run's own error is the one to report."""
+    try:
+        run_dir.write_status(**fields)
+    except RunWriteError:
+        pass
+
+
 def train(
     config: RunConfig | None = None,
     *,
@@ -145,12 +169,14 @@ def train(
 ) -> int:
     """Runs ``esper-fast train`` and returns its exit status: 0 when the run finished, 130
     or 143 when SIGINT or SIGTERM stopped it (after writing a checkpoint, the summary and the
-    plot).
+    plot), 1 when a checkpoint, ``run.json`` or ``metrics.jsonl`` could not be written (after
+    one line naming the file, the cause and how to resume; the last checkpoint and the log
+    are left as they were).
 
     A new run takes ``config``; ``resume`` continues the run in that folder from its newest
     checkpoint, with its own settings (``overrides`` may change those of
     :data:`RESUME_OVERRIDES`). User mistakes raise :class:`RunDirError` or
-    :class:`esper_fast.data.DataError` before the folder is changed.
+    :class:`esper_fast.train.data.DataError` before the folder is changed.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) every process calls this; they form one
     data-parallel run (see :mod:`esper_fast.train.loop`), rank 0 writes and prints, the
@@ -174,7 +200,7 @@ def train(
             config = resolve(config, get_task_spec(config.task).block_size)
             run = LifecycleRun(config, run_dir, stop, echo=say if writer else _silent, ranks=ranks)
             if resume is not None:
-                run.resume_from(opened["payload"], opened["path"], command, opened["status"])
+                run.resume_from(opened["checkpoint"], opened["path"], command, opened["status"])
             else:
                 if opened["clear"]:
                     run_dir.clear()
@@ -183,15 +209,22 @@ def train(
         clean = True
     except ForcedStop as stopped:
         if run is not None:
-            run_dir.write_status(status="interrupted", stopped_by=str(stopped))
+            _write_status_if_possible(run_dir, status="interrupted", stopped_by=str(stopped))
         last = run.checkpoint_path if run is not None else None
         if writer:
             warn(f"esper-fast: stopped at once by a second {stopped}; "
                  + (f"the last checkpoint is {last}; continue with: esper-fast train --resume {out}" if last else "nothing was saved"))
         return 128 + stopped.signum
+    except RunWriteError as exc:
+        _write_status_if_possible(run_dir, status="failed", error=f"{type(exc).__name__}: {exc}")
+        last = run.checkpoint_path if run is not None else None
+        warn(f"esper-fast: error: {exc}; the run stopped, "
+             + (f"its last checkpoint is {last}; continue with: esper-fast train --resume {out}" if last
+                else "with no checkpoint to resume from; start it again with --overwrite"))
+        return EXIT_WRITE_FAILED
     except BaseException as exc:
         if run is not None and not isinstance(exc, (RunDirError,)):
-            run_dir.write_status(status="failed", error=f"{type(exc).__name__}: {exc}")
+            _write_status_if_possible(run_dir, status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
     finally:
         run_dir.release()

@@ -1,5 +1,11 @@
 """What a checkpoint holds, as plain data, and how a run is rebuilt from it.
 
+:class:`Checkpoint` is the record: it is captured from a run, checked against the run that
+would continue it, and put back into that run's model, governor, controller and optimizers.
+Its fields are the keys of the saved payload (:meth:`Checkpoint.to_payload`), after
+``format`` and ``version``; a mid-epoch checkpoint's ``progress`` is an
+:class:`EpochProgress`.
+
 A checkpoint is an ordinary ``torch.save`` file of dicts, lists, numbers, strings, bools,
 ``None`` and tensors only, so ``torch.load(path, weights_only=True)`` reads it in any
 process, one that never imported esper_fast included. The training layer's objects (the
@@ -21,24 +27,186 @@ import dataclasses
 import datetime
 import enum
 import random
+from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
+
+from esper_fast.kasmina import BlueprintRegistry
+from esper_fast.kasmina.isolation import AlphaSchedule
+from esper_fast.kasmina.slot import SeedMetrics, SeedState
+from esper_fast.leyline import SeedStage, SeedTelemetry
+from esper_fast.train.config import RunConfig
+from esper_fast.train.run_dir import RunDirError
 
 FORMAT = "esper-fast-train-checkpoint"
 VERSION = 1
 _TAG = "__class__"
 _EXTRA_STATE = "_extra_state"
+# The training layer's classes a checkpoint may hold, by the name it is tagged with.
+_CLASSES = {c.__name__: c for c in (SeedState, SeedMetrics, SeedTelemetry, SeedStage, AlphaSchedule)}
+
+
+class ResumeError(RunDirError):
+    """A checkpoint that this run cannot continue from; the message says why."""
+
+
+# ---------------------------------------------------------------- the record
+
+@dataclasses.dataclass
+class EpochProgress:
+    """How far an epoch has got. A mid-epoch checkpoint holds it so that the resumed run
+    finishes the epoch as an uninterrupted one would: the same batches are drawn again from
+    the batch-order generator as the epoch began, the done ones skipped, and the done steps'
+    losses are handed to the governor with the others."""
+
+    steps_done: int
+    losses: torch.Tensor | None          # the done steps' losses, on the CPU (this process's)
+    shuffle_at_epoch_start: torch.Tensor | None  # None for a sharded loader (seed and epoch order it)
+    alpha_start: float
+    train_time_s: float                  # training time spent on the epoch so far
+    started_at: str
+    # Several processes: every rank's losses and BatchNorm statistics so far, in rank order.
+    losses_by_rank: list | None = None
+    norm_statistics_by_rank: list | None = None
+
+    def to_payload(self) -> dict:
+        payload = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name in ("losses_by_rank", "norm_statistics_by_rank"):
+            if payload[name] is None:
+                del payload[name]
+        return payload
+
+    @classmethod
+    def from_payload(cls, payload: dict | None) -> "EpochProgress | None":
+        return None if payload is None else cls(**payload)
+
+    def losses_of(self, rank: int | None) -> torch.Tensor:
+        """The done steps' losses of ``rank`` (None: a single process)."""
+        return self.losses if rank is None else self.losses_by_rank[rank]
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """A run's whole state after ``position["epochs_done"]`` epochs and
+    ``position["steps_done"]`` steps of the next: everything a resumed run needs to continue
+    as if it had never stopped (see :mod:`esper_fast.train.loop`)."""
+
+    world_size: int
+    config: dict                 # the RunConfig, resolved
+    position: dict               # {"epochs_done": int, "steps_done": int}
+    model: dict                  # model_state()
+    optimizers: dict             # {"host": optimizer_state(), "seed": optimizer_state() or None}
+    controller: dict             # SeedController.state_dict()
+    governor: dict               # governor_state()
+    rng: dict                    # rng_state()
+    progress: EpochProgress | None  # set in the middle of an epoch
+    log: list[dict]              # every record of metrics.jsonl so far, config first
+    rollbacks: int
+    kernels: dict                # the kernel tally
+    elapsed_s: float             # training time of every session so far
+
+    @classmethod
+    def capture(cls, *, config: RunConfig, world_size: int, epochs_done: int, progress: EpochProgress | None,
+                model: nn.Module, host_optimizer, seed_optimizer, controller, governor, device: str,
+                shuffle: torch.Generator | None, log: list[dict], rollbacks: int, kernels: dict,
+                elapsed_s: float) -> "Checkpoint":
+        """The state of a run as it stands; its tensors are copied to the CPU. A mid-epoch
+        checkpoint (``progress`` given) also holds the governor's snapshot tensors, which the
+        model has moved on from."""
+        return cls(
+            world_size=world_size,
+            config=dataclasses.asdict(config),
+            position={"epochs_done": epochs_done, "steps_done": 0 if progress is None else progress.steps_done},
+            model=model_state(model),
+            optimizers={"host": optimizer_state(host_optimizer), "seed": optimizer_state(seed_optimizer)},
+            controller=controller.state_dict(),
+            governor=governor_state(governor, with_snapshot=progress is not None),
+            rng=rng_state(device, shuffle),
+            progress=progress,
+            log=log,
+            rollbacks=rollbacks,
+            kernels=kernels,
+            elapsed_s=elapsed_s,
+        )
+
+    @property
+    def epochs_done(self) -> int:
+        return self.position["epochs_done"]
+
+    @property
+    def steps_done(self) -> int:
+        return self.position["steps_done"]
+
+    def to_payload(self) -> dict:
+        """What ``torch.save`` writes: plain data only."""
+        payload = {"format": FORMAT, "version": VERSION}
+        for field in dataclasses.fields(self):
+            payload[field.name] = getattr(self, field.name)
+        if self.progress is not None:
+            payload["progress"] = self.progress.to_payload()
+        return payload
+
+    @classmethod
+    def from_payload(cls, payload, path: str | Path) -> "Checkpoint":
+        """The checkpoint ``torch.load`` read from ``path``; :class:`ResumeError` when it is
+        not one this version of esper-fast train wrote."""
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT or payload.get("version") != VERSION:
+            raise ResumeError(f"{path} is not a checkpoint of this version of esper-fast train")
+        try:
+            fields = {f.name: payload[f.name] for f in dataclasses.fields(cls)}
+            fields["progress"] = EpochProgress.from_payload(fields["progress"])
+        except (KeyError, TypeError):
+            raise ResumeError(f"{path} is not a checkpoint of this version of esper-fast train") from None
+        return cls(**fields)
+
+    def check_resumable(self, *, world_size: int, steps_per_epoch: int, data_fingerprint: str | None,
+                        text_path: str | None) -> None:
+        """:class:`ResumeError` unless a run of ``world_size`` processes reading data of this
+        fingerprint, ``steps_per_epoch`` steps an epoch, can continue from here."""
+        if self.world_size != world_size:
+            raise ResumeError(f"the run had {self.world_size} process(es), this one has {world_size}; "
+                              f"resume it with --nproc {self.world_size}")
+        config_record = self.log[0]
+        if config_record.get("data_fingerprint") != data_fingerprint:
+            raise ResumeError(
+                f"the text file {text_path} has changed since the run started; a resumed run must read the same data"
+            )
+        if config_record.get("steps_per_epoch") != steps_per_epoch:
+            raise ResumeError(f"the data now gives {steps_per_epoch} steps per epoch, the run had "
+                              f"{config_record.get('steps_per_epoch')}; a resumed run must read the same data")
+
+    def restore(self, *, model: nn.Module, governor, controller, host_optimizer,
+                make_seed_optimizer: Callable[[], torch.optim.Optimizer]) -> torch.optim.Optimizer | None:
+        """Puts the controller, the model (the same seed germinated first), the governor
+        (its snapshot, history and panic state) and the host optimizer back into a freshly
+        built run; returns the seed optimizer, made by ``make_seed_optimizer()`` once the seed
+        is back and loaded, or None when the run had none. The random generators are the
+        loop's (:func:`restore_rng`): when to set them depends on where the epoch stands."""
+        controller.load_state_dict(self.controller)
+        snapshot = self.governor["snapshot"]
+
+        def snapshot_first(extras):
+            # The governor's Last Known Good state is older than the model (a mid-epoch
+            # checkpoint): load it, snapshot it, then load the model itself.
+            if snapshot is not None:
+                model.load_state_dict({**snapshot, **extras}, strict=False)
+                governor.snapshot()
+
+        restore_model(model, self.model, germinated_before=bool(controller.seeds), before_load=snapshot_first)
+        if snapshot is None:
+            governor.snapshot()
+        restore_governor(governor, self.governor)
+        host_optimizer.load_state_dict(self.optimizers["host"])
+        if self.optimizers["seed"] is None:
+            return None
+        seed_optimizer = make_seed_optimizer()
+        seed_optimizer.load_state_dict(self.optimizers["seed"])
+        return seed_optimizer
 
 
 # ---------------------------------------------------------------- plain-data codec
-
-def _classes() -> dict:
-    from esper_fast.kasmina.isolation import AlphaSchedule
-    from esper_fast.kasmina.slot import SeedMetrics, SeedState
-    from esper_fast.leyline import SeedStage, SeedTelemetry
-
-    return {c.__name__: c for c in (SeedState, SeedMetrics, SeedTelemetry, SeedStage, AlphaSchedule)}
 
 
 def encode(value):
@@ -71,7 +239,7 @@ def encode(value):
 
 
 def _known(cls) -> str:
-    if _classes().get(cls.__name__) is not cls:
+    if _CLASSES.get(cls.__name__) is not cls:
         raise TypeError(f"esper_fast: a checkpoint cannot hold a {cls.__module__}.{cls.__qualname__}")
     return cls.__name__
 
@@ -93,7 +261,7 @@ def decode(value):
         return tuple(decode(v) for v in value["items"])
     if tag == "dict":
         return {decode(k): decode(v) for k, v in value["items"]}
-    cls = _classes()[tag]
+    cls = _CLASSES[tag]
     if "value" in value:
         return cls(value["value"])
     if "fields" in value:
@@ -172,8 +340,6 @@ def restore_model(model: nn.Module, state: dict, *, germinated_before: bool, bef
 
 def slot_blueprint(model: nn.Module) -> str:
     """The smallest blueprint of the model's topology (any will do for the shape probe)."""
-    from esper_fast.kasmina import BlueprintRegistry
-
     topology = getattr(model.seed_slot.task_config, "topology", "cnn")
     return BlueprintRegistry.names(topology)[0]
 

@@ -18,7 +18,8 @@ holds the steps' losses, the batch-order generator as the epoch began (the same 
 drawn again and the done ones skipped), torch's generator as the stop came (set once the
 skipped batches are drawn), and the governor's snapshot tensors (the model has moved on
 from them). On CPU a resumed run ends with the same records, bit for bit, as one that was
-never stopped.
+never stopped. :class:`~esper_fast.train.checkpoint.Checkpoint` is that record; each epoch's
+is a :class:`~esper_fast.train.report.EpochRecord`.
 
 Several processes (``torchrun``, see :mod:`esper_fast.train.ranks`). Every rank runs this
 loop on its shard of the data and trains through a DistributedDataParallel wrapper, built
@@ -34,31 +35,42 @@ generators; rank 0 logs them and alone writes the folder.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import math
 import os
 import platform
 import socket
 import time
+from typing import Callable
 
 import torch
 import torch.nn as nn
 
+import esper_fast
+from esper_fast.kasmina.host import init_gpt_weights
 from esper_fast.leyline import SeedStage
-from esper_fast.train import checkpoint
+from esper_fast.ops.mode import using_reference
+from esper_fast.runtime import get_task_spec
+from esper_fast.tolaria import (
+    TolariaGovernor,
+    create_model,
+    train_epoch_blended,
+    train_epoch_incubator_mode,
+    train_epoch_normal,
+    validate_epoch,
+)
+from esper_fast.train import checkpoint, data
+from esper_fast.train.checkpoint import Checkpoint, EpochProgress
 from esper_fast.train.config import RunConfig
 from esper_fast.train.console import say
-from esper_fast.train.controller import LifecycleSchedule, SeedController
+from esper_fast.train.controller import LifecycleSchedule, SeedController, SeedRecord
+from esper_fast.train.plotting import plot_run
 from esper_fast.train.ranks import Ranks, RanksDivergedError, norm_statistics, state_checksum
-from esper_fast.train.report import epoch_line, outcome, summary_lines
-from esper_fast.train.run_dir import METRICS_FILE, PLOT_FILE, STOPPED_BY, RunDir, RunDirError, now_iso
+from esper_fast.train.report import EpochRecord, epoch_line, outcome, summary_lines
+from esper_fast.train.run_dir import METRICS_FILE, PLOT_FILE, STOPPED_BY, RunDir, now_iso
 from esper_fast.train.signals import StopSignals
 from esper_fast.train.watch import Batches, KernelTally, LossWatch, Progress
-
-
-class ResumeError(RunDirError):
-    """A checkpoint that this run cannot continue from; the message says why."""
-
 
 def _make_optimizer(params, task_type: str, lr: float):
     params = [p for p in params if p.requires_grad]
@@ -73,9 +85,7 @@ def _cosine_lr(base: float, epoch: int, epochs: int) -> float:
 
 
 def load_data(config: RunConfig, spec, ranks: Ranks | None = None):
-    """The task's loaders (see :mod:`esper_fast.data`), this rank's shards; ``config`` is resolved."""
-    from esper_fast import data
-
+    """The task's loaders (see :mod:`esper_fast.train.data`), this rank's shards; ``config`` is resolved."""
     pin = config.device.startswith("cuda")
     shard = {} if ranks is None or not ranks.distributed else {"rank": ranks.rank, "world_size": ranks.world_size}
     if spec.task_type == "lm":
@@ -96,8 +106,6 @@ def load_data(config: RunConfig, spec, ranks: Ranks | None = None):
 
 def versions() -> dict:
     """The versions a result depends on."""
-    import esper_fast
-
     found = {
         "esper_fast": esper_fast.__version__,
         "torch": str(torch.__version__),  # a str subclass that weights_only loading refuses
@@ -132,11 +140,6 @@ class LifecycleRun:
 
     def __init__(self, config: RunConfig, run_dir: RunDir, stop: StopSignals | None = None, echo=say,
                  ranks: Ranks | None = None):
-        from esper_fast.kasmina.host import init_gpt_weights
-        from esper_fast.ops.mode import using_reference
-        from esper_fast.runtime import get_task_spec
-        from esper_fast.tolaria import TolariaGovernor, create_model
-
         self.config, self.run_dir, self.echo = config, run_dir, echo
         self.stop = stop if stop is not None else StopSignals()
         self.ranks = ranks = ranks if ranks is not None else Ranks()
@@ -178,11 +181,11 @@ class LifecycleRun:
         self.schedule = LifecycleSchedule.for_epochs(config.epochs)
         self.controller = SeedController(self.model, self.blueprint, self.schedule, config.epochs, self.steps_per_epoch)
         self.tally = KernelTally(enabled=not config.compile)
-        self.records: list[dict] = []       # the epoch records
-        self.log_records: list[dict] = []   # everything in metrics.jsonl, in order
+        self.records: list[EpochRecord] = []
+        self.log_records: list[dict] = []   # everything in metrics.jsonl, in order, as written
         self.rollbacks = 0
         self.next_epoch = 1
-        self.progress: dict | None = None   # a resumed epoch's state (see the module docstring)
+        self.progress: EpochProgress | None = None  # a resumed epoch's state (see the module docstring)
         self._resume_rng: dict | None = None
         self.elapsed_before = 0.0           # training time of the earlier sessions of a resumed run
         self.checkpoint_path = None
@@ -230,66 +233,42 @@ class LifecycleRun:
         self._announce()
         self.log_records = [self._config_record(command)]
         self.run_dir.start_log(self.log_records)
-        self.run_dir.write_status(
-            status="running", command=command, pid=os.getpid(), task=self.config.task, epochs=self.config.epochs,
-            started_at=self.log_records[0]["started_at"], epochs_done=0, steps_done=0, checkpoint=None, stopped_by=None,
-            world_size=self.ranks.world_size,
-        )
+        self._write_running_status(command, epochs_done=0, steps_done=0, checkpoint=None)
         self._checkpoint(0)
 
-    def resume_from(self, payload: dict, path, command: str, previous_status: dict | None = None) -> None:
-        """Puts the run back where ``payload`` (a checkpoint) left it and rewrites the log to
-        what the checkpoint had seen, followed by a ``resume`` record."""
-        if payload.get("format") != checkpoint.FORMAT or payload.get("version") != checkpoint.VERSION:
-            raise ResumeError(f"{path} is not a checkpoint of this version of esper-fast train")
-        world = payload.get("world_size", 1)
-        if world != self.ranks.world_size:
-            raise ResumeError(f"the run had {world} process(es), this one has {self.ranks.world_size}; "
-                              f"resume it with --nproc {world}")
-        config_record = payload["log"][0]
-        if config_record.get("data_fingerprint") != self.data.fingerprint:
-            raise ResumeError(
-                f"the text file {self.config.text_path} has changed since the run started; a resumed run must read the same data"
-            )
-        if config_record.get("steps_per_epoch") != self.steps_per_epoch:
-            raise ResumeError(f"the data now gives {self.steps_per_epoch} steps per epoch, the run had "
-                              f"{config_record.get('steps_per_epoch')}; a resumed run must read the same data")
-        controller = self.controller
-        controller.load_state_dict(payload["controller"])
-        snapshot = payload["governor"]["snapshot"]
+    def _write_running_status(self, command: str, **position) -> None:
+        """``run.json`` as this process takes the run on: the run itself (from the log's config
+        record, the same for every session of the run) and where it stands."""
+        self.run_dir.write_status(
+            status="running", command=command, pid=os.getpid(), task=self.config.task, epochs=self.config.epochs,
+            started_at=self.log_records[0]["started_at"], **position, stopped_by=None,
+            world_size=self.ranks.world_size,
+        )
 
-        def snapshot_first(extras):
-            # The governor's Last Known Good state is older than the model (a mid-epoch
-            # checkpoint): load it, snapshot it, then load the model itself.
-            if snapshot is not None:
-                self.model.load_state_dict({**snapshot, **extras}, strict=False)
-                self.governor.snapshot()
-
-        checkpoint.restore_model(self.model, payload["model"], germinated_before=bool(controller.seeds),
-                                 before_load=snapshot_first)
-        if snapshot is None:
-            self.governor.snapshot()
-        checkpoint.restore_governor(self.governor, payload["governor"])
-        self.host_optimizer.load_state_dict(payload["optimizers"]["host"])
-        if payload["optimizers"]["seed"] is not None:
-            self.seed_optimizer = _make_optimizer(controller.seed_parameters(), self.task_type, self.config.lr)
-            self.seed_optimizer.load_state_dict(payload["optimizers"]["seed"])
-
-        self.log_records = list(payload["log"])
-        self.records = [r for r in self.log_records if r.get("type") == "epoch"]
-        self.rollbacks = payload["rollbacks"]
-        self.tally.counts.update(payload["kernels"])
-        self.elapsed_before = payload["elapsed_s"]
-        position = payload["position"]
-        self.next_epoch = position["epochs_done"] + 1
-        self.progress = payload["progress"]
-        self._resume_rng = payload["rng"]
+    def resume_from(self, state: Checkpoint, path, command: str, previous_status: dict | None = None) -> None:
+        """Puts the run back where ``state`` (the checkpoint read from ``path``) left it and
+        rewrites the log to what the checkpoint had seen, followed by a ``resume`` record.
+        ``previous_status``: what ``run.json`` said of the session that stopped."""
+        state.check_resumable(world_size=self.ranks.world_size, steps_per_epoch=self.steps_per_epoch,
+                              data_fingerprint=self.data.fingerprint, text_path=self.config.text_path)
+        self.seed_optimizer = state.restore(
+            model=self.model, governor=self.governor, controller=self.controller, host_optimizer=self.host_optimizer,
+            make_seed_optimizer=lambda: _make_optimizer(self.controller.seed_parameters(), self.task_type, self.config.lr),
+        )
+        self.log_records = list(state.log)
+        self.records = [EpochRecord.from_log(r) for r in self.log_records if r.get("type") == EpochRecord.TYPE]
+        self.rollbacks = state.rollbacks
+        self.tally.counts.update(state.kernels)
+        self.elapsed_before = state.elapsed_s
+        self.next_epoch = state.epochs_done + 1
+        self.progress = state.progress
+        self._resume_rng = state.rng
         # Rank 0's generators on every rank: the ranks draw the same numbers (the per-epoch
         # checksum covers the generators too), so they all had these.
-        checkpoint.restore_rng(payload["rng"], self.device, self.data.shuffle_generator,
+        checkpoint.restore_rng(state.rng, self.device, self.data.shuffle_generator,
                                torch_generators=self.progress is None)
         self.checkpoint_path = path
-        self._checkpoint_position = (position["epochs_done"], position["steps_done"])
+        self._checkpoint_position = (state.epochs_done, state.steps_done)
 
         self._announce()
         previous = previous_status or {}
@@ -298,49 +277,35 @@ class LifecycleRun:
             "time": now_iso(),
             "command": command,
             "checkpoint": path.name,
-            "epochs_done": position["epochs_done"],
-            "steps_done": position["steps_done"],
+            "epochs_done": state.epochs_done,
+            "steps_done": state.steps_done,
             "stopped_by": previous.get("stopped_by") or STOPPED_BY.get(previous.get("status")),
             "stopped_at": previous.get("updated_at"),
         }
         self.log_records.append(resume)
         self.run_dir.start_log(self.log_records)
-        self.run_dir.write_status(status="running", command=command, pid=os.getpid(), stopped_by=None)
-        where = f"epoch {self.next_epoch}" + (f", step {position['steps_done'] + 1}" if position["steps_done"] else "")
+        self._write_running_status(command, epochs_done=state.epochs_done, steps_done=state.steps_done,
+                                   checkpoint=str(path))
+        where = f"epoch {self.next_epoch}" + (f", step {state.steps_done + 1}" if state.steps_done else "")
         self.echo(f"resume: from {path} at {where} of {self.config.epochs} epochs")
 
     # ---------------------------------------------------------------- checkpoints
-    def _checkpoint(self, epochs_done: int, progress: dict | None = None) -> None:
+    def _checkpoint(self, epochs_done: int, progress: EpochProgress | None = None) -> None:
         """Writes the run's state after ``epochs_done`` epochs (and ``progress`` of the next).
         Rank 0 alone; no collective here, so the ranks may take this call differently."""
         if not self.ranks.is_writer:
             return
-        steps_done = progress["steps_done"] if progress else 0
-        payload = {
-            "format": checkpoint.FORMAT,
-            "version": checkpoint.VERSION,
-            "world_size": self.ranks.world_size,
-            "config": dataclasses.asdict(self.config),
-            "position": {"epochs_done": epochs_done, "steps_done": steps_done},
-            "model": checkpoint.model_state(self.model),
-            "optimizers": {
-                "host": checkpoint.optimizer_state(self.host_optimizer),
-                "seed": checkpoint.optimizer_state(self.seed_optimizer),
-            },
-            "controller": self.controller.state_dict(),
-            "governor": checkpoint.governor_state(self.governor, with_snapshot=progress is not None),
-            "rng": checkpoint.rng_state(self.device, self.data.shuffle_generator),
-            "progress": progress,
-            "log": self.log_records,
-            "rollbacks": self.rollbacks,
-            "kernels": dict(self.tally.counts),
-            "elapsed_s": self.elapsed_before + self._session_time(),
-        }
-        path = self.run_dir.save_checkpoint(payload, epochs_done, steps_done)
-        if path is not None:
-            self.checkpoint_path = path
-            self._checkpoint_position = (epochs_done, steps_done)
-            self.run_dir.write_status(epochs_done=epochs_done, steps_done=steps_done, checkpoint=str(path))
+        state = Checkpoint.capture(
+            config=self.config, world_size=self.ranks.world_size, epochs_done=epochs_done, progress=progress,
+            model=self.model, host_optimizer=self.host_optimizer, seed_optimizer=self.seed_optimizer,
+            controller=self.controller, governor=self.governor, device=self.device,
+            shuffle=self.data.shuffle_generator, log=self.log_records, rollbacks=self.rollbacks,
+            kernels=dict(self.tally.counts), elapsed_s=self.elapsed_before + self._session_time(),
+        )
+        path = self.run_dir.save_checkpoint(state.to_payload(), state.epochs_done, state.steps_done)
+        self.checkpoint_path = path
+        self._checkpoint_position = (state.epochs_done, state.steps_done)
+        self.run_dir.write_status(epochs_done=state.epochs_done, steps_done=state.steps_done, checkpoint=str(path))
 
     def _session_time(self) -> float:
         start = getattr(self, "_session_start", None)
@@ -362,122 +327,135 @@ class LifecycleRun:
                     status = "interrupted"
                     break
                 self.records.append(record)
-                self.log_records.append(record)
+                self.log_records.append(record.to_log())
                 self._check_ranks_agree(record)
                 self._checkpoint(epoch)
-                self.run_dir.append(record)
+                self.run_dir.append(self.log_records[-1])
                 self.echo(epoch_line(record, self.config.epochs, self.task_type))
         finally:
             self.tally.stop()
         return self.finish(status)
 
-    def run_epoch(self, epoch: int) -> dict | None:
+    def run_epoch(self, epoch: int) -> EpochRecord | None:
         """One epoch: train, governor check, validate, decide, snapshot. Returns its record,
         or None when a stop request ended it early (after writing a mid-epoch checkpoint)."""
-        config, controller = self.config, self.controller
-        progress, self.progress = self.progress, None
         start = time.perf_counter()
+        plan = self._plan_epoch(epoch)
+        begun, after_skip = self._begin_epoch(plan)
+        self._train(plan, begun.steps_done, after_skip)
+        train_time = begun.train_time_s + time.perf_counter() - start
+        if self.watch.step < self.steps_per_epoch:
+            self._stop_in_epoch(epoch, dataclasses.replace(
+                begun, steps_done=self.watch.step, losses=self.watch.done_losses(), train_time_s=train_time))
+            return None
+        return self._end_epoch(plan, begun, start, train_time)
+
+    def _plan_epoch(self, epoch: int) -> _EpochPlan:
+        """What the epoch trains, fixed as it begins; sets the learning rate (making the seed's
+        optimizer if the slot holds a seed and it has none)."""
+        config, controller = self.config, self.controller
         stage = controller.stage
-        stage_name = stage.name if stage is not None else "NONE"
-        seed = controller.seeds[-1] if stage is not None else None
         poisoned = self.steps_per_epoch // 2 if config.inject_nan_at == epoch else None
-        poison = poisoned if self.ranks.rank == config.inject_nan_rank else None
-        lr = self._set_learning_rate(epoch, stage)
-        self.data.set_epoch(epoch)
+        return _EpochPlan(
+            epoch=epoch,
+            stage=stage,
+            seed=controller.seeds[-1] if stage is not None else None,
+            lr=self._set_learning_rate(epoch, stage),
+            poisoned_step=poisoned,
+            poison=poisoned if self.ranks.rank == config.inject_nan_rank else None,
+        )
+
+    def _begin_epoch(self, plan: _EpochPlan) -> tuple[EpochProgress, Callable[[], None] | None]:
+        """The epoch as it begins: from its first step, or, resumed, from where the mid-epoch
+        checkpoint left it. Returns its progress so far and what to run once the done batches
+        are skipped (a resumed epoch sets torch's generators then)."""
+        progress, self.progress = self.progress, None
+        resumed = progress is not None
+        self.data.set_epoch(plan.epoch)
         shuffle = self.data.shuffle_generator
-
-        if progress is None:
-            started_at = now_iso()
-            shuffle_at_start = shuffle.get_state() if shuffle is not None else None
-            alpha_start = float(self.model.seed_slot.alpha)
-            self.watch.begin_epoch(self.steps_per_epoch, poison)
-            skip, after_skip, train_before = 0, None, 0.0
+        after_skip = None
+        if not resumed:
+            progress = EpochProgress(
+                steps_done=0,
+                losses=None,
+                shuffle_at_epoch_start=shuffle.get_state() if shuffle is not None else None,
+                alpha_start=float(self.model.seed_slot.alpha),
+                train_time_s=0.0,
+                started_at=now_iso(),
+            )
+            self.watch.begin_epoch(self.steps_per_epoch, plan.poison)
         else:
-            started_at = progress["started_at"]
-            shuffle_at_start = progress["shuffle_at_epoch_start"]
             if shuffle is not None:
-                shuffle.set_state(shuffle_at_start)
-            alpha_start = progress["alpha_start"]
-            losses_done = progress["losses_by_rank"][self.ranks.rank] if self.ranks.distributed else progress["losses"]
-            self.watch.resume_epoch(self.steps_per_epoch, poison, losses_done)
-            skip, train_before = progress["steps_done"], progress["train_time_s"]
-            rng = self._resume_rng
-
-            def after_skip():
-                checkpoint.restore_torch_rng(rng, config.device)
-
-        self._wrap(stage)
-        if progress is not None and self.ranks.distributed:
+                shuffle.set_state(progress.shuffle_at_epoch_start)
+            rank = self.ranks.rank if self.ranks.distributed else None
+            self.watch.resume_epoch(self.steps_per_epoch, plan.poison, progress.losses_of(rank))
+            after_skip = functools.partial(checkpoint.restore_torch_rng, self._resume_rng, self.config.device)
+        self._wrap(plan.stage)
+        if resumed and self.ranks.distributed:
             # Mid-epoch each rank's BatchNorm statistics are its own (averaged at the epoch's
             # end); set after the wrapper, whose constructor broadcasts rank 0's buffers.
-            for tensor, saved in zip(norm_statistics(self.model), progress["norm_statistics_by_rank"][self.ranks.rank]):
+            for tensor, saved in zip(norm_statistics(self.model), progress.norm_statistics_by_rank[self.ranks.rank]):
                 tensor.copy_(saved)
-        self._train(epoch, stage, stage_name, skip, after_skip)
-        train_time = train_before + time.perf_counter() - start
-        if self.watch.step < self.steps_per_epoch:
-            self._stop_in_epoch(epoch, {
-                "steps_done": self.watch.step,
-                "losses": self.watch.done_losses(),
-                "shuffle_at_epoch_start": shuffle_at_start,
-                "alpha_start": alpha_start,
-                "train_time_s": train_time,
-                "started_at": started_at,
-            })
-            return None
+        return progress, after_skip
+
+    def _end_epoch(self, plan: _EpochPlan, begun: EpochProgress, start: float, train_time: float) -> EpochRecord:
+        """After the epoch's last step: the governor reads every step's loss (and rolls back on
+        a panic), validation with the counterfactual, the controller's decision and the
+        snapshot. Returns the epoch's record."""
+        controller = self.controller
         alpha = float(self.model.seed_slot.alpha)
         self.ranks.average_norm_statistics(self.model)
         losses = self._epoch_losses()
 
-        where = f" on rank {config.inject_nan_rank}" if self.ranks.distributed else ""
-        events = [f"NaN injected at step {poisoned + 1}{where}"] if poisoned is not None else []
-        rollback = self._governor_check(epoch, losses, events)
+        where = f" on rank {self.config.inject_nan_rank}" if self.ranks.distributed else ""
+        events = [f"NaN injected at step {plan.poisoned_step + 1}{where}"] if plan.poisoned_step is not None else []
+        rollback = self._governor_check(plan.epoch, losses, events)
         # The counterfactual only means something once the seed is in the forward (alpha > 0).
         measured = self._validate(attribution=controller.stage is not None and self.model.seed_slot.alpha > 0)
         attribution = measured.attribution
         contribution = None if attribution is None else float(attribution.seed_contribution)
         if not rollback:
-            events += controller.end_epoch(epoch, measured.val_accuracy, contribution)
+            events += controller.end_epoch(plan.epoch, measured.val_accuracy, contribution)
             if controller.stage is None:
                 self.seed_optimizer = None
             with self.tally.tracing():
                 self.governor.snapshot()
-        epoch_time = train_before + time.perf_counter() - start
+        epoch_time = begun.train_time_s + time.perf_counter() - start
 
-        record = {
-            "type": "epoch",
-            "epoch": epoch,
-            "stage": stage_name,
-            "stage_after": controller.stage.name if controller.stage is not None else "NONE",
-            "seed_id": seed.seed_id if seed is not None else None,
-            "blueprint": seed.blueprint if seed is not None else None,
-            "alpha_start": alpha_start,
-            "alpha": alpha,
-            "lr": lr,
-            "train_loss": (sum(losses) / len(losses)) if losses else None,
-            "train_accuracy": measured.train_accuracy,
-            "train_eval_loss": measured.train_loss,
-            "val_loss": measured.val_loss,
-            "val_accuracy": measured.val_accuracy,
-            "perplexity": measured.perplexity,
-            "per_class_accuracy": measured.per_class_acc,
-            "seed_contribution": contribution,
-            "real_accuracy": None if attribution is None else float(attribution.real_accuracy),
-            "baseline_accuracy": None if attribution is None else float(attribution.baseline_accuracy),
-            "rollback": rollback,
-            "events": events,
-            "steps": len(losses),
-            "started_at": started_at,
-            "ended_at": now_iso(),
-            "train_time_s": train_time,
-            "eval_time_s": epoch_time - train_time,
-            "epoch_time_s": epoch_time,
-            "samples_per_s": _samples_per_second(self.train_batches, len(losses) - skip, train_time - train_before,
-                                                 self.ranks.world_size),
-        }
+        record = EpochRecord(
+            epoch=plan.epoch,
+            stage=plan.stage_name,
+            stage_after=controller.stage.name if controller.stage is not None else "NONE",
+            seed_id=plan.seed.seed_id if plan.seed is not None else None,
+            blueprint=plan.seed.blueprint if plan.seed is not None else None,
+            alpha_start=begun.alpha_start,
+            alpha=alpha,
+            lr=plan.lr,
+            train_loss=(sum(losses) / len(losses)) if losses else None,
+            train_accuracy=measured.train_accuracy,
+            train_eval_loss=measured.train_loss,
+            val_loss=measured.val_loss,
+            val_accuracy=measured.val_accuracy,
+            perplexity=measured.perplexity,
+            per_class_accuracy=measured.per_class_acc,
+            seed_contribution=contribution,
+            real_accuracy=None if attribution is None else float(attribution.real_accuracy),
+            baseline_accuracy=None if attribution is None else float(attribution.baseline_accuracy),
+            rollback=rollback,
+            events=events,
+            steps=len(losses),
+            started_at=begun.started_at,
+            ended_at=now_iso(),
+            train_time_s=train_time,
+            eval_time_s=epoch_time - train_time,
+            epoch_time_s=epoch_time,
+            samples_per_s=_samples_per_second(self.train_batches, len(losses) - begun.steps_done,
+                                              train_time - begun.train_time_s, self.ranks.world_size),
+        )
         if self.ranks.distributed:
-            record["ranks"] = self.ranks.gather({
+            record.ranks = self.ranks.gather({
                 "rank": self.ranks.rank, "checksum": state_checksum(self.model, self.device),
-                "stage": record["stage_after"], "alpha": float(self.model.seed_slot.alpha),
+                "stage": record.stage_after, "alpha": float(self.model.seed_slot.alpha),
             })
         return record
 
@@ -498,14 +476,14 @@ class LifecycleRun:
             return self.watch.epoch_losses()
         return self.ranks.mean(self.watch.losses[: self.watch.step]).tolist()
 
-    def _check_ranks_agree(self, record: dict) -> None:
+    def _check_ranks_agree(self, record: EpochRecord) -> None:
         """Raises :class:`RanksDivergedError` (on every rank: they all see the same list) when
         the ranks' checksums differ after the epoch; rank 0 logs the record first."""
-        ranks = record.get("ranks")
+        ranks = record.ranks
         if ranks is None or len({r["checksum"] for r in ranks}) == 1:
             return
-        self.run_dir.append(record)
-        raise RanksDivergedError(f"the ranks differ after epoch {record['epoch']}: "
+        self.run_dir.append(record.to_log())
+        raise RanksDivergedError(f"the ranks differ after epoch {record.epoch}: "
                                  + ", ".join(f"rank {r['rank']} {r['checksum']} {r['stage']}" for r in ranks))
 
     def _wrap(self, stage: SeedStage | None) -> None:
@@ -523,16 +501,16 @@ class LifecycleRun:
         self.trained = self.ranks.wrap(self.model)
         self._wrapped_for = wanted
 
-    def _stop_in_epoch(self, epoch: int, progress: dict) -> None:
+    def _stop_in_epoch(self, epoch: int, progress: EpochProgress) -> None:
         """A stop came before the epoch's last step: checkpoint where it stands. With no step
         done the epoch has not changed anything, and the checkpoint of the epoch before is it.
         Several processes stop at the same step; what each rank holds of its own (its losses
         and BatchNorm statistics so far) goes into the checkpoint."""
         if self.ranks.distributed:
-            progress["losses_by_rank"] = self.ranks.gather(progress["losses"])
-            progress["norm_statistics_by_rank"] = self.ranks.gather(
+            progress.losses_by_rank = self.ranks.gather(progress.losses)
+            progress.norm_statistics_by_rank = self.ranks.gather(
                 [t.detach().cpu().clone() for t in norm_statistics(self.model)])
-        if progress["steps_done"] == 0 and self._checkpoint_position == (epoch - 1, 0):
+        if progress.steps_done == 0 and self._checkpoint_position == (epoch - 1, 0):
             return
         self._checkpoint(epoch - 1, progress)
 
@@ -545,11 +523,10 @@ class LifecycleRun:
                 group["lr"] = lr
         return lr
 
-    def _train(self, epoch: int, stage: SeedStage | None, stage_name: str, skip: int = 0, after_skip=None) -> None:
+    def _train(self, plan: _EpochPlan, skip: int = 0, after_skip=None) -> None:
         """One epoch with the trainer function for the slot's stage, from batch ``skip`` on,
         ending early (after the current step) if a stop is requested."""
-        from esper_fast.tolaria import train_epoch_blended, train_epoch_incubator_mode, train_epoch_normal
-
+        epoch, stage = plan.epoch, plan.stage
         blending = stage == SeedStage.BLENDING
 
         def before_batch(i: int) -> None:
@@ -561,7 +538,7 @@ class LifecycleRun:
             Batches(self.train_batches, before_batch=before_batch, skip=skip, after_skip=after_skip,
                     should_stop=lambda i: self._stop_agreed(self.stop.at_step(epoch, i))),
             self.watch,
-            desc=f"epoch {epoch}/{self.config.epochs} {stage_name.lower()}",
+            desc=f"epoch {epoch}/{self.config.epochs} {plan.stage_name.lower()}",
             enabled=self.config.progress and self.ranks.is_writer,
             initial=skip,
         )
@@ -592,8 +569,6 @@ class LifecycleRun:
         return True
 
     def _validate(self, attribution: bool):
-        from esper_fast.tolaria import validate_epoch
-
         with self.tally.tracing(start=False):
             return validate_epoch(
                 self.model,
@@ -611,10 +586,8 @@ class LifecycleRun:
     def finish(self, status: str) -> dict:
         """Appends the summary to the log, draws the plot, prints the closing report.
         ``status``: ``finished`` or ``interrupted`` (a stop was requested)."""
-        import esper_fast
-
         records = self.records
-        final = records[-1] if records else {}
+        final = records[-1] if records else None
         seeds = self.controller.seeds
         out = self.run_dir.path
         summary = {
@@ -623,15 +596,15 @@ class LifecycleRun:
             "time": now_iso(),
             "seeds": [dataclasses.asdict(s) for s in seeds],
             "seed_outcome": outcome(seeds),
-            "final_val_accuracy": final.get("val_accuracy"),
-            "best_val_accuracy": max((r["val_accuracy"] for r in records), default=None),
+            "final_val_accuracy": final.val_accuracy if final is not None else None,
+            "best_val_accuracy": max((r.val_accuracy for r in records), default=None),
             "chance_accuracy": None if self.task_type == "lm" else 100.0 / self.num_classes,
-            "final_perplexity": final.get("perplexity"),
+            "final_perplexity": final.perplexity if final is not None else None,
             "rollbacks": self.rollbacks,
             "world_size": self.ranks.world_size,
             "epochs": len(records),
             "epochs_planned": self.config.epochs,
-            "mean_epoch_time_s": sum(r["epoch_time_s"] for r in records) / max(len(records), 1),
+            "mean_epoch_time_s": sum(r.epoch_time_s for r in records) / max(len(records), 1),
             "total_time_s": self.elapsed_before + self._session_time(),
             "kernels_ran": dict(self.tally.counts) if self.tally.enabled else None,
             "kernels_compiled": esper_fast.kernels_available(),
@@ -652,13 +625,27 @@ class LifecycleRun:
         return summary
 
     def draw_plot(self, what: str) -> None:
-        from esper_fast.plotting import plot_run
-
         config = self.config
         self.run_dir.write_plot(lambda path: plot_run(
             self.records, path, title=f"{config.task} on {config.device}: {what}",
             chance=None if self.task_type == "lm" else 100.0 / self.num_classes, task_type=self.task_type,
         ))
+
+
+@dataclasses.dataclass
+class _EpochPlan:
+    """What an epoch trains, fixed as it begins."""
+
+    epoch: int
+    stage: SeedStage | None      # the slot's stage (None: no seed)
+    seed: SeedRecord | None      # the seed in the slot
+    lr: float
+    poisoned_step: int | None    # --inject-nan-at: the step whose loss is NaN (on one rank)
+    poison: int | None           # that step, on the rank that poisons it
+
+    @property
+    def stage_name(self) -> str:
+        return self.stage.name if self.stage is not None else "NONE"
 
 
 def _samples_per_second(train_batches: Batches, steps: int, seconds: float, world_size: int = 1) -> float | None:

@@ -1,27 +1,88 @@
-"""What a run prints: one line per epoch and the closing report."""
+"""What a run reports: the epoch record, one line per epoch and the closing report."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import ClassVar, Mapping
 
 from esper_fast.train.controller import SeedRecord
+
+
+def optional(**kwargs):
+    """A field of :class:`EpochRecord` that only some runs have: left out of the log when None."""
+    return dataclasses.field(default=None, metadata={"optional": True}, **kwargs)
+
+
+@dataclasses.dataclass
+class EpochRecord:
+    """One epoch of a run, as ``metrics.jsonl`` holds it (``"type": "epoch"``, then these
+    fields in this order). A value the epoch did not measure is None (``null`` in the log);
+    a field made with :func:`optional` is left out instead, so that the records of runs
+    without it read as before (``ranks``: only a run of several processes has it)."""
+
+    epoch: int
+    stage: str                       # the slot's stage as the epoch trained ("NONE": no seed)
+    stage_after: str                 # after the controller's decision
+    seed_id: str | None
+    blueprint: str | None
+    alpha_start: float
+    alpha: float                     # at the end of training (alpha moves while blending)
+    lr: float
+    train_loss: float | None         # the mean of the steps' losses (NaN: a poisoned step)
+    train_accuracy: float | None     # on the first training batches, after the epoch
+    train_eval_loss: float | None
+    val_loss: float | None
+    val_accuracy: float | None
+    perplexity: float | None
+    per_class_accuracy: dict | None
+    seed_contribution: float | None  # accuracy with the seed minus with alpha forced to 0
+    real_accuracy: float | None
+    baseline_accuracy: float | None
+    rollback: bool
+    events: list[str]
+    steps: int
+    started_at: str                  # wall clock, ISO 8601 UTC
+    ended_at: str
+    train_time_s: float
+    eval_time_s: float
+    epoch_time_s: float
+    samples_per_s: float | None      # over every rank
+    # Several processes: each rank's {"rank", "checksum", "stage", "alpha"} after the epoch.
+    ranks: list[dict] | None = optional()
+
+    TYPE: ClassVar[str] = "epoch"
+
+    def to_log(self) -> dict:
+        """The record as ``metrics.jsonl`` and a checkpoint's log hold it."""
+        record = {"type": self.TYPE}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value is not None or not field.metadata.get("optional"):
+                record[field.name] = value
+        return record
+
+    @classmethod
+    def from_log(cls, record: Mapping) -> "EpochRecord":
+        """An epoch record of a log (the dict :meth:`to_log` gives, or one read back from
+        ``metrics.jsonl``); a key the record lacks is None, a key it has that this class does
+        not know is ignored."""
+        return cls(**{field.name: record.get(field.name) for field in dataclasses.fields(cls)})
 
 
 def _fmt(value, spec: str, missing: str = "-") -> str:
     return missing if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
-def epoch_line(record: dict, epochs: int, task_type: str) -> str:
-    quality = (
-        f"ppl {_fmt(record['perplexity'], '.2f')}" if task_type == "lm" else f"val {_fmt(record['val_accuracy'], '5.1f')}%"
-    )
+def epoch_line(record: EpochRecord, epochs: int, task_type: str) -> str:
+    quality = f"ppl {_fmt(record.perplexity, '.2f')}" if task_type == "lm" else f"val {_fmt(record.val_accuracy, '5.1f')}%"
     line = (
-        f"epoch {record['epoch']:>2}/{epochs} | loss {_fmt(record['train_loss'], '.4f', 'nan')} | {quality} "
-        f"(train {_fmt(record['train_accuracy'], '5.1f')}%) | stage {record['stage']:<12} | alpha {record['alpha']:.2f} | "
-        f"contribution {_fmt(record['seed_contribution'], '+.2f'):>6} | {record['epoch_time_s']:.1f}s"
+        f"epoch {record.epoch:>2}/{epochs} | loss {_fmt(record.train_loss, '.4f', 'nan')} | {quality} "
+        f"(train {_fmt(record.train_accuracy, '5.1f')}%) | stage {record.stage:<12} | alpha {record.alpha:.2f} | "
+        f"contribution {_fmt(record.seed_contribution, '+.2f'):>6} | {record.epoch_time_s:.1f}s"
     )
-    if record["events"]:
-        line += " | " + "; ".join(record["events"])
+    if record.events:
+        line += " | " + "; ".join(record.events)
     return line
 
 

@@ -16,9 +16,12 @@ go to a temporary file that is then renamed over the old one, so a crash at any 
 leaves the previous version readable.
 
 Every file a run writes goes through :class:`RunDir`: the one place a distributed run's
-rank 0 writes; the other ranks hold a :class:`SilentRunDir`, which writes nothing. If the folder disappears mid-run it is made again, the log rewritten from
-memory, and the run carries on; a write that fails (disk full, permissions) is reported once
-and the run carries on.
+rank 0 writes; the other ranks hold a :class:`SilentRunDir`, which writes nothing. If the
+folder disappears mid-run it is made again, the log rewritten from memory, and the run
+carries on. A checkpoint, ``run.json`` or ``metrics.jsonl`` that cannot be written (a full
+disk, a read-only folder) raises :class:`RunWriteError`, which names the file and the cause:
+the run stops, and the last whole checkpoint and the log are left as they were, to resume
+from. A plot that cannot be written is reported once and the run carries on.
 """
 
 from __future__ import annotations
@@ -43,10 +46,22 @@ _CHECKPOINT_NAME = re.compile(r"^epoch-(\d{4,})(?:-step-(\d{4,}))?\.pt$")
 _OWN_FILES = (STATUS_FILE, METRICS_FILE, PLOT_FILE, CHECKPOINT_DIR)
 # What ended a run that left no stop signal, by the status it left in run.json.
 STOPPED_BY = {"running": "a crash", "failed": "an error"}
+# Below this much free space (or the size of the newest checkpoint, if larger) a failed write
+# whose error says nothing of its cause is put down to a full disk.
+_LOW_SPACE = 1 << 20
 
 
 class RunDirError(Exception):
     """The folder cannot be used as asked; the message says why in one line."""
+
+
+class RunWriteError(Exception):
+    """A file the run needs to resume (a checkpoint, ``run.json``, ``metrics.jsonl``) could
+    not be written; the message names it and the cause in one line."""
+
+    def __init__(self, path: Path, cause: str):
+        super().__init__(f"could not write {path} ({cause})")
+        self.path, self.cause = path, cause
 
 
 def now_iso() -> str:
@@ -63,6 +78,15 @@ def jsonable(value):
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
     return value
+
+
+def _size(num_bytes: int) -> str:
+    if num_bytes < 1024:
+        return f"{num_bytes} bytes"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        num_bytes /= 1024
+        if num_bytes < 1024 or unit == "TiB":
+            return f"{num_bytes:.1f} {unit}"
 
 
 def checkpoint_name(epochs_done: int, steps_done: int = 0) -> str:
@@ -255,10 +279,11 @@ class RunDir:
         self._open_log(self._lines)
         self._write_status_file()
 
-    def _guarded(self, what: str, write: Callable[[], object]):
-        """Runs ``write``; if the folder vanished, makes it again and retries once; any
-        other failure is reported (once per kind of write: the first word of ``what``) and
-        the run goes on."""
+    def _guarded(self, target: Path, write: Callable[[], object], required: bool = True):
+        """Runs ``write`` (which writes ``target``); if the folder vanished, makes it again and
+        retries once. Any other failure raises :class:`RunWriteError`, or, for a file the run
+        does not need to resume (``required=False``: the plot), is reported once and the run
+        goes on."""
         try:
             if self._moved():
                 self._recreate()
@@ -272,11 +297,29 @@ class RunDir:
                     return write()
             except OSError as exc:
                 first = exc
-            kind = what.split()[0]
-            if kind not in self._warned:
-                self._warned.add(kind)
-                self.warn(f"warning: could not write {what} in {self.path} ({first.strerror or first}); the run goes on")
+            cause = self._failure_cause(first)
+            if required:
+                raise RunWriteError(target, cause) from first
+            if target.name not in self._warned:
+                self._warned.add(target.name)
+                self.warn(f"warning: could not write {target} ({cause}); the run goes on")
             return None
+
+    def _failure_cause(self, error: OSError) -> str:
+        """Why a write failed, in a few words: the system's reason when the error carries
+        one, else (torch's writer reports a short write without one) the free space."""
+        if error.strerror:
+            return error.strerror
+        message = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        try:
+            free = shutil.disk_usage(self.path).free
+            checkpoints = self.checkpoints()
+            needed = max(_LOW_SPACE, checkpoints[-1].stat().st_size if checkpoints else 0)
+        except OSError:
+            return message
+        if free < needed:
+            return f"no space left on the device: {_size(free)} free"
+        return f"{message}; {_size(free)} free on the device"
 
     def _open_log(self, lines: list[bytes]) -> None:
         if self._log_fd is not None:
@@ -290,7 +333,7 @@ class RunDir:
         """Writes the log afresh with ``records`` (a new run's config, or a resumed run's
         records so far), then keeps it open for :meth:`append`."""
         self._lines = [self._line(r) for r in records]
-        self._guarded(METRICS_FILE, lambda: self._open_log(self._lines))
+        self._guarded(self.path / METRICS_FILE, lambda: self._open_log(self._lines))
 
     @staticmethod
     def _line(record: dict) -> bytes:
@@ -310,36 +353,50 @@ class RunDir:
 
         # The line joins the in-memory log after the write, so that a folder made again
         # during this write (which rewrites the log from memory) does not get it twice.
-        self._guarded(METRICS_FILE, write)
+        self._guarded(self.path / METRICS_FILE, write)
         self._lines.append(line)
 
+    def continue_status(self, status: dict | None) -> None:
+        """A resumed run's status starts from ``status`` (what ``run.json`` held), so that its
+        updates keep what an earlier process wrote: the task, the planned epochs, the start,
+        the world size. The earlier process's ``error`` is dropped (the log's resume record
+        says how it ended)."""
+        self._status = {k: v for k, v in (status or {}).items() if k != "error"}
+
     def write_status(self, **fields) -> None:
-        """Updates ``run.json`` (status, position, last checkpoint...)."""
+        """Updates ``run.json`` (status, position, last checkpoint...): ``fields`` replace
+        theirs, the others keep the values this run gave them."""
         self._status.update(fields, updated_at=now_iso())
-        self._guarded(STATUS_FILE, self._write_status_file)
+        self._guarded(self.path / STATUS_FILE, self._write_status_file)
 
     def _write_status_file(self) -> None:
         data = (json.dumps(jsonable(self._status), indent=1) + "\n").encode("utf-8")
         atomic_write(self.path / STATUS_FILE, lambda handle: handle.write(data))
 
-    def save_checkpoint(self, payload: dict, epochs_done: int, steps_done: int = 0) -> Path | None:
+    def save_checkpoint(self, payload: dict, epochs_done: int, steps_done: int = 0) -> Path:
         """Writes ``payload`` with ``torch.save`` atomically and keeps the newest ``keep``
-        checkpoints; returns its path (None if it could not be written)."""
+        checkpoints; returns its path. :class:`RunWriteError` if it could not be written
+        (the checkpoints before it are kept)."""
         import torch
 
-        name = checkpoint_name(epochs_done, steps_done)
+        def save(handle):
+            try:
+                torch.save(payload, handle)
+            except RuntimeError as exc:
+                # torch's zip writer reports a short write (a full disk) as a RuntimeError.
+                raise OSError((str(exc).strip().splitlines() or ["torch.save failed"])[0]) from exc
+
+        path = self.path / CHECKPOINT_DIR / checkpoint_name(epochs_done, steps_done)
 
         def write():
-            folder = self.path / CHECKPOINT_DIR
-            folder.mkdir(exist_ok=True)
-            path = folder / name
-            atomic_write(path, lambda handle: torch.save(payload, handle))
+            path.parent.mkdir(exist_ok=True)
+            atomic_write(path, save)
             for old in self.checkpoints()[: -self.keep]:
                 if old != path:
                     old.unlink()
             return path
 
-        return self._guarded(f"checkpoint {name}", write)
+        return self._guarded(path, write)
 
     def remove_stale_temporaries(self) -> None:
         """Deletes what an earlier process killed mid-write left (its temporary files)."""
@@ -365,7 +422,7 @@ class RunDir:
                     temporary.unlink()
             return target
 
-        return self._guarded(PLOT_FILE, write)
+        return self._guarded(target, write, required=False)
 
 
 class SilentRunDir:
@@ -390,6 +447,9 @@ class SilentRunDir:
         pass
 
     def append(self, record: dict) -> None:
+        pass
+
+    def continue_status(self, status: dict | None) -> None:
         pass
 
     def write_status(self, **fields) -> None:

@@ -13,12 +13,15 @@ A user mistake (a bad or inapplicable flag, unknown task or blueprint, CUDA with
 unwritable --out, a folder that holds another run or is in use, a missing data root or text
 file) ends the command with one ``esper-fast: error: ...`` line on stderr and exit status
 2, never a traceback. A run stopped by SIGINT or SIGTERM exits 130 or 143 after saving
-everything, with a line saying how to resume it. Under torchrun only rank 0 prints.
+everything, with a line saying how to resume it. A run that cannot write a checkpoint,
+run.json or metrics.jsonl (a full disk, a read-only folder) exits 1 after one such line
+naming the file, the cause and how to resume it. Under torchrun only rank 0 prints.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -28,10 +31,27 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
+import esper_fast
+from esper_fast.kasmina import BlueprintRegistry
+from esper_fast.ops.mode import using_reference
+from esper_fast.runtime import get_task_spec
+from esper_fast.train import RESUME_OVERRIDES, check_out, train
+from esper_fast.train.config import DEFAULT_KEEP_CHECKPOINTS, DEFAULT_OUT, TASK_DEFAULTS, TASKS, RunConfig
+from esper_fast.train.console import pipe_safe_streams
+from esper_fast.train.data import DataError, read_text_bytes
+from esper_fast.train.plotting import plot_log
+from esper_fast.train.ranks import launched_rank, launched_world_size
+from esper_fast.train.run_dir import METRICS_FILE, PLOT_FILE, STATUS_FILE, RunDirError
+
 EXIT_USAGE = 2
 # How `esper-fast train --nproc N` tells the processes it launches the command it was given.
 LAUNCH_COMMAND_ENV = "ESPER_FAST_LAUNCH_COMMAND"
 MAX_SEED = 2**64 - 1  # torch's generators take seeds in [0, 2**64)
+# The source checkout this package sits in (where ``bench`` finds benchmarks/).
+SOURCE_ROOT = Path(__file__).resolve().parents[2]
 
 
 class CLIError(Exception):
@@ -96,10 +116,6 @@ def _folder(text: str) -> str:
 
 
 def _blueprint_lines() -> list[str]:
-    from esper_fast.kasmina import BlueprintRegistry
-    from esper_fast.runtime import get_task_spec
-    from esper_fast.train import TASK_DEFAULTS
-
     lines = []
     for task, defaults in TASK_DEFAULTS.items():
         topology = get_task_spec(task).topology
@@ -109,11 +125,6 @@ def _blueprint_lines() -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import torch
-
-    import esper_fast
-    from esper_fast.train import DEFAULT_KEEP_CHECKPOINTS, DEFAULT_OUT, TASKS, RunConfig
-
     parser = _Parser(prog="esper-fast", description="Esper's training layer on fused kernels.")
     parser.add_argument("--version", action="version",
                         version=f"esper-fast {esper_fast.__version__} (torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'})")
@@ -131,49 +142,49 @@ def build_parser() -> argparse.ArgumentParser:
         "NCCL on cuda (one GPU per process), --batch-size per process, each rank on its shard of the data,",
         "every lifecycle and governor decision the same on every rank; rank 0 alone prints and writes --out.",
     ])
-    train = commands.add_parser(
+    train_parser = commands.add_parser(
         "train", help="run a full seed lifecycle (offline data, progress, log, plot, checkpoints)",
         formatter_class=_HelpFormatter, epilog=epilog, argument_default=argparse.SUPPRESS,
     )
-    train.add_argument("--task", help=f"one of {', '.join(TASKS)} (default: {d.task})")
-    train.add_argument("--epochs", type=_positive_int, metavar="N", help=f"epochs to train (default: {d.epochs})")
-    train.add_argument("--device", help=f"cpu, cuda or cuda:N (default: {d.device})")
-    train.add_argument("--data-root", metavar="DIR",
-                       help="cifar10: a folder holding CIFAR-10 in torchvision's format (cifar-10-batches-py/); "
-                            "it must be there. Default: ./data if it holds CIFAR-10, else a generated offline set")
-    train.add_argument("--text", dest="text_path", metavar="FILE",
-                       help="tinystories: a local file, read as bytes (one token per byte). "
-                            "Default: a generated story corpus")
-    train.add_argument("--blueprint", help="seed blueprint; the choices per task are listed below "
-                                           "(default: conv_light for cifar10, lora for tinystories)")
-    train.add_argument("--out", type=_folder, metavar="DIR", help=f"the run folder (default: {DEFAULT_OUT})")
-    train.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
-    train.add_argument("--resume", type=_folder, metavar="DIR",
-                       help="continue the run in DIR from its last checkpoint, with its own settings "
-                            "(only --device, --no-progress and --keep-checkpoints may be given with it)")
-    train.add_argument("--seed", type=_seed, help=f"random seed for initialisation and batch order, 0 to 2**64-1 (default: {d.seed})")
-    train.add_argument("--max-batches", type=_positive_int, metavar="N",
-                       help="at most N train and validation batches per epoch (default: all)")
-    train.add_argument("--batch-size", type=_positive_int, metavar="N",
-                       help="batch size (default: 128 for cifar10; 8 on CPU, 32 on CUDA for tinystories)")
-    train.add_argument("--seq-len", type=_positive_int, metavar="N",
-                       help="tinystories: tokens per sequence, at most 256 (default: 64 on CPU, 256 on CUDA)")
-    train.add_argument("--lr", type=_learning_rate,
-                       help="peak learning rate, cosine-decayed over the run (default: 0.05 for cifar10 (SGD), "
-                            "3e-4 for tinystories (AdamW))")
-    train.add_argument("--compile", action="store_true", help="torch.compile the model")
-    train.add_argument("--inject-nan-at", type=_positive_int, metavar="EPOCH",
-                       help="make one training step of this epoch produce NaN (the governor rolls back)")
-    train.add_argument("--inject-nan-rank", type=_rank, metavar="RANK",
-                       help=f"with several processes: the rank whose step produces NaN; every rank rolls back "
-                            f"(default: {d.inject_nan_rank})")
-    train.add_argument("--nproc", type=_positive_int, metavar="N",
-                       help="train on N processes of this machine (launches torchrun --standalone; default: 1, "
-                            "no torch.distributed)")
-    train.add_argument("--keep-checkpoints", type=_positive_int, metavar="N",
-                       help=f"checkpoints kept in --out/checkpoints (default: {DEFAULT_KEEP_CHECKPOINTS})")
-    train.add_argument("--no-progress", dest="progress", action="store_false",
-                       help="no progress bars (for logs and pipes): one line per epoch only")
+    train_parser.add_argument("--task", help=f"one of {', '.join(TASKS)} (default: {d.task})")
+    train_parser.add_argument("--epochs", type=_positive_int, metavar="N", help=f"epochs to train (default: {d.epochs})")
+    train_parser.add_argument("--device", help=f"cpu, cuda or cuda:N (default: {d.device})")
+    train_parser.add_argument("--data-root", metavar="DIR",
+                              help="cifar10: a folder holding CIFAR-10 in torchvision's format (cifar-10-batches-py/); "
+                                   "it must be there. Default: ./data if it holds CIFAR-10, else a generated offline set")
+    train_parser.add_argument("--text", dest="text_path", metavar="FILE",
+                              help="tinystories: a local file, read as bytes (one token per byte). "
+                                   "Default: a generated story corpus")
+    train_parser.add_argument("--blueprint", help="seed blueprint; the choices per task are listed below "
+                                                  "(default: conv_light for cifar10, lora for tinystories)")
+    train_parser.add_argument("--out", type=_folder, metavar="DIR", help=f"the run folder (default: {DEFAULT_OUT})")
+    train_parser.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    train_parser.add_argument("--resume", type=_folder, metavar="DIR",
+                              help="continue the run in DIR from its last checkpoint, with its own settings "
+                                   "(only --device, --no-progress and --keep-checkpoints may be given with it)")
+    train_parser.add_argument("--seed", type=_seed, help=f"random seed for initialisation and batch order, 0 to 2**64-1 (default: {d.seed})")
+    train_parser.add_argument("--max-batches", type=_positive_int, metavar="N",
+                              help="at most N train and validation batches per epoch (default: all)")
+    train_parser.add_argument("--batch-size", type=_positive_int, metavar="N",
+                              help="batch size (default: 128 for cifar10; 8 on CPU, 32 on CUDA for tinystories)")
+    train_parser.add_argument("--seq-len", type=_positive_int, metavar="N",
+                              help="tinystories: tokens per sequence, at most 256 (default: 64 on CPU, 256 on CUDA)")
+    train_parser.add_argument("--lr", type=_learning_rate,
+                              help="peak learning rate, cosine-decayed over the run (default: 0.05 for cifar10 (SGD), "
+                                   "3e-4 for tinystories (AdamW))")
+    train_parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    train_parser.add_argument("--inject-nan-at", type=_positive_int, metavar="EPOCH",
+                              help="make one training step of this epoch produce NaN (the governor rolls back)")
+    train_parser.add_argument("--inject-nan-rank", type=_rank, metavar="RANK",
+                              help=f"with several processes: the rank whose step produces NaN; every rank rolls back "
+                                   f"(default: {d.inject_nan_rank})")
+    train_parser.add_argument("--nproc", type=_positive_int, metavar="N",
+                              help="train on N processes of this machine (launches torchrun --standalone; default: 1, "
+                                   "no torch.distributed)")
+    train_parser.add_argument("--keep-checkpoints", type=_positive_int, metavar="N",
+                              help=f"checkpoints kept in --out/checkpoints (default: {DEFAULT_KEEP_CHECKPOINTS})")
+    train_parser.add_argument("--no-progress", dest="progress", action="store_false",
+                              help="no progress bars (for logs and pipes): one line per epoch only")
 
     plot = commands.add_parser("plot", help="redraw a run's metrics.png from its metrics.jsonl")
     plot.add_argument("run", type=_folder, metavar="DIR", help="the run folder")
@@ -191,8 +202,6 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------- train
 
 def _check_device(device: str) -> None:
-    import torch
-
     try:
         parsed = torch.device(device)
     except RuntimeError:
@@ -208,8 +217,6 @@ def _check_device(device: str) -> None:
 
 def _check_world(config_device: str, world: int) -> None:
     """The device checks of a run of ``world`` processes (one GPU per process on CUDA)."""
-    import torch
-
     if world == 1 or not config_device.startswith("cuda"):
         return
     if torch.device(config_device).index is not None:
@@ -227,10 +234,6 @@ def _flag(dest: str) -> str:
 def _run_config(given: dict, world: int = 1):
     """The RunConfig of a new run of ``world`` processes from the flags given; every check
     that needs no data."""
-    from esper_fast.kasmina import BlueprintRegistry
-    from esper_fast.runtime import get_task_spec
-    from esper_fast.train import TASKS, RunConfig
-
     config = RunConfig(**given)
     if config.task not in TASKS:
         raise CLIError(f"unknown task {config.task!r}; choose one of: {', '.join(TASKS)}")
@@ -248,11 +251,9 @@ def _run_config(given: dict, world: int = 1):
     if config.seq_len is not None and spec.block_size and config.seq_len > spec.block_size:
         raise CLIError(f"--seq-len {config.seq_len} exceeds the model's block size {spec.block_size}")
     if config.text_path is not None:
-        from esper_fast import data
-
         try:
-            data.read_text_bytes(config.text_path)
-        except data.DataError as exc:
+            read_text_bytes(config.text_path)
+        except DataError as exc:
             raise CLIError(str(exc))
     if config.inject_nan_at is not None and config.inject_nan_at > config.epochs:
         raise CLIError(f"--inject-nan-at {config.inject_nan_at} is after the last epoch ({config.epochs})")
@@ -273,10 +274,6 @@ def _run_config(given: dict, world: int = 1):
 
 def _recorded_world_size(folder: str) -> int:
     """The number of processes the run in ``folder`` was started with (its run.json; 1 when unknown)."""
-    import json
-
-    from esper_fast.train import STATUS_FILE
-
     try:
         with open(os.path.join(folder, STATUS_FILE), encoding="utf-8") as handle:
             return int(json.load(handle).get("world_size", 1))
@@ -285,9 +282,6 @@ def _recorded_world_size(folder: str) -> int:
 
 
 def _train(args, argv: list[str]) -> int:
-    from esper_fast import data, train
-    from esper_fast.train.ranks import launched_world_size
-
     given = {k: v for k, v in vars(args).items() if k != "command"}
     overwrite = given.pop("overwrite", False)
     resume = given.pop("resume", None)
@@ -300,7 +294,7 @@ def _train(args, argv: list[str]) -> int:
         raise CLIError(f"--nproc {nproc} but torchrun started {launched} processes; under torchrun leave --nproc out")
     world = launched if under_torchrun else (nproc or 1)
     if resume is not None:
-        extra = [_flag(k) for k in given if k not in train.RESUME_OVERRIDES]
+        extra = [_flag(k) for k in given if k not in RESUME_OVERRIDES]
         if overwrite:
             extra.insert(0, "--overwrite")
         if extra:
@@ -317,10 +311,10 @@ def _train(args, argv: list[str]) -> int:
     try:
         if world > 1 and not under_torchrun:
             out = resume or config.out
-            train.check_out(out, resume=resume is not None, overwrite=overwrite)
+            check_out(out, resume=resume is not None, overwrite=overwrite)
             return _launch(nproc, argv, out)
-        return train.train(config, resume=resume, overrides=given if resume else None, overwrite=overwrite, command=command)
-    except (data.DataError, train.RunDirError) as exc:
+        return train(config, resume=resume, overrides=given if resume else None, overwrite=overwrite, command=command)
+    except (DataError, RunDirError) as exc:
         raise CLIError(str(exc))
     except RuntimeError as exc:
         if "CUDA" in str(exc) and "not available" in str(exc):
@@ -352,8 +346,6 @@ def _launch(nproc: int, argv: list[str], out: str) -> int:
     on to torchrun once (it passes them to every rank, which stop after the same step). A run
     that stopped cleanly exits 128 + the signal number, as one process does (torchrun itself
     reports the ranks' exit statuses 130/143 as failures, and exits 1)."""
-    import torch.distributed as dist
-
     if not dist.is_available():
         raise CLIError("--nproc needs torch.distributed, which this torch build lacks")
     env = dict(os.environ)
@@ -382,10 +374,6 @@ def _launch(nproc: int, argv: list[str], out: str) -> int:
 
 def _stopped_by_signal(out: str) -> int | None:
     """128 + the signal that stopped the run in ``out`` cleanly (its run.json), else None."""
-    import json
-
-    from esper_fast.train import STATUS_FILE
-
     try:
         with open(os.path.join(out, STATUS_FILE), encoding="utf-8") as handle:
             status = json.load(handle)
@@ -399,9 +387,6 @@ def _stopped_by_signal(out: str) -> int | None:
 # ---------------------------------------------------------------- plot
 
 def _plot(args) -> int:
-    from esper_fast.plotting import plot_log
-    from esper_fast.train import METRICS_FILE, PLOT_FILE
-
     log = Path(args.run) / METRICS_FILE
     if not log.is_file():
         raise CLIError(f"no {METRICS_FILE} in {args.run}; give the folder of a run (its --out)")
@@ -419,7 +404,7 @@ def _plot(args) -> int:
 # ---------------------------------------------------------------- bench
 
 def _bench(args) -> int:
-    benchmarks = Path(__file__).resolve().parent.parent / "benchmarks"
+    benchmarks = SOURCE_ROOT / "benchmarks"
     if not (benchmarks / "conftest.py").is_file():
         raise CLIError(f"no benchmarks folder next to the package ({benchmarks}); run from a source checkout")
     try:
@@ -440,11 +425,6 @@ def _bench(args) -> int:
 # ---------------------------------------------------------------- info
 
 def info_lines() -> list[str]:
-    import torch
-
-    import esper_fast
-    from esper_fast.ops.mode import using_reference
-
     try:
         import torchvision
 
@@ -484,8 +464,6 @@ def _info(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Runs one command; returns the process exit status. A closed stdout or stderr (a pipe
     into ``head``) never ends the command."""
-    from esper_fast.train.console import pipe_safe_streams
-
     argv = sys.argv[1:] if argv is None else list(argv)
     with pipe_safe_streams():
         try:
@@ -498,8 +476,6 @@ def main(argv: list[str] | None = None) -> int:
                 return _train(args, argv)
             return {"plot": _plot, "bench": _bench, "info": _info}[args.command](args)
         except CLIError as exc:
-            from esper_fast.train.ranks import launched_rank
-
             if launched_rank() == 0:  # under torchrun every rank finds the mistake; one says it
                 print(f"esper-fast: error: {exc}", file=sys.stderr)
             return EXIT_USAGE
