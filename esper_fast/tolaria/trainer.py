@@ -13,6 +13,7 @@ metrics kernel is a registered custom op, so a compiled model's outputs feed it 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -164,6 +165,18 @@ def _logits_and_targets(outputs: torch.Tensor, labels: torch.Tensor, task_type: 
     return outputs, labels
 
 
+@dataclasses.dataclass(frozen=True)
+class _ValidationSpec:
+    """How a validation call measures: the loss, where batches go, and per-class counting
+    (of the real configuration only; ``num_classes`` sizes it)."""
+
+    criterion: nn.Module
+    device: str
+    task_type: str
+    per_class: bool
+    num_classes: int | None
+
+
 class _FusedPass:
     """One validation pass's metrics; the accumulator is made at the first batch (C is known then)."""
 
@@ -185,10 +198,10 @@ class _FusedPass:
         self.accumulator.update(logits, targets, loss)
 
 
-def _run_fused_pass(model, loader, criterion, device, task_type, per_class) -> _FusedPass:
-    fused = _FusedPass(criterion, task_type, per_class)
+def _run_fused_pass(model, loader, spec: _ValidationSpec, per_class: bool) -> _FusedPass:
+    fused = _FusedPass(spec.criterion, spec.task_type, per_class)
     for batch in loader:
-        inputs, labels = _to_device(batch, device)
+        inputs, labels = _to_device(batch, spec.device)
         fused.add(model(inputs), labels)
     return fused
 
@@ -199,7 +212,7 @@ def _shares_the_host_pass(model: nn.Module) -> bool:
     return callable(getattr(type(model), "forward_alpha_configs", None))
 
 
-def _run_attribution_pass(model, loader, criterion, device, task_type, per_class) -> tuple[_FusedPass, _FusedPass]:
+def _run_attribution_pass(model, loader, spec: _ValidationSpec) -> tuple[_FusedPass, _FusedPass]:
     """The real and the alpha-0 metrics over ``loader`` in one pass over the data.
 
     With a model that shares the host pass (:meth:`MorphogeneticModel.forward_alpha_configs`)
@@ -208,11 +221,11 @@ def _run_attribution_pass(model, loader, criterion, device, task_type, per_class
     inside ``seed_slot.force_alpha(0.0)``.
     """
     slot = model.seed_slot
-    real = _FusedPass(criterion, task_type, per_class)
-    baseline = _FusedPass(criterion, task_type, per_class=False)
+    real = _FusedPass(spec.criterion, spec.task_type, spec.per_class)
+    baseline = _FusedPass(spec.criterion, spec.task_type, per_class=False)
     shared = _shares_the_host_pass(model)
     for batch in loader:
-        inputs, labels = _to_device(batch, device)
+        inputs, labels = _to_device(batch, spec.device)
         if shared:
             real_outputs, baseline_outputs = model.forward_alpha_configs(inputs, (slot.alpha, 0.0))
         else:
@@ -253,15 +266,16 @@ def _read(passes: list[_FusedPass], num_classes: int = 0) -> list[MetricsResult 
 # ---------------------------------------------------------------- validation: reference path
 
 
-def _run_reference_pass(model, loader, criterion, device, task_type, per_class, num_classes) -> MetricsResult | None:
+def _run_reference_pass(model, loader, spec: _ValidationSpec, per_class: bool) -> MetricsResult | None:
     """The original loop: criterion, argmax and bincounts per batch, one read per tensor at the end."""
+    num_classes = spec.num_classes
     loss_sum = correct = class_total = class_correct = None
     total = batches = 0
     for batch in loader:
-        inputs, labels = _to_device(batch, device)
+        inputs, labels = _to_device(batch, spec.device)
         outputs = model(inputs)
-        loss = batch_loss_reference(outputs, labels, criterion, task_type)
-        counts = batch_metrics_reference(outputs, labels, num_classes, per_class, task_type)
+        loss = batch_loss_reference(outputs, labels, spec.criterion, spec.task_type)
+        counts = batch_metrics_reference(outputs, labels, num_classes, per_class, spec.task_type)
         loss_sum = loss if loss_sum is None else loss_sum + loss
         correct = counts["correct"] if correct is None else correct + counts["correct"]
         total += counts["total"]
@@ -294,6 +308,57 @@ def _grad_free(model: nn.Module):
         if not known or getattr(cls, "_keeps_tensors_across_calls", False):
             return torch.no_grad()
     return torch.inference_mode()
+
+
+@contextlib.contextmanager
+def _evaluating(model: nn.Module):
+    """The block runs in eval mode without gradients; the model's train/eval mode comes back
+    afterwards, even when the block raises."""
+    was_training = model.training
+    model.eval()
+    try:
+        with _grad_free(model):
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _validation_results(
+    model: nn.Module,
+    testloader: BatchIterable,
+    spec: _ValidationSpec,
+    *,
+    trainloader: BatchIterable | None = None,
+    counterfactual: bool = False,
+) -> tuple[MetricsResult | None, MetricsResult | None, MetricsResult | None]:
+    """``(real, train, baseline)``: the model as is over ``testloader``; over the first
+    ``TRAIN_METRIC_BATCHES`` batches of ``trainloader`` (None without one); and, with
+    ``counterfactual``, over ``testloader`` with ``model.seed_slot``'s alpha forced to 0 (else
+    None). A result is None for a loader that yielded no batch. Call inside :func:`_evaluating`.
+
+    Fused (one pass over ``testloader`` for both configurations, one device read) or, under
+    ``reference_mode()``, the original loops (a second pass for the baseline). The loaders
+    are iterated in the original's order: the train iterator is made first, then the test
+    passes run, then the train pass.
+    """
+    train_batches = None if trainloader is None else itertools.islice(trainloader, TRAIN_METRIC_BATCHES)
+    if using_reference():
+        real = _run_reference_pass(model, testloader, spec, spec.per_class)
+        baseline = train = None
+        if counterfactual:
+            with model.seed_slot.force_alpha(0.0):
+                baseline = _run_reference_pass(model, testloader, spec, False)
+        if train_batches is not None:
+            train = _run_reference_pass(model, train_batches, spec, False)
+        return real, train, baseline
+    if counterfactual:
+        real_pass, baseline_pass = _run_attribution_pass(model, testloader, spec)
+    else:
+        real_pass, baseline_pass = _run_fused_pass(model, testloader, spec, spec.per_class), None
+    train_pass = None if train_batches is None else _run_fused_pass(model, train_batches, spec, False)
+    passes = [p for p in (real_pass, train_pass, baseline_pass) if p is not None]
+    results = iter(_read(passes, spec.num_classes or 0))
+    return tuple(None if p is None else next(results) for p in (real_pass, train_pass, baseline_pass))
 
 
 def _per_class_accuracy(result: MetricsResult, num_classes: int) -> dict[int, float]:
@@ -335,22 +400,9 @@ def validate_and_get_metrics(
         ValueError: ``testloader`` or ``trainloader`` yields no batch, or a label is outside
             ``[0, C)`` (and not the criterion's ignore_index).
     """
-    per_class = compute_per_class and task_type != "lm"
-    was_training = model.training
-    model.eval()
-    try:
-        train_batches = itertools.islice(trainloader, TRAIN_METRIC_BATCHES)
-        with _grad_free(model):
-            if using_reference():
-                val = _run_reference_pass(model, testloader, criterion, device, task_type, per_class, num_classes)
-                train = _run_reference_pass(model, train_batches, criterion, device, task_type, False, num_classes)
-            else:
-                val, train = _read([
-                    _run_fused_pass(model, testloader, criterion, device, task_type, per_class),
-                    _run_fused_pass(model, train_batches, criterion, device, task_type, False),
-                ], num_classes)
-    finally:
-        model.train(was_training)
+    spec = _ValidationSpec(criterion, device, task_type, compute_per_class and task_type != "lm", num_classes)
+    with _evaluating(model):
+        val, train, _ = _validation_results(model, testloader, spec, trainloader=trainloader)
     return _metrics_tuple(val, train, compute_per_class, num_classes, task_type)
 
 
@@ -391,20 +443,11 @@ def validate_with_attribution(
     two-pass original; alpha and the train/eval mode are restored even when a forward raises.
     An empty ``testloader`` gives an all-zero result (kept for compatibility).
     """
-    seed_slot = model.seed_slot
-    was_training = model.training
-    model.eval()
-    try:
-        with _grad_free(model):
-            if using_reference():
-                real = _run_reference_pass(model, testloader, criterion, device, task_type, False, None)
-                with seed_slot.force_alpha(0.0):
-                    baseline = _run_reference_pass(model, testloader, criterion, device, task_type, False, None)
-            else:
-                real, baseline = _read(list(_run_attribution_pass(model, testloader, criterion, device, task_type, False)))
-                _draw_as_a_second_pass(testloader)
-    finally:
-        model.train(was_training)
+    spec = _ValidationSpec(criterion, device, task_type, per_class=False, num_classes=None)
+    with _evaluating(model):
+        real, _, baseline = _validation_results(model, testloader, spec, counterfactual=True)
+        if not using_reference():
+            _draw_as_a_second_pass(testloader)
     return _attribution_result(real, baseline)
 
 
@@ -450,30 +493,12 @@ def validate_epoch(
         ValueError: ``testloader`` or ``trainloader`` yields no batch, or a label is outside
             ``[0, C)`` (and not the criterion's ignore_index).
     """
-    per_class = compute_per_class and task_type != "lm"
     slot = getattr(model, "seed_slot", None)
     with_attribution = attribution and slot is not None and bool(getattr(slot, "is_active", False))
-    was_training = model.training
-    model.eval()
-    try:
-        train_batches = itertools.islice(trainloader, TRAIN_METRIC_BATCHES)
-        with _grad_free(model):
-            if using_reference():
-                val = _run_reference_pass(model, testloader, criterion, device, task_type, per_class, num_classes)
-                baseline = None
-                if with_attribution:
-                    with slot.force_alpha(0.0):
-                        baseline = _run_reference_pass(model, testloader, criterion, device, task_type, False, None)
-                train = _run_reference_pass(model, train_batches, criterion, device, task_type, False, num_classes)
-            else:
-                if with_attribution:
-                    passes = _run_attribution_pass(model, testloader, criterion, device, task_type, per_class)
-                else:
-                    passes = (_run_fused_pass(model, testloader, criterion, device, task_type, per_class),)
-                train_pass = _run_fused_pass(model, train_batches, criterion, device, task_type, False)
-                val, train, *rest = _read([passes[0], train_pass, *passes[1:]], num_classes)
-                baseline = rest[0] if rest else None
-    finally:
-        model.train(was_training)
+    spec = _ValidationSpec(criterion, device, task_type, compute_per_class and task_type != "lm", num_classes)
+    with _evaluating(model):
+        val, train, baseline = _validation_results(
+            model, testloader, spec, trainloader=trainloader, counterfactual=with_attribution
+        )
     metrics = _metrics_tuple(val, train, compute_per_class, num_classes, task_type)
     return EpochValidation(*metrics, attribution=_attribution_result(val, baseline) if with_attribution else None)
