@@ -27,8 +27,32 @@ import torch
 
 __all__ = ["MetricAttribution", "SlotAttribution", "AttributionPlan", "plan_attribution", "attribute"]
 
-# The normal quantile of a two-sided 95% interval.
-Z_95 = 1.959963984540054
+
+def _student_t_within(t: float, df: int) -> float:
+    """P(|T| < t) for Student's t with ``df`` degrees of freedom (the closed forms for an
+    integer ``df``, Abramowitz & Stegun 26.7.3-4)."""
+    theta = math.atan(t / math.sqrt(df))
+    cos2 = math.cos(theta) ** 2
+    if df % 2:
+        term, total = math.cos(theta), 0.0
+        for k in range(1, (df - 1) // 2 + 1):  # cos + 2/3 cos^3 + 2*4/(3*5) cos^5 ...
+            total += term
+            term *= cos2 * (2 * k) / (2 * k + 1)
+        return 2.0 / math.pi * (theta + math.sin(theta) * total)
+    term, total = 1.0, 0.0
+    for k in range(1, df // 2 + 1):  # 1 + 1/2 cos^2 + 1*3/(2*4) cos^4 ...
+        total += term
+        term *= cos2 * (2 * k - 1) / (2 * k)
+    return math.sin(theta) * total
+
+
+def t_quantile_95(df: int) -> float:
+    """The two-sided 95% quantile of Student's t with ``df`` degrees of freedom (bisection)."""
+    low, high = 0.0, 1000.0
+    for _ in range(100):
+        middle = 0.5 * (low + high)
+        low, high = (middle, high) if _student_t_within(middle, df) < 0.95 else (low, middle)
+    return 0.5 * (low + high)
 
 
 @dataclasses.dataclass
@@ -149,7 +173,8 @@ def _exact_shapley(players, f: Callable[[frozenset], float]) -> dict[str, float]
 
 def _sampled_shapley(players, orders, f: Callable[[frozenset], float]) -> tuple[dict[str, float], dict[str, float]]:
     """Mean over antithetic pairs of each player's marginal contribution (averaged over the
-    pair's two orders), and 1.96 standard errors of that mean."""
+    pair's two orders), and the 95% half-width of that mean: Student's t quantile for
+    ``pairs - 1`` degrees of freedom times the standard error from the sample variance."""
     samples: dict[str, list[float]] = {p: [] for p in players}
     for order, reverse in zip(orders[0::2], orders[1::2]):
         pair = dict.fromkeys(players, 0.0)
@@ -168,7 +193,7 @@ def _sampled_shapley(players, orders, f: Callable[[frozenset], float]) -> tuple[
         mean = sum(values) / n
         variance = sum((v - mean) ** 2 for v in values) / (n - 1)
         estimate[player] = mean
-        error[player] = Z_95 * math.sqrt(variance / n)
+        error[player] = t_quantile_95(n - 1) * math.sqrt(variance / n)
     return estimate, error
 
 

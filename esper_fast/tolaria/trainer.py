@@ -671,7 +671,7 @@ def slot_attribution(
     ``exact_max_slots``; above, estimated from ``permutations`` sampled orders in
     antithetic pairs (each order followed by its reverse; ``torch.randperm`` on
     ``generator``, default a fresh generator seeded with 0) with a 95% error bound
-    (1.96 standard errors over the pairs). Every sampled order's subsets are measured
+    (Student's t over the pairs' samples). Every sampled order's subsets are measured
     exactly. Also, exact in both cases: the leave-one-out and alone-on contributions and
     every pair's interaction (see :mod:`esper_fast.tolaria.attribution`).
 
