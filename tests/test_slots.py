@@ -234,6 +234,24 @@ def test_per_sample_alphas_match_the_forward_row_by_row():
             assert_close(output, torch.stack(rows), dtype=torch.float32, what=str(configuration))
 
 
+def test_per_sample_alphas_without_the_walk_force_the_tensor_into_each_forward():
+    torch.manual_seed(0)
+    model = cnn_model()
+    grow(model, "block2_post", "conv_light", SeedStage.TRAINING, 0.0)  # a tensor alpha blends in TRAINING too
+    grow(model, "block3_post", "depthwise", SeedStage.BLENDING, 0.5)
+    model.eval()
+    x = cnn_images(4)
+    ramp = torch.linspace(0, 1, 4)
+    configurations = [{"block2_post": ramp}, {"block3_post": ramp, "block2_post": 0.0}]
+    with torch.no_grad():
+        walked = model.forward_configurations(x, configurations)
+        model.slot("block3_post").register_forward_pre_hook(lambda m, args: None)  # no walk now
+        forwarded = model.forward_configurations(x, configurations)
+    for a, b in zip(walked, forwarded):
+        assert_close(a, b, dtype=torch.float32)
+    assert model.slot("block2_post").alpha == 0.0 and float(model.slot("block2_post")._alpha_value) == 0.0
+
+
 def test_stacked_outputs_and_groups():
     torch.manual_seed(0)
     model = cnn_model()

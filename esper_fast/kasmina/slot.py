@@ -378,9 +378,15 @@ class SeedSlot(nn.Module):
     # ---------------------------------------------------------------- alpha
 
     def _sync_alpha(self) -> None:
-        # The device copy a compiled forward reads; a fill, no host synchronisation.
+        # The device copy a compiled forward reads; a fill, no host synchronisation. A
+        # per-sample alpha forced for an eager forward has no scalar copy.
+        alpha = self.alpha
+        if isinstance(alpha, torch.Tensor):
+            if alpha.numel() != 1:
+                return
+            alpha = alpha.reshape(())
         with torch.no_grad():
-            self._alpha_value.fill_(self.alpha)
+            self._alpha_value.fill_(alpha)
 
     def set_alpha(self, alpha: float) -> None:
         """Set the blend weight, clamped to [0, 1]; a no-op without a seed."""
@@ -393,6 +399,8 @@ class SeedSlot(nn.Module):
     def force_alpha(self, value: float):
         """Within the block alpha is ``value`` (for counterfactual validation, typically 0.0);
         the previous alpha comes back on exit, even on error. A no-op without a seed.
+        ``value`` may be a per-sample tensor ``[B]`` for an eager forward (it then blends in
+        every active stage, TRAINING included).
 
         Not thread-safe and not re-entrant: use it in single-threaded eval only.
         """
@@ -677,7 +685,7 @@ class SeedSlot(nn.Module):
         if not self.is_active or not is_active_stage(state.stage):
             return host_features
         seed_features = self._seed_features(host_features)
-        if state.stage == SeedStage.TRAINING and state.alpha == 0.0:
+        if state.stage == SeedStage.TRAINING and not isinstance(state.alpha, torch.Tensor) and state.alpha == 0.0:
             if _DEBUG_STE:
                 assert seed_features.requires_grad, "STE needs a seed output that requires grad"
             return ste_forward(host_features, seed_features)
