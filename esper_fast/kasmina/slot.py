@@ -399,8 +399,8 @@ class SeedSlot(nn.Module):
     def force_alpha(self, value: float):
         """Within the block alpha is ``value`` (for counterfactual validation, typically 0.0);
         the previous alpha comes back on exit, even on error. A no-op without a seed.
-        ``value`` may be a per-sample tensor ``[B]`` for an eager forward (it then blends in
-        every active stage, TRAINING included).
+        ``value`` may be a per-sample tensor ``[B]`` for an eager forward (it blends in every
+        active stage, TRAINING included).
 
         Not thread-safe and not re-entrant: use it in single-threaded eval only.
         """
@@ -685,7 +685,8 @@ class SeedSlot(nn.Module):
         if not self.is_active or not is_active_stage(state.stage):
             return host_features
         seed_features = self._seed_features(host_features)
-        if state.stage == SeedStage.TRAINING and not isinstance(state.alpha, torch.Tensor) and state.alpha == 0.0:
+        per_sample = isinstance(state.alpha, torch.Tensor) and state.alpha.numel() > 1
+        if state.stage == SeedStage.TRAINING and not per_sample and state.alpha == 0.0:
             if _DEBUG_STE:
                 assert seed_features.requires_grad, "STE needs a seed output that requires grad"
             return ste_forward(host_features, seed_features)
