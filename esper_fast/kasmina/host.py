@@ -538,14 +538,17 @@ class MorphogeneticModel(nn.Module):
 
         A configuration maps slot ids to the alpha their slot is forced to: a float (0.0
         switches the seed off) or a per-sample tensor ``[B]``; a slot it does not name (or
-        names with None) runs as it is. Where the model splits exactly (:meth:`_splits`;
-        in eval mode, no module mixing the samples of a batch) this is one walk over the
-        host: each segment between slots runs once on every distinct configuration of the
-        slots above it, stacked along the batch; each seed runs once per distinct input;
-        a slot whose seed cannot change its output (no seed, or the straight-through
-        estimator at alpha 0) does not split; configurations that coincide share one output
-        tensor. The outputs are then views of one stacked tensor. Otherwise: one ordinary
-        forward per configuration.
+        names with None) runs as it is.
+
+        Where the walk is exactly the forward (no hook or compiled wrapper on the model, a
+        slot or the host; a host that splits, see :func:`splits_at_slots`; no module that
+        mixes the samples of a batch: eval mode, BatchNorm with running statistics) this is
+        one walk over the host: each segment between slots runs once on every distinct
+        configuration of the slots above it, stacked along the batch; each seed runs once
+        per distinct input; a slot whose seed cannot change its output (no seed, or the
+        straight-through estimator at alpha 0) does not split; configurations that coincide
+        share one output tensor. The outputs are then views of one stacked tensor.
+        Otherwise: one ordinary forward per configuration. See docs/SLOTS.md.
         """
         slots, configurations = self._checked_configurations(configurations)
         split = self._split_points(slots, configurations)
