@@ -68,6 +68,11 @@ def _utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def _per_sample(alpha) -> bool:
+    """A forced per-sample alpha (a tensor of several elements), which always blends."""
+    return isinstance(alpha, torch.Tensor) and alpha.numel() > 1
+
+
 def _trainable_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
@@ -685,8 +690,8 @@ class SeedSlot(nn.Module):
         if not self.is_active or not is_active_stage(state.stage):
             return host_features
         seed_features = self._seed_features(host_features)
-        per_sample = isinstance(state.alpha, torch.Tensor) and state.alpha.numel() > 1
-        if state.stage == SeedStage.TRAINING and not per_sample and state.alpha == 0.0:
+        # Alpha is read only in TRAINING: a compiled graph of a later stage does not guard on it.
+        if state.stage == SeedStage.TRAINING and not _per_sample(state.alpha) and state.alpha == 0.0:
             if _DEBUG_STE:
                 assert seed_features.requires_grad, "STE needs a seed output that requires grad"
             return ste_forward(host_features, seed_features)
