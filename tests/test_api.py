@@ -11,12 +11,12 @@ CONTRACT = {
     "esper_fast.tolaria": [
         "create_model", "train_epoch_normal", "train_epoch_incubator_mode", "train_epoch_blended",
         "validate_and_get_metrics", "validate_with_attribution", "AttributionResult",
-        "validate_epoch", "EpochValidation", "TolariaGovernor", "GovernorReport",
+        "validate_epoch", "EpochValidation", "slot_attribution", "SlotAttribution", "TolariaGovernor", "GovernorReport",
     ],
     "esper_fast.tolaria.trainer": [
         "train_epoch_normal", "train_epoch_incubator_mode", "train_epoch_blended",
         "validate_and_get_metrics", "validate_with_attribution", "AttributionResult",
-        "validate_epoch", "EpochValidation",
+        "validate_epoch", "EpochValidation", "slot_attribution", "SlotAttribution",
     ],
     "esper_fast.tolaria.governor": ["TolariaGovernor", "GovernorReport"],
     "esper_fast.kasmina": [

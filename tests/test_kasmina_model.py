@@ -763,8 +763,9 @@ def test_model_signature_and_wiring():
     params = inspect.signature(MorphogeneticModel).parameters
     assert [(n, p.default) for n, p in params.items()] == [
         ("host", inspect.Parameter.empty), ("device", "cpu"), ("slot_id", None), ("task_config", None),
-        ("fast_mode", False),
+        ("fast_mode", False), ("slots", None),
     ]
+    assert params["slots"].kind is inspect.Parameter.KEYWORD_ONLY  # an option after the original's five
     config = TaskConfig.for_cifar10()
     model = MorphogeneticModel(CNNHost(base_channels=4), task_config=config)
     assert model.slot_id == "block2_post" and model._device == "cpu" and model.task_config is config

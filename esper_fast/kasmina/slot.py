@@ -68,6 +68,11 @@ def _utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def _per_sample(alpha) -> bool:
+    """A forced per-sample alpha (a tensor of several elements), which always blends."""
+    return isinstance(alpha, torch.Tensor) and alpha.numel() > 1
+
+
 def _trainable_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
@@ -342,6 +347,13 @@ class SeedSlot(nn.Module):
         return self.seed is not None and self.state is not None
 
     @property
+    def is_live(self) -> bool:
+        """True while the seed's fate is open: germinated and not yet fossilized or culled
+        (GERMINATED through PROBATIONARY). Counterfactual attribution judges live seeds;
+        a fossilized seed is part of the model."""
+        return self.is_active and SeedStage.GERMINATED <= self.state.stage <= SeedStage.PROBATIONARY
+
+    @property
     def alpha(self) -> float:
         return self.state.alpha if self.state else 0.0
 
@@ -371,9 +383,15 @@ class SeedSlot(nn.Module):
     # ---------------------------------------------------------------- alpha
 
     def _sync_alpha(self) -> None:
-        # The device copy a compiled forward reads; a fill, no host synchronisation.
+        # The device copy a compiled forward reads; a fill, no host synchronisation. A
+        # per-sample alpha forced for an eager forward has no scalar copy.
+        alpha = self.alpha
+        if isinstance(alpha, torch.Tensor):
+            if alpha.numel() != 1:
+                return
+            alpha = alpha.reshape(())
         with torch.no_grad():
-            self._alpha_value.fill_(self.alpha)
+            self._alpha_value.fill_(alpha)
 
     def set_alpha(self, alpha: float) -> None:
         """Set the blend weight, clamped to [0, 1]; a no-op without a seed."""
@@ -386,6 +404,8 @@ class SeedSlot(nn.Module):
     def force_alpha(self, value: float):
         """Within the block alpha is ``value`` (for counterfactual validation, typically 0.0);
         the previous alpha comes back on exit, even on error. A no-op without a seed.
+        ``value`` may be a per-sample tensor ``[B]`` for an eager forward (it blends in every
+        active stage, TRAINING included).
 
         Not thread-safe and not re-entrant: use it in single-threaded eval only.
         """
@@ -670,7 +690,8 @@ class SeedSlot(nn.Module):
         if not self.is_active or not is_active_stage(state.stage):
             return host_features
         seed_features = self._seed_features(host_features)
-        if state.stage == SeedStage.TRAINING and state.alpha == 0.0:
+        # Alpha is read only in TRAINING: a compiled graph of a later stage does not guard on it.
+        if state.stage == SeedStage.TRAINING and not _per_sample(state.alpha) and state.alpha == 0.0:
             if _DEBUG_STE:
                 assert seed_features.requires_grad, "STE needs a seed output that requires grad"
             return ste_forward(host_features, seed_features)
@@ -688,41 +709,83 @@ class SeedSlot(nn.Module):
         topology = self.task_config.topology if self.task_config is not None else None
         return not (topology == "transformer" and self.state.stage in _HOST_GRADIENT_STAGES)
 
+    def configuration_key(self, alpha=None):
+        """What the slot's output is under ``alpha`` (None: the current alpha), as a hashable
+        key: equal keys mean bit-identical outputs for the same input.
+
+        ``"host"`` when the features pass unchanged (no seed in an active stage, or the
+        straight-through estimator: TRAINING at a float alpha of 0); ``("float", a)`` for a
+        blend at scalar ``a`` clamped to [0, 1]; ``("tensor", id(alpha))`` for a per-sample
+        alpha (the same tensor object is the same configuration).
+        """
+        if alpha is None:
+            alpha = self.alpha
+        state = self.state
+        if not self.is_active or not is_active_stage(state.stage):
+            return "host"
+        if isinstance(alpha, torch.Tensor):
+            return ("tensor", id(alpha))
+        if state.stage == SeedStage.TRAINING and alpha == 0.0:
+            return "host"
+        return ("float", max(0.0, min(1.0, alpha)))
+
     def forward_alpha_configs(self, host_features: torch.Tensor, alphas) -> tuple[torch.Tensor, list[int]]:
         """The slot's output under each alpha in ``alphas``, the seed run once (eval, no grad).
 
         Each alpha is a float or a per-sample tensor ``[B]`` (broadcast like ``blend``'s) and
         gives what :meth:`forward` gives inside ``force_alpha(alpha)``. Returns ``(features,
         groups)``: the distinct outputs stacked along the batch (``[G * B, ...]``) and, per
-        alpha, the index of its output. The host features themselves are one output (no
-        live seed, or the straight-through estimator at alpha 0); each distinct float alpha
-        is one fused blend (the same scalar kernel as the forward), each tensor alpha one
-        per-sample fused blend.
+        alpha, the index of its output. Alphas with equal :meth:`configuration_key` share
+        one output: the host features themselves (no live seed, or the straight-through
+        estimator at alpha 0), one fused blend per distinct float alpha (the same scalar
+        kernel as the forward), one per-sample fused blend per tensor alpha.
         """
-        state = self.state
-        live = self.is_active and is_active_stage(state.stage)
-        outputs: list[torch.Tensor] = []
-        keys: dict = {}
+        requests: list = []
+        index: dict = {}
         groups: list[int] = []
-        seed_features = None
         for alpha in alphas:
-            is_tensor = isinstance(alpha, torch.Tensor)
-            if not live or (not is_tensor and state.stage == SeedStage.TRAINING and alpha == 0.0):
-                key = "host"
+            key = self.configuration_key(alpha)
+            if key not in index:
+                index[key] = len(requests)
+                requests.append((0, alpha))
+            groups.append(index[key])
+        outputs = self.forward_groups(host_features, 1, requests)
+        return (outputs[0] if len(outputs) == 1 else torch.cat(outputs)), groups
+
+    def forward_groups(self, features: torch.Tensor, num_groups: int, requests) -> list[torch.Tensor]:
+        """The slot's outputs for several inputs stacked along the batch (eval, no grad).
+
+        ``features`` holds ``num_groups`` inputs of B rows each (``[num_groups * B, ...]``);
+        each request ``(group, alpha)`` asks for the output on rows ``group * B ..`` under
+        ``alpha`` (None: the current alpha), as :meth:`forward` gives it inside
+        ``force_alpha(alpha)``. The seed runs once, on the stacked inputs of the groups that
+        need it (a view when they are contiguous); a request whose :meth:`configuration_key`
+        is ``"host"`` gets a view of its input rows. Returns one tensor of B rows per request.
+        """
+        batch = features.shape[0] // num_groups if num_groups else 0
+        keys = [self.configuration_key(alpha) for _, alpha in requests]
+        needs_seed = sorted({group for (group, _), key in zip(requests, keys) if key != "host"})
+        seed_rows: dict[int, torch.Tensor] = {}
+        if needs_seed:
+            first, last = needs_seed[0], needs_seed[-1]
+            if last - first + 1 == len(needs_seed):  # contiguous groups: a view, no copy
+                seed_input = features[first * batch : (last + 1) * batch]
             else:
-                key = ("tensor", id(alpha)) if is_tensor else ("float", max(0.0, min(1.0, alpha)))
-            if key not in keys:
-                if key == "host":
-                    out = host_features
-                else:
-                    if seed_features is None:
-                        seed_features = self._seed_features(host_features)
-                    out = blend_with_isolation(host_features, seed_features, alpha, detach_host=self._detaches_host())
-                keys[key] = len(outputs)
-                outputs.append(out)
-            groups.append(keys[key])
-        features = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-        return features, groups
+                seed_input = torch.cat([features[g * batch : (g + 1) * batch] for g in needs_seed])
+            seed_output = self._seed_features(seed_input)
+            for i, group in enumerate(needs_seed):
+                seed_rows[group] = seed_output[i * batch : (i + 1) * batch]
+        outputs = []
+        for (group, alpha), key in zip(requests, keys):
+            host_rows = features[group * batch : (group + 1) * batch]
+            if key == "host":
+                outputs.append(host_rows)
+            else:
+                alpha = self.alpha if alpha is None else alpha
+                outputs.append(
+                    blend_with_isolation(host_rows, seed_rows[group], alpha, detach_host=self._detaches_host())
+                )
+        return outputs
 
     @torch.compiler.disable
     def forward(self, host_features: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,8 @@ from esper_fast.tolaria.governor import GovernorReport, TolariaGovernor
 from esper_fast.tolaria.trainer import (
     AttributionResult,
     EpochValidation,
+    SlotAttribution,
+    slot_attribution,
     train_epoch_blended,
     train_epoch_incubator_mode,
     train_epoch_normal,
@@ -23,6 +25,8 @@ __all__ = [
     "AttributionResult",
     "validate_epoch",
     "EpochValidation",
+    "slot_attribution",
+    "SlotAttribution",
     "TolariaGovernor",
     "GovernorReport",
 ]

@@ -88,7 +88,9 @@ class TolariaGovernor:
 
     ``last_good_state`` maps each state-dict key to a tensor that does not require grad
     (views into the snapshot buffer) and each non-tensor value to a deep copy. Parameters
-    and buffers of a live (not FOSSILIZED) seed in ``model.seed_slot`` are left out.
+    and buffers of a live (not FOSSILIZED) seed are left out. The governor watches every
+    slot of the model (``model.seed_slots`` where the model has several, else
+    ``model.seed_slot``): the snapshot covers them all and a rollback culls every live seed.
     """
 
     def __init__(
@@ -185,29 +187,48 @@ class TolariaGovernor:
         self._plain_state = None
         self._plain_optimizer_states = None
 
-    def _live_seed_slot(self):
-        """``model.seed_slot`` when it holds a live (not FOSSILIZED) seed, else None."""
+    def _seed_slots(self) -> list:
+        """Every seed slot of the model, in host order: ``model.seed_slots`` (a model with
+        several slots) or ``model.seed_slot`` (any model with one, the original's included)."""
+        slots = getattr(self.model, "seed_slots", None)
+        if slots is not None:
+            return list(slots.values())
         slot = getattr(self.model, "seed_slot", None)
-        state = getattr(slot, "state", None)
-        if state is None or state.stage == SeedStage.FOSSILIZED:
-            return None
-        return slot
+        return [] if slot is None else [slot]
+
+    def _live_seed_slots(self) -> list:
+        """The slots holding a live (not FOSSILIZED) seed state."""
+        live = []
+        for slot in self._seed_slots():
+            state = getattr(slot, "state", None)
+            if state is not None and state.stage != SeedStage.FOSSILIZED:
+                live.append(slot)
+        return live
 
     def _live_seed_prefixes(self) -> tuple:
-        """State-dict key prefixes owned by the live seed (its module and its alpha schedule)."""
-        slot = self._live_seed_slot()
-        if slot is None:
+        """State-dict key prefixes owned by the live seeds (their modules and alpha schedules)."""
+        owned = [
+            m
+            for slot in self._live_seed_slots()
+            for m in (getattr(slot, "seed", None), getattr(slot, "alpha_schedule", None))
+            if isinstance(m, nn.Module)
+        ]
+        if not owned:
             return ()
-        owned = [m for m in (getattr(slot, "seed", None), getattr(slot, "alpha_schedule", None)) if isinstance(m, nn.Module)]
         # A slot may be registered under several names (model.seed_slot and host.slots.<id>).
         modules = self.model.named_modules(remove_duplicate=False)
         return tuple(name + "." for name, module in modules if any(module is m for m in owned))
 
     def _empty_slot_extra_states(self, keys) -> dict:
-        """The live seed's slot as a snapshot records it: no seed state, no ramp. The seed is
-        culled at rollback, so restoring its lifecycle state would leave a state without a seed."""
-        slot = self._live_seed_slot()
-        names = {name + "._extra_state" for name, m in self.model.named_modules(remove_duplicate=False) if m is slot}
+        """The live seeds' slots as a snapshot records them: no seed state, no ramp. The seeds
+        are culled at rollback, so restoring their lifecycle state would leave a state without
+        a seed."""
+        live = self._live_seed_slots()
+        names = {
+            name + "._extra_state"
+            for name, m in self.model.named_modules(remove_duplicate=False)
+            if any(m is slot for slot in live)
+        }
         return {key: {"seed_state": None, "alpha_schedule": None} for key in keys if key in names}
 
     def _optimizer_state(self):
@@ -281,7 +302,7 @@ class TolariaGovernor:
         optimizer: torch.optim.Optimizer | None = None,
         optimizers: Iterable[torch.optim.Optimizer] | None = None,
     ) -> GovernorReport:
-        """Cull the live seed, restore the Last Known Good state in place, report.
+        """Cull every live seed, restore the Last Known Good state in place, report.
 
         Parameters keep their identity (optimizers stay valid); buffers such as BatchNorm
         running statistics are restored too. Tracked optimizers (the governor's
@@ -299,8 +320,7 @@ class TolariaGovernor:
         if state is None:
             raise RuntimeError("Governor panic before first snapshot!")
 
-        slot = self._live_seed_slot()
-        if slot is not None:
+        for slot in self._live_seed_slots():
             slot.cull("governor_rollback")
 
         if self._plain_state is not None or using_reference():

@@ -6,6 +6,10 @@ synchronisation inside the batch loop and one read of the results per call. Unde
 ``esper_fast.ops.reference_mode()`` they run the original algorithm instead (per-batch criterion,
 argmax, ``torch.bincount`` per class, two attribution passes), which the benchmarks time against.
 
+``validate_epoch`` and ``slot_attribution`` also judge every live seed of a model with several
+slots (Shapley values, leave-one-out, alone-on, interactions; :mod:`esper_fast.tolaria.attribution`)
+from the configurations of its slots, measured in the same pass over the test set.
+
 Performance note: these functions are ``torch.compile`` compatible. For more speed, compile the
 model before passing it in, e.g. ``train_epoch_normal(torch.compile(model), ...)``; the
 metrics kernel is a registered custom op, so a compiled model's outputs feed it directly.
@@ -13,6 +17,7 @@ metrics kernel is a registered custom op, so a compiled model's outputs feed it 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -21,7 +26,10 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from esper_fast.kasmina.host import forced_alphas
 from esper_fast.ops.metrics import MetricsAccumulator, MetricsResult
+from esper_fast.tolaria.attribution import AttributionPlan, SlotAttribution, attribute, plan_attribution
+from esper_fast.tolaria.configuration_metrics import ConfigurationMetrics
 from esper_fast.tolaria.distributed import process_group, reduce_results
 from esper_fast.ops.mode import using_reference
 from esper_fast.ops.reference import batch_loss_reference, batch_metrics_reference
@@ -30,6 +38,8 @@ __all__ = [
     "AttributionResult",
     "EpochValidation",
     "validate_epoch",
+    "SlotAttribution",
+    "slot_attribution",
     "train_epoch_normal",
     "train_epoch_incubator_mode",
     "train_epoch_blended",
@@ -64,7 +74,9 @@ class AttributionResult:
 @dataclasses.dataclass
 class EpochValidation:
     """One epoch's validation: what ``validate_and_get_metrics`` returns, plus the
-    counterfactual ``attribution`` (None when not asked for or the model has no seed)."""
+    counterfactual ``attribution`` of the main slot (None when not asked for or the model
+    has no seed) and ``slot_attribution``, the attribution of every live slot (None when
+    not asked for or no slot holds a live seed)."""
 
     val_loss: float
     val_accuracy: float
@@ -73,6 +85,7 @@ class EpochValidation:
     per_class_acc: dict[int, float] | None
     perplexity: float | None
     attribution: AttributionResult | None
+    slot_attribution: SlotAttribution | None = None
 
 
 def _compute_loss(outputs: torch.Tensor, labels: torch.Tensor, criterion: nn.Module, task_type: str) -> torch.Tensor:
@@ -164,6 +177,18 @@ def _logits_and_targets(outputs: torch.Tensor, labels: torch.Tensor, task_type: 
     return outputs, labels
 
 
+@dataclasses.dataclass(frozen=True)
+class _ValidationSpec:
+    """How a validation call measures: the loss, where batches go, and per-class counting
+    (of the real configuration only; ``num_classes`` sizes it)."""
+
+    criterion: nn.Module
+    device: str
+    task_type: str
+    per_class: bool
+    num_classes: int | None
+
+
 class _FusedPass:
     """One validation pass's metrics; the accumulator is made at the first batch (C is known then)."""
 
@@ -185,10 +210,10 @@ class _FusedPass:
         self.accumulator.update(logits, targets, loss)
 
 
-def _run_fused_pass(model, loader, criterion, device, task_type, per_class) -> _FusedPass:
-    fused = _FusedPass(criterion, task_type, per_class)
+def _run_fused_pass(model, loader, spec: _ValidationSpec, per_class: bool) -> _FusedPass:
+    fused = _FusedPass(spec.criterion, spec.task_type, per_class)
     for batch in loader:
-        inputs, labels = _to_device(batch, device)
+        inputs, labels = _to_device(batch, spec.device)
         fused.add(model(inputs), labels)
     return fused
 
@@ -199,7 +224,7 @@ def _shares_the_host_pass(model: nn.Module) -> bool:
     return callable(getattr(type(model), "forward_alpha_configs", None))
 
 
-def _run_attribution_pass(model, loader, criterion, device, task_type, per_class) -> tuple[_FusedPass, _FusedPass]:
+def _run_attribution_pass(model, loader, spec: _ValidationSpec) -> tuple[_FusedPass, _FusedPass]:
     """The real and the alpha-0 metrics over ``loader`` in one pass over the data.
 
     With a model that shares the host pass (:meth:`MorphogeneticModel.forward_alpha_configs`)
@@ -208,11 +233,11 @@ def _run_attribution_pass(model, loader, criterion, device, task_type, per_class
     inside ``seed_slot.force_alpha(0.0)``.
     """
     slot = model.seed_slot
-    real = _FusedPass(criterion, task_type, per_class)
-    baseline = _FusedPass(criterion, task_type, per_class=False)
+    real = _FusedPass(spec.criterion, spec.task_type, spec.per_class)
+    baseline = _FusedPass(spec.criterion, spec.task_type, per_class=False)
     shared = _shares_the_host_pass(model)
     for batch in loader:
-        inputs, labels = _to_device(batch, device)
+        inputs, labels = _to_device(batch, spec.device)
         if shared:
             real_outputs, baseline_outputs = model.forward_alpha_configs(inputs, (slot.alpha, 0.0))
         else:
@@ -222,6 +247,75 @@ def _run_attribution_pass(model, loader, criterion, device, task_type, per_class
         real.add(real_outputs, labels)
         baseline.add(baseline_outputs, labels)
     return real, baseline
+
+
+def _forward_configurations(model, inputs: torch.Tensor, configurations: list[dict]) -> tuple[torch.Tensor, list[int]]:
+    """The outputs of every configuration stacked along the batch, and each one's row group:
+    the model's shared walk (:meth:`MorphogeneticModel.forward_configurations_stacked`), or
+    for any other model one forward per configuration with its slots' alphas forced."""
+    if callable(getattr(type(model), "forward_configurations_stacked", None)):
+        return model.forward_configurations_stacked(inputs, configurations)
+    slots = model.seed_slots
+    outputs = []
+    for configuration in configurations:
+        with forced_alphas(slots, configuration):
+            outputs.append(model(inputs))
+    return torch.cat(outputs), list(range(len(outputs)))
+
+
+class _ConfigurationsPass:
+    """One validation pass's metrics of K configurations of the model, from their outputs
+    stacked along the batch; per-class counts (with ``spec.per_class``) for the first.
+
+    With the criterion the kernel computes and outside a process group the stacked logits
+    go to one :class:`ConfigurationMetrics`; otherwise each configuration has its own
+    :class:`_FusedPass` (which evaluates a custom criterion, and which the process group's
+    reduction reads).
+    """
+
+    def __init__(self, spec: _ValidationSpec, num_configs: int):
+        self.spec = spec
+        self.num_configs = num_configs
+        self.stacked = _kernel_computes_loss(spec.criterion) and process_group() is None
+        self.metrics: ConfigurationMetrics | None = None
+        self.passes = [] if self.stacked else [
+            _FusedPass(spec.criterion, spec.task_type, per_class=spec.per_class and k == 0) for k in range(num_configs)
+        ]
+
+    def add(self, outputs: torch.Tensor, groups: list[int], labels: torch.Tensor) -> None:
+        batch = labels.shape[0]
+        if not self.stacked:
+            for fused, group in zip(self.passes, groups):
+                fused.add(outputs[group * batch : (group + 1) * batch], labels)
+            return
+        if groups != list(range(self.num_configs)):
+            outputs = torch.cat([outputs[g * batch : (g + 1) * batch] for g in groups])
+        logits = outputs.reshape(-1, outputs.size(-1)) if self.spec.task_type == "lm" else outputs
+        if self.metrics is None:
+            ignore_index = int(getattr(self.spec.criterion, "ignore_index", -100))
+            self.metrics = ConfigurationMetrics(
+                self.num_configs, logits.size(-1), logits.device, per_class=self.spec.per_class, ignore_index=ignore_index
+            )
+        self.metrics.update(logits, labels.reshape(-1))
+
+    def read(self, train: _FusedPass | None, num_classes: int) -> tuple[list[MetricsResult | None], MetricsResult | None]:
+        """Every configuration's results and the train pass's: one device read for the
+        per-configuration passes with the train pass, two with :class:`ConfigurationMetrics`."""
+        extra = [] if train is None else [train]
+        if not self.stacked:
+            results = _read([*self.passes, *extra], num_classes)
+            return results[: self.num_configs], (results[-1] if extra else None)
+        results = self.metrics.compute() if self.metrics is not None else [None] * self.num_configs
+        return results, (_read(extra, num_classes)[0] if extra else None)
+
+
+def _run_configurations_pass(model, loader, spec: _ValidationSpec, configurations: list[dict]) -> _ConfigurationsPass:
+    configured = _ConfigurationsPass(spec, len(configurations))
+    for batch in loader:
+        inputs, labels = _to_device(batch, spec.device)
+        outputs, groups = _forward_configurations(model, inputs, configurations)
+        configured.add(outputs, groups, labels)
+    return configured
 
 
 def _attribution_result(real: MetricsResult | None, baseline: MetricsResult | None) -> AttributionResult:
@@ -253,15 +347,16 @@ def _read(passes: list[_FusedPass], num_classes: int = 0) -> list[MetricsResult 
 # ---------------------------------------------------------------- validation: reference path
 
 
-def _run_reference_pass(model, loader, criterion, device, task_type, per_class, num_classes) -> MetricsResult | None:
+def _run_reference_pass(model, loader, spec: _ValidationSpec, per_class: bool) -> MetricsResult | None:
     """The original loop: criterion, argmax and bincounts per batch, one read per tensor at the end."""
+    num_classes = spec.num_classes
     loss_sum = correct = class_total = class_correct = None
     total = batches = 0
     for batch in loader:
-        inputs, labels = _to_device(batch, device)
+        inputs, labels = _to_device(batch, spec.device)
         outputs = model(inputs)
-        loss = batch_loss_reference(outputs, labels, criterion, task_type)
-        counts = batch_metrics_reference(outputs, labels, num_classes, per_class, task_type)
+        loss = batch_loss_reference(outputs, labels, spec.criterion, spec.task_type)
+        counts = batch_metrics_reference(outputs, labels, num_classes, per_class, spec.task_type)
         loss_sum = loss if loss_sum is None else loss_sum + loss
         correct = counts["correct"] if correct is None else correct + counts["correct"]
         total += counts["total"]
@@ -294,6 +389,105 @@ def _grad_free(model: nn.Module):
         if not known or getattr(cls, "_keeps_tensors_across_calls", False):
             return torch.no_grad()
     return torch.inference_mode()
+
+
+@contextlib.contextmanager
+def _evaluating(model: nn.Module):
+    """The block runs in eval mode without gradients; the model's train/eval mode comes back
+    afterwards, even when the block raises."""
+    was_training = model.training
+    model.eval()
+    try:
+        with _grad_free(model):
+            yield
+    finally:
+        model.train(was_training)
+
+
+# The configurations the validation passes measure: the model as it is, the main slot's
+# alpha forced to 0 (``force_alpha(0.0)`` on ``model.seed_slot``, as the original), or a
+# mapping slot id -> forced alpha over ``model.seed_slots``.
+AS_IS = "as_is"
+BASELINE = "baseline"
+
+
+def _slot_configuration(model, configuration) -> dict:
+    if configuration == AS_IS:
+        return {}
+    if configuration == BASELINE:
+        return {model.slot_id: 0.0}
+    return dict(configuration)
+
+
+def _configuration_key(slots, configuration: dict) -> tuple:
+    return tuple(slot.configuration_key(configuration.get(slot_id)) for slot_id, slot in slots.items())
+
+
+def _validation_results(
+    model: nn.Module,
+    testloader: BatchIterable,
+    spec: _ValidationSpec,
+    *,
+    trainloader: BatchIterable | None = None,
+    configurations=(AS_IS,),
+) -> tuple[list[MetricsResult | None], MetricsResult | None]:
+    """Each configuration's metrics over ``testloader`` (per-class counts, with
+    ``spec.per_class``, for the first), and the metrics of the model as is over the first
+    ``TRAIN_METRIC_BATCHES`` batches of ``trainloader`` (None without one). A result is None
+    for a loader that yielded no batch. Call inside :func:`_evaluating`.
+
+    ``AS_IS`` and ``BASELINE`` alone work with any model that has a ``seed_slot``: one pass
+    over ``testloader`` for both (the host pass shared, see :func:`validate_with_attribution`)
+    and one device read. Slot configurations (mappings) need ``model.seed_slots``: one pass,
+    each segment of the host once per distinct configuration above it
+    (:meth:`MorphogeneticModel.forward_configurations`); configurations with equal outputs
+    are measured once. Under ``reference_mode()``: the original loops, one pass per
+    configuration with the slots' alphas forced. The train iterator is made first, then
+    the test passes run, then the train pass.
+    """
+    train_batches = None if trainloader is None else itertools.islice(trainloader, TRAIN_METRIC_BATCHES)
+    if all(configuration in (AS_IS, BASELINE) for configuration in configurations):
+        counterfactual = BASELINE in configurations
+        real, train, baseline = _real_and_baseline(model, testloader, train_batches, spec, counterfactual)
+        return [real if configuration == AS_IS else baseline for configuration in configurations], train
+    slots = model.seed_slots
+    requested = [_slot_configuration(model, configuration) for configuration in configurations]
+    distinct: dict[tuple, int] = {}
+    position = [distinct.setdefault(_configuration_key(slots, c), len(distinct)) for c in requested]
+    measured = [requested[position.index(i)] for i in range(len(distinct))]
+    if using_reference():
+        results = []
+        for i, configuration in enumerate(measured):
+            with forced_alphas(slots, configuration):
+                results.append(_run_reference_pass(model, testloader, spec, spec.per_class and i == 0))
+        train = None if train_batches is None else _run_reference_pass(model, train_batches, spec, False)
+    else:
+        configured = _run_configurations_pass(model, testloader, spec, measured)
+        train_pass = None if train_batches is None else _run_fused_pass(model, train_batches, spec, False)
+        results, train = configured.read(train_pass, spec.num_classes or 0)
+    return [results[i] for i in position], train
+
+
+def _real_and_baseline(model, testloader, train_batches, spec: _ValidationSpec, counterfactual: bool):
+    """``(real, train, baseline)`` of the model as is and with ``model.seed_slot``'s alpha at
+    0 (None unless ``counterfactual``): the fused pass or the original loops."""
+    if using_reference():
+        real = _run_reference_pass(model, testloader, spec, spec.per_class)
+        baseline = train = None
+        if counterfactual:
+            with model.seed_slot.force_alpha(0.0):
+                baseline = _run_reference_pass(model, testloader, spec, False)
+        if train_batches is not None:
+            train = _run_reference_pass(model, train_batches, spec, False)
+        return real, train, baseline
+    if counterfactual:
+        real_pass, baseline_pass = _run_attribution_pass(model, testloader, spec)
+    else:
+        real_pass, baseline_pass = _run_fused_pass(model, testloader, spec, spec.per_class), None
+    train_pass = None if train_batches is None else _run_fused_pass(model, train_batches, spec, False)
+    passes = [p for p in (real_pass, train_pass, baseline_pass) if p is not None]
+    results = iter(_read(passes, spec.num_classes or 0))
+    return tuple(None if p is None else next(results) for p in (real_pass, train_pass, baseline_pass))
 
 
 def _per_class_accuracy(result: MetricsResult, num_classes: int) -> dict[int, float]:
@@ -335,22 +529,9 @@ def validate_and_get_metrics(
         ValueError: ``testloader`` or ``trainloader`` yields no batch, or a label is outside
             ``[0, C)`` (and not the criterion's ignore_index).
     """
-    per_class = compute_per_class and task_type != "lm"
-    was_training = model.training
-    model.eval()
-    try:
-        train_batches = itertools.islice(trainloader, TRAIN_METRIC_BATCHES)
-        with _grad_free(model):
-            if using_reference():
-                val = _run_reference_pass(model, testloader, criterion, device, task_type, per_class, num_classes)
-                train = _run_reference_pass(model, train_batches, criterion, device, task_type, False, num_classes)
-            else:
-                val, train = _read([
-                    _run_fused_pass(model, testloader, criterion, device, task_type, per_class),
-                    _run_fused_pass(model, train_batches, criterion, device, task_type, False),
-                ], num_classes)
-    finally:
-        model.train(was_training)
+    spec = _ValidationSpec(criterion, device, task_type, compute_per_class and task_type != "lm", num_classes)
+    with _evaluating(model):
+        (val,), train = _validation_results(model, testloader, spec, trainloader=trainloader)
     return _metrics_tuple(val, train, compute_per_class, num_classes, task_type)
 
 
@@ -391,20 +572,11 @@ def validate_with_attribution(
     two-pass original; alpha and the train/eval mode are restored even when a forward raises.
     An empty ``testloader`` gives an all-zero result (kept for compatibility).
     """
-    seed_slot = model.seed_slot
-    was_training = model.training
-    model.eval()
-    try:
-        with _grad_free(model):
-            if using_reference():
-                real = _run_reference_pass(model, testloader, criterion, device, task_type, False, None)
-                with seed_slot.force_alpha(0.0):
-                    baseline = _run_reference_pass(model, testloader, criterion, device, task_type, False, None)
-            else:
-                real, baseline = _read(list(_run_attribution_pass(model, testloader, criterion, device, task_type, False)))
-                _draw_as_a_second_pass(testloader)
-    finally:
-        model.train(was_training)
+    spec = _ValidationSpec(criterion, device, task_type, per_class=False, num_classes=None)
+    with _evaluating(model):
+        (real, baseline), _ = _validation_results(model, testloader, spec, configurations=(AS_IS, BASELINE))
+        if not using_reference():
+            _draw_as_a_second_pass(testloader)
     return _attribution_result(real, baseline)
 
 
@@ -437,43 +609,128 @@ def validate_epoch(
     num_classes: int = 10,
     task_type: str = "classification",
     attribution: bool = True,
+    *,
+    exact_max_slots: int = 4,
+    permutations: int = 16,
+    generator: torch.Generator | None = None,
 ) -> EpochValidation:
     """``validate_and_get_metrics`` and ``validate_with_attribution`` from one pass over
-    ``testloader`` and one device-to-host read.
+    ``testloader``, with the attribution of every live slot.
 
-    The validation metrics are those of the real (current-alpha) forward; the counterfactual
-    comes from the same batches (the host pass shared, see :func:`validate_with_attribution`).
-    ``attribution`` is None when ``attribution=False`` or the model's ``seed_slot`` holds no
-    seed (or there is no slot). Leaves the model in the train/eval mode it found.
+    The validation metrics are those of the real (current-alpha) forward; the counterfactuals
+    come from the same batches (the host pass shared, see :func:`validate_with_attribution`
+    and :meth:`MorphogeneticModel.forward_configurations`). ``attribution`` is None when
+    ``attribution=False`` or the model's ``seed_slot`` holds no seed (or there is no slot).
+    ``slot_attribution`` (a :class:`SlotAttribution`, see :func:`slot_attribution` and the
+    options ``exact_max_slots``, ``permutations`` and ``generator`` there) is None when
+    ``attribution=False`` or no slot of ``model.seed_slots`` holds a live seed. A model with
+    one live seed, in its main slot, measures the same two configurations as before, so every
+    other field is what it was; with more, each distinct configuration the attribution needs
+    is measured in the same pass. Leaves the model in the train/eval mode it found.
 
     Raises:
         ValueError: ``testloader`` or ``trainloader`` yields no batch, or a label is outside
             ``[0, C)`` (and not the criterion's ignore_index).
     """
-    per_class = compute_per_class and task_type != "lm"
     slot = getattr(model, "seed_slot", None)
     with_attribution = attribution and slot is not None and bool(getattr(slot, "is_active", False))
-    was_training = model.training
-    model.eval()
-    try:
-        train_batches = itertools.islice(trainloader, TRAIN_METRIC_BATCHES)
-        with _grad_free(model):
-            if using_reference():
-                val = _run_reference_pass(model, testloader, criterion, device, task_type, per_class, num_classes)
-                baseline = None
-                if with_attribution:
-                    with slot.force_alpha(0.0):
-                        baseline = _run_reference_pass(model, testloader, criterion, device, task_type, False, None)
-                train = _run_reference_pass(model, train_batches, criterion, device, task_type, False, num_classes)
-            else:
-                if with_attribution:
-                    passes = _run_attribution_pass(model, testloader, criterion, device, task_type, per_class)
-                else:
-                    passes = (_run_fused_pass(model, testloader, criterion, device, task_type, per_class),)
-                train_pass = _run_fused_pass(model, train_batches, criterion, device, task_type, False)
-                val, train, *rest = _read([passes[0], train_pass, *passes[1:]], num_classes)
-                baseline = rest[0] if rest else None
-    finally:
-        model.train(was_training)
+    plan = _slot_plan(model, exact_max_slots, permutations, generator) if attribution else None
+    configurations = [AS_IS] + ([BASELINE] if with_attribution else [])
+    subsets = _subset_configurations(model, plan, configurations) if plan is not None else {}
+    spec = _ValidationSpec(criterion, device, task_type, compute_per_class and task_type != "lm", num_classes)
+    with _evaluating(model):
+        results, train = _validation_results(
+            model, testloader, spec, trainloader=trainloader, configurations=configurations
+        )
+    val = results[0]
     metrics = _metrics_tuple(val, train, compute_per_class, num_classes, task_type)
-    return EpochValidation(*metrics, attribution=_attribution_result(val, baseline) if with_attribution else None)
+    return EpochValidation(
+        *metrics,
+        attribution=_attribution_result(val, results[1]) if with_attribution else None,
+        slot_attribution=None if plan is None else _slot_attribution(plan, subsets, results),
+    )
+
+
+def slot_attribution(
+    model: nn.Module,
+    testloader: BatchIterable,
+    criterion: nn.Module,
+    device: str,
+    task_type: str = "classification",
+    *,
+    exact_max_slots: int = 4,
+    permutations: int = 16,
+    generator: torch.Generator | None = None,
+) -> SlotAttribution:
+    """Counterfactual attribution of every live slot of ``model`` over ``testloader``.
+
+    ``f(T)`` is the accuracy (percent) or the mean batch loss of the model with the live
+    seeds of ``T`` as they are and the other live seeds off (alpha forced to 0); slots
+    without a live seed stay as they are. Per live slot: the Shapley value, exact over all
+    2^S subsets when the S live seeds that can change the output number at most
+    ``exact_max_slots``; above, estimated from ``permutations`` sampled orders in
+    antithetic pairs (each order followed by its reverse; ``torch.randperm`` on
+    ``generator``, default a fresh generator seeded with 0) with a 95% error bound
+    (Student's t over the pairs' samples). Every sampled order's subsets are measured
+    exactly. Also, exact in both cases: the leave-one-out and alone-on contributions and
+    every pair's interaction (see :mod:`esper_fast.tolaria.attribution`).
+
+    One pass over ``testloader``; each batch walks the host once (each segment once per
+    distinct configuration of the slots above it). ``model`` needs ``seed_slots``
+    (esper_fast's :class:`MorphogeneticModel`). Leaves the model's mode and alphas as found.
+
+    Raises:
+        ValueError: ``testloader`` yields no batch, or a label is outside ``[0, C)``.
+        TypeError: the model has no ``seed_slots``.
+    """
+    if getattr(model, "seed_slots", None) is None:
+        raise TypeError("slot_attribution: the model has no seed_slots (esper_fast's MorphogeneticModel has)")
+    plan = _slot_plan(model, exact_max_slots, permutations, generator)
+    if plan is None:
+        plan = plan_attribution((), ())
+    configurations = [AS_IS]
+    subsets = _subset_configurations(model, plan, configurations)
+    spec = _ValidationSpec(criterion, device, task_type, per_class=False, num_classes=None)
+    with _evaluating(model):
+        results, _ = _validation_results(model, testloader, spec, configurations=configurations)
+    if results[0] is None:
+        raise ValueError("slot_attribution: testloader is empty; cannot measure the configurations")
+    return _slot_attribution(plan, subsets, results)
+
+
+def _slot_plan(model, exact_max_slots: int, permutations: int, generator) -> AttributionPlan | None:
+    """The attribution plan of the model's live slots (None: no ``seed_slots`` or no live seed)."""
+    slots = getattr(model, "seed_slots", None)
+    if slots is None:
+        return None
+    live = [slot_id for slot_id, slot in slots.items() if slot.is_live]
+    if not live:
+        return None
+    # A seed whose forced-off output is its current one changes nothing: Shapley value 0.
+    players = [s for s in live if slots[s].configuration_key(None) != slots[s].configuration_key(0.0)]
+    return plan_attribution(
+        live, players, exact_max_slots=exact_max_slots, permutations=permutations, generator=generator
+    )
+
+
+def _subset_configurations(model, plan: AttributionPlan, configurations: list) -> dict[frozenset, int]:
+    """Append the configuration of each subset of ``plan`` to ``configurations`` (the live
+    players outside the subset off) unless one already there gives the same output; return
+    each subset's position in ``configurations``."""
+    slots = model.seed_slots
+    keys = [_configuration_key(slots, _slot_configuration(model, c)) for c in configurations]
+    positions = {}
+    for subset in plan.subsets:
+        configuration = {p: 0.0 for p in plan.players if p not in subset}
+        key = _configuration_key(slots, configuration)
+        if key not in keys:
+            keys.append(key)
+            configurations.append(configuration)
+        positions[subset] = keys.index(key)
+    return positions
+
+
+def _slot_attribution(plan: AttributionPlan, subsets: dict[frozenset, int], results: list) -> SlotAttribution:
+    accuracy = {subset: float(results[i].accuracy) for subset, i in subsets.items()}
+    loss = {subset: float(results[i].loss) for subset, i in subsets.items()}
+    return attribute(plan, accuracy, loss)
