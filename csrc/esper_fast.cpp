@@ -41,6 +41,9 @@ TORCH_LIBRARY(esper_fast, m) {
   // (layout in csrc/metrics.h): cross-entropy of the batch mean (or `batch_loss` when
   // given), argmax == target count, row count, per-class totals/correct when state holds them,
   // and an error count plus one offending value for targets outside [0, C) other than ignore_index.
+  // The CUDA kernel's last block updates `state` with plain read-modify-writes: updates of one
+  // state tensor must be ordered (one stream, or streams ordered by events); different state
+  // tensors may be updated from different streams at once.
   m.def(
       "metrics_update(Tensor logits, Tensor targets, Tensor? batch_loss, Tensor(a!) state, "
       "int ignore_index) -> ()");

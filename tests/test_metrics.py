@@ -518,6 +518,46 @@ def test_cuda_update_on_a_side_stream():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("classes", [10, 1000, 50257])
+def test_cuda_two_states_on_two_streams_at_once(classes):
+    """Two accumulators updated from two streams with no order between them: each launch keeps
+    to its own state (ticket, partials, per-class atomics), so each ends with the numbers of its
+    own batches, bit for bit those of a serial run."""
+    rows = 48 if classes == 50257 else 512
+    batches = 12 if classes == 50257 else 40
+    data = [
+        [
+            (torch.randn(rows - k, classes, device="cuda") * 3, torch.randint(0, classes, (rows - k,), device="cuda"))
+            for _ in range(batches)
+        ]
+        for k in range(2)
+    ]
+    accumulators = [MetricsAccumulator(classes, "cuda", per_class=True) for _ in range(2)]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for stream in streams:
+        stream.wait_stream(torch.cuda.current_stream())
+    for i in range(batches):
+        for k in range(2):
+            with torch.cuda.stream(streams[k]):
+                accumulators[k].update(*data[k][i])
+    torch.cuda.synchronize()
+    for k in range(2):
+        serial = MetricsAccumulator(classes, "cuda", per_class=True)
+        for logits, targets in data[k]:
+            serial.update(logits, targets)
+        assert torch.equal(accumulators[k].state, serial.state), f"stream {k}"
+        result = accumulators[k].compute()
+        expected = sum(cross_entropy_reference(x, t).item() for x, t in data[k]) / batches
+        _assert_loss(result.loss, expected)
+        assert result.batches == batches and result.total == batches * (rows - k)
+        assert result.correct == sum(int((x.argmax(1) == t).sum()) for x, t in data[k])
+        assert result.class_total == sum(torch.bincount(t, minlength=classes) for _, t in data[k]).tolist()
+        assert result.class_correct == sum(
+            torch.bincount(t[x.argmax(1) == t], minlength=classes) for x, t in data[k]
+        ).tolist()
+
+
+@pytest.mark.cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_cuda_update_on_the_second_device_while_the_first_is_current():
     torch.cuda.set_device(0)

@@ -29,7 +29,12 @@ def metrics_update(
     state: torch.Tensor,
     ignore_index: int,
 ) -> None:
-    """Add one batch into ``state`` in place (see csrc/metrics.h). No host synchronisation."""
+    """Add one batch into ``state`` in place (see csrc/metrics.h). No host synchronisation.
+
+    On CUDA the kernel runs on the current stream and its last block updates ``state`` with
+    plain read-modify-writes: updates of one ``state`` must be ordered (one stream, or streams
+    ordered by events); different ``state`` tensors may be updated from different streams at once.
+    """
     torch.ops.esper_fast.metrics_update.default(logits, targets, batch_loss, state, ignore_index)
 
 
@@ -82,7 +87,9 @@ class MetricsAccumulator:
             only when ignore_index is itself a class in ``[0, num_classes)``.
 
     ``update`` is asynchronous (one kernel launch, no sync); ``compute`` reads the sums back
-    once and raises ``ValueError`` if any target was outside ``[0, num_classes)``.
+    once and raises ``ValueError`` if any target was outside ``[0, num_classes)``. One
+    accumulator's updates must be stream-ordered; two accumulators may be updated from two
+    CUDA streams at once.
     """
 
     def __init__(self, num_classes: int, device, per_class: bool = False, ignore_index: int = -100):
