@@ -365,15 +365,19 @@ bool can_share_copy_on_write(const at::Tensor& host, at::MemoryFormat format) {
 // The output has host's values and is a tensor of its own. No byte needs to move for that: a
 // copy-on-write clone shares host's memory and copies it only if host or the output is written
 // later (by then usually one of them is gone, and the other takes the memory over). Other
-// layouts get a byte copy (NaN payloads and -0.0 included) in the kernels' format.
+// layouts get one copy of the bits (NaN payloads and -0.0 included) into the kernels' format:
+// a parallel memcpy when host is dense in it, else a gather straight from host's strides.
 at::Tensor ste_forward_cpu(const at::Tensor& host, const at::Tensor& seed) {
   check_pair(host, seed, "ste_forward");
   const auto format = dense_format(host);
   if (can_share_copy_on_write(host, format)) return at::_lazy_clone(host);
-  const auto h = in_format(host, format);
   auto out = empty_output(host.sizes(), host.options().memory_format(format));
-  const int64_t bytes = h.numel() * h.element_size();
-  const auto* src = static_cast<const char*>(h.const_data_ptr());
+  if (!host.is_contiguous(format)) {
+    as_bits(out).copy_(as_bits(host));
+    return out;
+  }
+  const int64_t bytes = host.numel() * host.element_size();
+  const auto* src = static_cast<const char*>(host.const_data_ptr());
   auto* dst = static_cast<char*>(out.mutable_data_ptr());
   constexpr int64_t kChunkBytes = 1 << 18;
   at::parallel_for(0, bytes, kChunkBytes, [&](int64_t first, int64_t last) {
