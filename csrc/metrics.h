@@ -23,6 +23,9 @@ enum Slot : int64_t {
   kHeader = 10,       // then class_total[C], class_correct[C] when per-class counting is on
 };
 
+// Indices within a row are int in the CUDA kernels, with room to spare past the row's end.
+constexpr int64_t kMaxClasses = int64_t(1) << 30;
+
 // Checks shared by both backends; returns whether per-class counting is on.
 inline bool check_update_args(const at::Tensor& logits, const at::Tensor& targets,
                               const c10::optional<at::Tensor>& batch_loss, const at::Tensor& state) {
@@ -31,6 +34,8 @@ inline bool check_update_args(const at::Tensor& logits, const at::Tensor& target
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
               "esper_fast.metrics_update: logits must be float64, float32, float16 or bfloat16, got ", dtype);
   TORCH_CHECK(logits.size(1) > 0, "esper_fast.metrics_update: logits need at least one class (C >= 1)");
+  TORCH_CHECK(logits.size(1) <= kMaxClasses, "esper_fast.metrics_update: at most ", kMaxClasses,
+              " classes, got C = ", logits.size(1));
   TORCH_CHECK(logits.is_contiguous(),
               "esper_fast.metrics_update: logits rows must be contiguous (call .contiguous())");
   TORCH_CHECK(targets.dim() == 1 && targets.size(0) == logits.size(0), "esper_fast.metrics_update: targets must be [N] = [",

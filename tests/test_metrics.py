@@ -286,6 +286,10 @@ def test_input_validation():
         torch.ops.esper_fast.metrics_update(
             torch.randn(2, 10), torch.zeros(2, dtype=torch.long), None, torch.zeros(3, dtype=torch.long), -100
         )
+    with pytest.raises(RuntimeError, match=r"at most 1073741824 classes, got C = 1073741825"):
+        torch.ops.esper_fast.metrics_update(
+            torch.empty(0, 2**30 + 1), torch.zeros(0, dtype=torch.long), None, torch.zeros(10, dtype=torch.long), -100
+        )
     with pytest.raises(RuntimeError, match="rows must be contiguous"):
         torch.ops.esper_fast.metrics_update(
             torch.randn(10, 2).t(), torch.zeros(2, dtype=torch.long), None, torch.zeros(10, dtype=torch.long), -100
@@ -420,11 +424,93 @@ def test_cuda_misaligned_rows_and_many_blocks():
             assert result.class_correct == ref["class_correct"].tolist()
 
 
+# Long-row widths whose 16-byte packs end at every point of a thread's unrolled loads (4 packs per
+# thread and step, 256 threads per block below 16384 classes, 512 above): in the first, second,
+# third or fourth pack of the first or a later step, or exactly at a step's end.
+LONG_ROW_CLASSES = [1025, 1031, 2051, 3001, 4099, 5003, 16411, 20011, 30011, 32771, 50257]
+
+
+def _long_rows(dtype, classes, offset, rows=24):
+    """rows x classes logits starting `offset` elements into their storage, with heavy ties and
+    rows 4..9 non-finite: NaN (one, two), +inf, all -inf, -inf but one, two +inf."""
+    g = torch.Generator().manual_seed(classes * 7 + offset)
+    storage = (torch.randint(-3, 4, (rows * classes + offset,), generator=g) * 0.5).to(dtype)
+    logits = storage[offset:].view(rows, classes)
+    logits[1, classes - 1] = 9.0  # the maximum in the scalar tail
+    logits[2, 0] = 9.0  # in the scalar head
+    logits[3, :] = 2.0  # the whole row tied
+    logits[4, classes // 2] = float("nan")
+    logits[5, classes - 2] = float("nan")
+    logits[5, 3] = float("nan")
+    logits[6, classes - 1] = float("inf")
+    logits[7, :] = float("-inf")
+    logits[8, :] = float("-inf")
+    logits[8, classes * 3 // 4] = 0.0
+    logits[9, classes - 3] = float("inf")
+    logits[9, 700] = float("inf")
+    return storage, logits
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("offset", [0, 1, 3])
+@pytest.mark.parametrize("classes", LONG_ROW_CLASSES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES + [torch.float64], ids=str)
+def test_cuda_long_rows_every_unroll_tail(dtype, classes, offset):
+    """The long-row kernel at every unroll tail, rows starting at any alignment of a sliced
+    storage: torch.argmax's ties and NaN order, the loss of the finite rows, NaN for the others."""
+    storage, logits_cpu = _long_rows(dtype, classes, offset)
+    logits = storage.cuda()[offset:].view(logits_cpu.shape)
+    assert logits.storage_offset() == offset and logits.is_contiguous()
+    rows = logits.shape[0]
+    best = logits_cpu.argmax(1)
+    assert best[1] == classes - 1 and best[2] == 0 and best[3] == 0 and best[5] == 3 and best[9] == 700
+    for targets, expected in ((best, rows), ((best + 1) % classes, 0)):
+        acc = MetricsAccumulator(classes, "cuda", per_class=True)
+        acc.update(logits, targets.cuda())
+        result = acc.compute()
+        assert result.correct == expected
+        assert result.class_correct == torch.bincount(targets[best == targets], minlength=classes).tolist()
+        assert math.isnan(result.loss)  # rows 4..9 poison the batch mean, as in torch
+    targets = torch.randint(0, classes, (rows,))
+    acc = MetricsAccumulator(classes, "cuda", per_class=True)
+    for part in (slice(0, 4), slice(10, rows)):  # the finite rows, each slice at its own offset
+        acc.update(logits[part], targets[part].cuda())
+    result = acc.compute()
+    expected = sum(cross_entropy_reference(logits_cpu[part], targets[part]).item() for part in (slice(0, 4), slice(10, rows)))
+    _assert_loss(result.loss_sum, expected)
+    assert result.correct == int((best[:4] == targets[:4]).sum() + (best[10:] == targets[10:]).sum())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_lm_sized_pass(dtype):
+    """8192 x 50257, the benchmark's LM pass: counts exact and the loss close to float64's."""
+    rows, classes = 8192, 50257
+    logits = (torch.randn(rows, classes, device="cuda") * 2).to(dtype)
+    targets = torch.randint(0, classes, (rows,), device="cuda")
+    targets[::97] = -100
+    logits[::13, 5] = 40.0
+    targets[::13] = 5
+    acc = MetricsAccumulator(classes, "cuda", per_class=True)
+    acc.update(logits, targets)
+    result = acc.compute()
+    loss_sum, valid, correct = 0.0, 0, 0
+    for start in range(0, rows, 1024):
+        x, t = logits[start : start + 1024], targets[start : start + 1024]
+        loss_sum += nn.functional.cross_entropy(x.double(), t, reduction="sum").item()
+        valid += int((t != -100).sum())
+        correct += int((x.argmax(1) == t).sum())
+    _assert_loss(result.loss, loss_sum / valid)
+    assert result.correct == correct and result.total == rows
+    counted = targets[targets >= 0]
+    assert result.class_total == torch.bincount(counted, minlength=classes).tolist()
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("rows,classes", [(20000, 10), (300000, 2), (3000, 1025)])
 def test_cuda_more_rows_than_the_grid(rows, classes):
-    """More rows than one pass of the grid (8 blocks per SM for short rows, 2048 threads per SM
-    for long ones): blocks stride over the rows, and every block's partial reaches the sums."""
+    """More rows than one pass of the grid (the blocks resident at once): blocks stride over the
+    rows, and every block's partial reaches the sums."""
     logits = torch.randn(rows, classes, device="cuda") * 3
     targets = torch.randint(0, classes, (rows,), device="cuda")
     targets[::7] = -100
