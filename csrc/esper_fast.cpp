@@ -1,5 +1,7 @@
 // Every esper_fast operator schema, declared once. Backends add kernels with
-// TORCH_LIBRARY_IMPL(esper_fast, CPU|CUDA, m) in csrc/cpu and csrc/cuda.
+// TORCH_LIBRARY_IMPL(esper_fast, CPU|CUDA, m) in csrc/cpu and csrc/cuda, which hold kernels
+// only; what both devices share sits beside this file (csrc/<family>.h: checks and input
+// preparation; csrc/blend_autograd.cpp: the blend family's autograd).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -20,7 +22,8 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(esper_fast, m) {
-  // ---- blend family (csrc/cpu/blend.cpp, csrc/cuda/blend.cu, esper_fast/ops/blend.py) ----
+  // ---- blend family (csrc/cpu/blend.cpp, csrc/cuda/blend.cu, csrc/blend_autograd.cpp,
+  //      esper_fast/ops/blend.py) ----
   // y = host + a * (seed - host), a = clamp(alpha[b] if alpha is given else alpha_value, 0, 1):
   // alpha holds one value, or one per sample b of the batch (leading) dimension.
   m.def("blend_forward(Tensor host, Tensor seed, Tensor? alpha, float alpha_value) -> Tensor");

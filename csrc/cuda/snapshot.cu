@@ -16,14 +16,10 @@
 #include <algorithm>
 #include <vector>
 
-#include "common.h"
 #include "cuda/multi_tensor.cuh"
+#include "snapshot.h"
 
 namespace esper_fast {
-
-// Defined in csrc/cpu/snapshot.cpp.
-void check_snapshot_args(at::TensorList tensors, const at::Tensor& buffer, at::IntArrayRef offsets);
-
 namespace {
 
 // Tensors below this size share a staged transfer; larger ones are copied on their own.

@@ -14,7 +14,7 @@ contiguous, and so is a ``seed`` (or incoming gradient) whose layout differs fro
 Neither op synchronises with the device: a float alpha is passed as a kernel argument and a
 tensor alpha is read by the kernel where it lives.
 
-Autograd is registered in C++ (csrc/cpu/blend.cpp, one per-call cost instead of the Python
+Autograd is registered in C++ (csrc/blend_autograd.cpp, one per-call cost instead of the Python
 layer's); the backward is the ``blend_backward`` custom op. This module adds the fake kernels.
 """
 
