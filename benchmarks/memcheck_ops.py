@@ -178,6 +178,8 @@ def metrics_c50257():
 
 
 def _snapshot_tensors():
+    from esper_fast import _C
+
     return [
         torch.randn(1000, device=DEVICE),
         torch.randn(33, 7, device=DEVICE, dtype=torch.float16),
@@ -186,7 +188,7 @@ def _snapshot_tensors():
         torch.randn(64, 31, device=DEVICE).t(),  # not contiguous
         torch.randn((), device=DEVICE),
         torch.randn(0, 3, device=DEVICE),
-        torch.randn(700_001, device=DEVICE),  # over 1 MiB: the direct-copy path
+        torch.randn(_C.snapshot_staged_copy_bytes // 2 + 1, device=DEVICE),  # over the staging threshold: a direct copy
         torch.randn(1200, 900, device=DEVICE)[:, ::2],  # large and strided
     ]
 

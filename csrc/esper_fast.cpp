@@ -5,18 +5,45 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "metrics.h"
+#include "snapshot.h"
+
 extern "C" {
 // `from esper_fast import _C` loads this library (and with it the registrations below)
-// without pybind11. `cuda_compiled` tells Python whether CUDA kernels were built in.
+// without pybind11. Its integer constants are the facts Python must agree with the kernels on:
+// `cuda_compiled` (whether CUDA kernels were built in), the metrics state layout
+// (esper_fast/ops/metrics.py) and the snapshot staging threshold (esper_fast/ops/snapshot.py).
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) return nullptr;
 #ifdef ESPER_FAST_WITH_CUDA
-  PyModule_AddIntConstant(module, "cuda_compiled", 1);
+  constexpr long kCudaCompiled = 1;
 #else
-  PyModule_AddIntConstant(module, "cuda_compiled", 0);
+  constexpr long kCudaCompiled = 0;
 #endif
+  namespace metrics = esper_fast::metrics;
+  const struct {
+    const char* name;
+    long value;
+  } constants[] = {
+      {"cuda_compiled", kCudaCompiled},
+      {"metrics_slot_loss_sum", metrics::kLossSum},
+      {"metrics_slot_batches", metrics::kBatches},
+      {"metrics_slot_correct", metrics::kCorrect},
+      {"metrics_slot_total", metrics::kTotal},
+      {"metrics_slot_errors", metrics::kErrors},
+      {"metrics_slot_bad_value", metrics::kBadValue},
+      {"metrics_slot_blocks_done", metrics::kBlocksDone},
+      {"metrics_header", metrics::kHeader},
+      {"snapshot_staged_copy_bytes", esper_fast::kStagedCopyBytes},
+  };
+  for (const auto& constant : constants) {
+    if (PyModule_AddIntConstant(module, constant.name, constant.value) < 0) {
+      Py_DECREF(module);
+      return nullptr;
+    }
+  }
   return module;
 }
 }

@@ -1,4 +1,4 @@
-// The snapshot family's argument checks, shared by the CPU and CUDA kernels.
+// The snapshot family's argument checks and copy policy, shared by the CPU and CUDA kernels.
 #pragma once
 
 #include <cstdint>
@@ -6,6 +6,11 @@
 #include "common.h"
 
 namespace esper_fast {
+
+// On CUDA with a host buffer, tensors under this many bytes share one staged transfer; larger
+// ones are copied on their own. Exported to Python (esper_fast._C.snapshot_staged_copy_bytes),
+// whose buffer layout puts the staged tensors first.
+constexpr int64_t kStagedCopyBytes = 1 << 20;
 
 // The buffer is a flat uint8 tensor, every tensor's
 // bytes fit at its offset, and all tensors live on one device.

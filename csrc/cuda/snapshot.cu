@@ -22,8 +22,6 @@
 namespace esper_fast {
 namespace {
 
-// Tensors below this size share a staged transfer; larger ones are copied on their own.
-constexpr int64_t kStagedCopyBytes = 1 << 20;
 // A staging range never spans more than this, so the device scratch stays bounded.
 constexpr int64_t kMaxStagingBytes = 64 << 20;
 

@@ -14,10 +14,18 @@ import math
 import torch
 import torch.distributed as dist
 
-# Offsets into the state tensor; they mirror csrc/metrics.h.
-_LOSS_SUM, _UNUSED_1, _BATCHES, _CORRECT, _TOTAL = 0, 1, 2, 3, 4
-_UNUSED_5, _ERRORS, _BAD_VALUE, _BLOCKS_DONE = 5, 6, 7, 8
-_HEADER = 10
+from esper_fast import _C
+
+# The state layout as the extension exports it; csrc/metrics.h defines it, with the order the
+# reductions below rely on (checked there at compile time).
+_LOSS_SUM = _C.metrics_slot_loss_sum
+_BATCHES = _C.metrics_slot_batches
+_CORRECT = _C.metrics_slot_correct
+_TOTAL = _C.metrics_slot_total
+_ERRORS = _C.metrics_slot_errors
+_BAD_VALUE = _C.metrics_slot_bad_value
+_BLOCKS_DONE = _C.metrics_slot_blocks_done
+_HEADER = _C.metrics_header
 
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -151,23 +159,24 @@ class MetricsAccumulator:
         if not (dist.is_available() and dist.is_initialized()):
             return
         dist.all_reduce(self.state[_LOSS_SUM : _LOSS_SUM + 1].view(torch.float64), group=group)
-        dist.all_reduce(self.state[_BATCHES:_BAD_VALUE], group=group)
+        dist.all_reduce(self.state[_BATCHES : _ERRORS + 1], group=group)
         if self.per_class:
             dist.all_reduce(self.state[_HEADER:], group=group)
 
-    # [loss_sum, batches, correct, total, errors, bad_value], then class totals and hits.
-    PACKED_HEADER = 6
+    # packed() carries the state's slots before the CUDA ticket, at their state offsets, then the
+    # class totals and hits; these name the slots a reduction over ranks reads.
+    PACKED_HEADER = _BLOCKS_DONE
+    PACKED_BATCHES, PACKED_ERRORS, PACKED_BAD_VALUE = _BATCHES, _ERRORS, _BAD_VALUE
 
     def packed(self, width: int = 0) -> torch.Tensor:
-        """The sums as one float64 vector on the device, for a reduction over ranks:
-        ``[loss_sum, batches, correct, total, errors, bad_value, class_total[:width],
-        class_correct[:width]]`` (classes beyond ``num_classes`` count 0). Asynchronous; counts
-        are exact below 2**53. ``bad_value`` is not a sum: reduce it separately."""
+        """The sums as one float64 vector on the device, for a reduction over ranks: the state's
+        slots before the CUDA ticket at their state offsets (the loss as its float64 value), then
+        ``class_total[:width], class_correct[:width]`` (classes beyond ``num_classes`` count 0).
+        Asynchronous; counts are exact below 2**53. The offending target
+        (:attr:`PACKED_BAD_VALUE`) is not a sum: reduce it separately."""
         out = torch.zeros(self.PACKED_HEADER + 2 * width, dtype=torch.float64, device=self.device)
-        out[0] = self.state[_LOSS_SUM : _LOSS_SUM + 1].view(torch.float64)[0]
-        out[1:4] = self.state[_BATCHES : _TOTAL + 1]
-        out[4] = self.state[_ERRORS]
-        out[5] = self.state[_BAD_VALUE]
+        out[: self.PACKED_HEADER] = self.state[: self.PACKED_HEADER]
+        out[_LOSS_SUM] = self.state[_LOSS_SUM : _LOSS_SUM + 1].view(torch.float64)[0]
         if width and self.per_class:
             n = min(width, self.num_classes)
             counts = self.state[_HEADER:].view(2, self.num_classes)
@@ -180,18 +189,18 @@ class MetricsAccumulator:
         """The :class:`MetricsResult` of a (reduced) :meth:`packed` vector read to the host;
         ValueError when it counts targets outside ``[0, num_classes)``."""
         values = row.tolist()
-        errors = int(values[4])
+        errors = int(values[_ERRORS])
         if errors:
             raise ValueError(
                 f"MetricsAccumulator: {errors} target(s) outside [0, {num_classes if num_classes else 'C'}), "
-                f"e.g. {int(values[5])}"
+                f"e.g. {int(values[_BAD_VALUE])}"
             )
         head = cls.PACKED_HEADER
         return MetricsResult(
-            loss_sum=values[0],
-            batches=int(values[1]),
-            correct=int(values[2]),
-            total=int(values[3]),
+            loss_sum=values[_LOSS_SUM],
+            batches=int(values[_BATCHES]),
+            correct=int(values[_CORRECT]),
+            total=int(values[_TOTAL]),
             class_total=[int(v) for v in values[head : head + width]] if width else None,
             class_correct=[int(v) for v in values[head + width : head + 2 * width]] if width else None,
         )
