@@ -177,6 +177,27 @@ def metrics_c50257():
         _metrics_round(50257, 5, dtype, per_class=False)
 
 
+@check
+def metrics_stacked():
+    """K stacked configurations in one launch (short and long rows, a misaligned row start):
+    each configuration's state equals a separate accumulator's."""
+    from esper_fast.ops import MetricsAccumulator, StackedMetricsAccumulator
+
+    for num_classes, rows in ((10, 37), (4099, 3)):
+        for dtype in DTYPES:
+            configs = 3
+            storage = torch.randn(configs * rows * num_classes + 1, device=DEVICE, dtype=dtype)
+            logits = storage[1:].view(configs * rows, num_classes)
+            targets = torch.randint(0, num_classes, (rows,), device=DEVICE)
+            targets[0] = -100
+            stacked = StackedMetricsAccumulator(configs, num_classes, DEVICE, per_class=True)
+            stacked.update(logits, targets)
+            for k in range(configs):
+                single = MetricsAccumulator(num_classes, DEVICE, per_class=True)
+                single.update(logits[k * rows : (k + 1) * rows], targets)
+                assert torch.equal(stacked.accumulators[k].state, single.state), f"configuration {k} {dtype}"
+
+
 def _snapshot_tensors():
     from esper_fast import _C
 

@@ -77,6 +77,12 @@ TORCH_LIBRARY(esper_fast, m) {
   m.def(
       "metrics_update(Tensor logits, Tensor targets, Tensor? batch_loss, Tensor(a!) state, "
       "int ignore_index) -> ()");
+  // metrics_update for K configurations evaluated together, in one call: logits [K * N, C] (rows
+  // k * N .. (k + 1) * N - 1 are configuration k's), targets [N] shared by all, state [K, slots]
+  // (row k: configuration k's accumulator, as metrics_update's). Each row of `state` gets exactly
+  // what metrics_update of its configuration's rows alone would add (the kernel's cross-entropy;
+  // no batch_loss), bit for bit. The same ordering rule holds for `state`.
+  m.def("metrics_update_stacked(Tensor logits, Tensor targets, Tensor(a!) state, int ignore_index) -> ()");
   // ---- end metrics family ----
 
 

@@ -1,5 +1,7 @@
-"""The fused metrics kernel and MetricsAccumulator against the original composite algorithm."""
+"""The fused metrics kernels, MetricsAccumulator and StackedMetricsAccumulator against the
+original composite algorithm."""
 
+import dataclasses
 import math
 
 import pytest
@@ -9,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import esper_fast  # noqa: F401  (registers torch.ops.esper_fast)
-from esper_fast.ops import MetricsAccumulator, MetricsResult
+from esper_fast.ops import MetricsAccumulator, MetricsResult, StackedMetricsAccumulator
 from esper_fast.ops.reference import batch_metrics_reference, cross_entropy_reference
 from tolerances import FLOAT_DTYPES
 
@@ -685,3 +687,233 @@ def test_packed_sums_carry_a_bad_target():
     acc.update(torch.randn(2, 3), torch.tensor([1, 7]))
     with pytest.raises(ValueError, match=r"1 target\(s\) outside \[0, 3\), e.g. 7"):
         MetricsAccumulator.result_from_packed(acc.packed(), 0, 3)
+
+
+# ---------------------------------------------------------------- stacked configurations
+
+
+def _stacked_batches(configs, rows, classes, dtype, device, batches=2, ignore_every=4, seed=0):
+    """`batches` batches of K stacked configurations: (logits [K * N, C], targets [N]), with ties,
+    ignored rows and configurations that differ from each other."""
+    g = torch.Generator().manual_seed(seed)
+    data = []
+    for _ in range(batches):
+        logits = (torch.randint(-4, 5, (configs * rows, classes), generator=g, dtype=torch.int16) * 0.75).to(dtype)
+        logits += (torch.randn(configs * rows, classes, generator=g) * 2).to(dtype)
+        targets = torch.randint(0, classes, (rows,), generator=g)
+        if ignore_every:
+            targets[::ignore_every] = -100
+        data.append((logits.to(device), targets.to(device)))
+    return data
+
+
+def _separate(data, configs, classes, device, per_class, ignore_index=-100):
+    """K MetricsAccumulators, configuration k fed rows k * N .. (k + 1) * N - 1 of each batch."""
+    accumulators = [MetricsAccumulator(classes, device, per_class=per_class, ignore_index=ignore_index)
+                    for _ in range(configs)]
+    for logits, targets in data:
+        rows = targets.shape[0]
+        for k, acc in enumerate(accumulators):
+            acc.update(logits[k * rows : (k + 1) * rows], targets)
+    return accumulators
+
+
+def _assert_stacked_equals_separate(stacked, separate, data):
+    """Bit for bit the separate accumulators' sums, and those against the float64 reference."""
+    for k, acc in enumerate(separate):
+        assert torch.equal(stacked.state[k], acc.state), f"configuration {k}: {stacked.state[k]} != {acc.state}"
+    results = stacked.compute()
+    nan_free = [dataclasses.replace(r, loss_sum=0.0 if math.isnan(r.loss_sum) else r.loss_sum) for r in results]
+    separate_results = MetricsAccumulator.compute_all(separate)
+    assert nan_free == [
+        dataclasses.replace(r, loss_sum=0.0 if math.isnan(r.loss_sum) else r.loss_sum) for r in separate_results
+    ]
+    assert [math.isnan(r.loss_sum) for r in results] == [math.isnan(r.loss_sum) for r in separate_results]
+    for k, result in enumerate(results):
+        rows = data[0][1].shape[0]
+        expected = sum(
+            cross_entropy_reference(x[k * rows : (k + 1) * rows], t, stacked.ignore_index).item() for x, t in data
+        )
+        _assert_loss(result.loss_sum, expected, f"configuration {k}")
+        assert result.batches == len(data) and result.total == rows * len(data)
+
+
+@pytest.mark.parametrize("per_class", [False, True], ids=["total", "per_class"])
+@pytest.mark.parametrize("rows", [0, 1, 37])
+@pytest.mark.parametrize("configs", [1, 2, 5, 16])
+@pytest.mark.parametrize("classes", [1, 10, 1000, 2051])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES + [torch.float64], ids=str)
+def test_stacked_matches_separate_accumulators(device, dtype, classes, configs, rows, per_class):
+    data = _stacked_batches(configs, rows, classes, dtype, device)
+    stacked = StackedMetricsAccumulator(configs, classes, device, per_class=per_class)
+    for logits, targets in data:
+        stacked.update(logits, targets)
+    _assert_stacked_equals_separate(stacked, _separate(data, configs, classes, device, per_class), data)
+
+
+@pytest.mark.parametrize("configs", range(1, 17))
+def test_stacked_every_k_from_1_to_16(device, configs):
+    data = _stacked_batches(configs, 19, 7, torch.float32, device, batches=3, seed=configs)
+    stacked = StackedMetricsAccumulator(configs, 7, device, per_class=True)
+    for logits, targets in data:
+        stacked.update(logits, targets)
+    _assert_stacked_equals_separate(stacked, _separate(data, configs, 7, device, True), data)
+    results = stacked.compute()
+    assert all(r.class_total == results[0].class_total for r in results)  # the targets are shared
+
+
+def test_stacked_ignore_index_inside_the_classes(device):
+    data = _stacked_batches(3, 40, 5, torch.float32, device, ignore_every=0)
+    for _, targets in data:
+        targets[targets == 2] = 0  # more rows of the ignored class
+    stacked = StackedMetricsAccumulator(3, 5, device, per_class=True, ignore_index=0)
+    for logits, targets in data:
+        stacked.update(logits, targets)
+    _assert_stacked_equals_separate(stacked, _separate(data, 3, 5, device, True, ignore_index=0), data)
+
+
+@pytest.mark.parametrize("classes", [10, 2051])
+def test_stacked_bad_targets_raise_at_compute(device, classes):
+    configs, rows = 4, 30
+    stacked = StackedMetricsAccumulator(configs, classes, device, per_class=True)
+    targets = torch.randint(0, classes, (rows,))
+    targets[[21, 6]] = torch.tensor([classes + 5, -3])
+    stacked.update(torch.randn(configs * rows, classes, device=device), targets.to(device))  # no error, no sync
+    stacked.update(torch.randn(configs * 2, classes, device=device), torch.tensor([-9, 1], device=device))
+    with pytest.raises(ValueError, match=rf"3 target\(s\) outside \[0, {classes}\).*e\.g\. -3\b"):
+        stacked.compute()
+    for k in range(configs):  # every configuration counted them, and kept the first batch's first
+        acc = stacked.accumulators[k]
+        with pytest.raises(ValueError, match=r"3 target\(s\).*e\.g\. -3\b"):
+            acc.compute()
+    stacked.reset()
+    stacked.update(torch.randn(configs, classes, device=device), torch.zeros(1, dtype=torch.long, device=device))
+    assert [r.batches for r in stacked.compute()] == [1] * configs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_stacked_lm_sized_rows(device, dtype):
+    """C = 50257: the long-row kernel on CUDA (K = 8, N = 1024 there), moderate sizes on CPU."""
+    configs, rows = (8, 1024) if device == "cuda" else (3, 4)
+    data = _stacked_batches(configs, rows, 50257, dtype, device, batches=1, ignore_every=9)
+    stacked = StackedMetricsAccumulator(configs, 50257, device)
+    stacked.update(*data[0])
+    _assert_stacked_equals_separate(stacked, _separate(data, configs, 50257, device, False), data)
+
+
+def test_stacked_accumulators_serve_compute_all_and_the_rank_reduction(tmp_path):
+    import torch.distributed as dist
+
+    from esper_fast.tolaria.distributed import reduce_results
+
+    data = _stacked_batches(3, 12, 6, torch.float32, "cpu")
+    stacked = StackedMetricsAccumulator(3, 6, "cpu", per_class=True)
+    other = MetricsAccumulator(4, "cpu")
+    other.update(torch.randn(5, 4), torch.randint(0, 4, (5,)))
+    for logits, targets in data:
+        stacked.update(logits, targets)
+    expected = stacked.compute()
+    assert MetricsAccumulator.compute_all(stacked.accumulators + [other]) == expected + [other.compute()]
+    stacked.all_reduce()  # no process group: nothing happens
+    assert stacked.compute() == expected
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert reduce_results(stacked.accumulators, [6] * 3, dist.group.WORLD) == expected
+        stacked.all_reduce()  # one rank: the sums are unchanged
+        assert stacked.compute() == expected
+    finally:
+        dist.destroy_process_group()
+
+
+def test_stacked_input_validation():
+    stacked = StackedMetricsAccumulator(3, 10, "cpu")
+    with pytest.raises(ValueError, match=r"logits must be \[K \* N, 10\]"):
+        stacked.update(torch.randn(6, 9), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"targets must be \[N\] with K \* N = 7 logits rows for K = 3"):
+        stacked.update(torch.randn(7, 10), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="int64"):
+        stacked.update(torch.randn(6, 10), torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="float"):
+        stacked.update(torch.zeros(6, 10, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="num_configs"):
+        StackedMetricsAccumulator(0, 10, "cpu")
+    with pytest.raises(ValueError, match="num_classes"):
+        StackedMetricsAccumulator(2, 0, "cpu")
+    op = torch.ops.esper_fast.metrics_update_stacked
+    state = torch.zeros(3, MetricsAccumulator(10, "cpu").state.numel(), dtype=torch.long)
+    with pytest.raises(RuntimeError, match=r"targets must be \[N\] with K \* N = 7 logits rows for K = 3"):
+        op(torch.randn(7, 10), torch.zeros(2, dtype=torch.long), state, -100)
+    with pytest.raises(RuntimeError, match=r"state must be a contiguous 2-d \[K, slots\] int64 tensor"):
+        op(torch.randn(6, 10), torch.zeros(2, dtype=torch.long), state.view(-1), -100)
+    with pytest.raises(RuntimeError, match="state has 3 slots per configuration"):
+        op(torch.randn(6, 10), torch.zeros(2, dtype=torch.long), torch.zeros(3, 3, dtype=torch.long), -100)
+    with pytest.raises(RuntimeError, match=r"1 to 65535 configurations \(state rows\), got 0"):
+        op(torch.randn(0, 10), torch.zeros(2, dtype=torch.long), torch.zeros(0, state.shape[1], dtype=torch.long),
+           -100)
+
+
+def test_stacked_fake_tensor_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    op = torch.ops.esper_fast.metrics_update_stacked.default
+    width = MetricsAccumulator(10, "cpu", per_class=True).state.numel()
+    with FakeTensorMode():
+        state = torch.zeros(4, width, dtype=torch.long)
+        assert op(torch.empty(4 * 3, 10), torch.zeros(3, dtype=torch.long), state, -100) is None
+        assert state.shape == (4, width)
+        with pytest.raises(RuntimeError, match=r"K \* N = 4 \* 3 rows, got 13"):
+            op(torch.empty(13, 10), torch.zeros(3, dtype=torch.long), state, -100)
+        with pytest.raises(RuntimeError, match="2-d"):
+            op(torch.empty(12, 10), torch.zeros(3, dtype=torch.long), state.view(-1), -100)
+
+
+@pytest.mark.parametrize("per_class", [False, True], ids=["total", "per_class"])
+@pytest.mark.parametrize("classes", [10, 2000])
+def test_stacked_opcheck(device, classes, per_class):
+    data = _stacked_batches(3, 6, classes, torch.float32, device, batches=1)
+    state = StackedMetricsAccumulator(3, classes, device, per_class=per_class).state
+    torch.library.opcheck(torch.ops.esper_fast.metrics_update_stacked.default, (*data[0], state, -100))
+
+
+def test_stacked_torch_compile_fullgraph(device):
+    """A compiled step that calls update traces whole and counts as eager does."""
+    torch._dynamo.reset()
+    compiled_acc = StackedMetricsAccumulator(4, 10, device, per_class=True)
+    eager_acc = StackedMetricsAccumulator(4, 10, device, per_class=True)
+
+    def step(acc, x, targets):
+        logits = x * 2.0
+        acc.update(logits, targets)
+        return logits.sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    for logits, targets in _stacked_batches(4, 16, 10, torch.float32, device, batches=2):
+        compiled(compiled_acc, logits, targets)
+        step(eager_acc, logits, targets)
+    assert torch.equal(compiled_acc.state, eager_acc.state)
+    assert compiled_acc.compute() == eager_acc.compute()
+
+
+@pytest.mark.cuda
+def test_cuda_stacked_batch_loop_never_synchronises():
+    data = _stacked_batches(4, 128, 10, torch.float32, "cuda", batches=5)
+    stacked = StackedMetricsAccumulator(4, 10, "cuda", per_class=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for logits, targets in data:
+            stacked.update(logits, targets)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    _assert_stacked_equals_separate(stacked, _separate(data, 4, 10, "cuda", True), data)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("rows,classes", [(20000, 10), (3000, 1025)])
+def test_cuda_stacked_more_rows_than_the_grid(rows, classes):
+    """Each configuration with more rows than one pass of its blocks: still the separate sums."""
+    data = _stacked_batches(3, rows, classes, torch.float32, "cuda", batches=1, ignore_every=7)
+    stacked = StackedMetricsAccumulator(3, classes, "cuda", per_class=True)
+    stacked.update(*data[0])
+    _assert_stacked_equals_separate(stacked, _separate(data, 3, classes, "cuda", True), data)
+

@@ -1,4 +1,6 @@
-// metrics_update on CUDA: one read of the logits, online max / sum-exp and torch.argmax order.
+// metrics_update and metrics_update_stacked on CUDA: one read of the logits, online max / sum-exp
+// and torch.argmax order. The grid's y dimension is the stacked configuration (one for
+// metrics_update); each configuration's blocks run exactly as a metrics_update of its rows alone.
 // Short rows (C <= 1024): a group of TPR lanes per row. Long rows: a block per row, each thread
 // with kLongRowUnroll 16-byte loads in flight. Both grid-stride over rows with a grid of the
 // blocks that are resident at once; each block writes its partial sums to a workspace and the
@@ -276,8 +278,12 @@ template <typename scalar_t, int TPR>
 __global__ void metrics_short_rows_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict__ targets,
                                           const double* __restrict__ batch_loss, int64_t* __restrict__ state,
                                           long long* __restrict__ workspace, int64_t rows, int64_t classes,
-                                          int64_t ignore_index, bool per_class) {
+                                          int64_t state_width, int64_t ignore_index, bool per_class) {
   using math_t = at::opmath_type<scalar_t>;
+  // Configuration blockIdx.y: its rows, its state row, its blocks' partials.
+  logits += blockIdx.y * rows * classes;
+  state += blockIdx.y * state_width;
+  workspace += static_cast<int64_t>(blockIdx.y) * gridDim.x * kPartialSlots;
   const int64_t rows_per_block = blockDim.x / TPR;
   const int64_t group = threadIdx.x / TPR;
   const int lane = threadIdx.x % TPR;
@@ -313,10 +319,14 @@ constexpr int kLongRowMinThreadsPerSm = 1024;
 template <typename scalar_t>
 __global__ void __launch_bounds__(kLongRowMaxThreads, kLongRowMinThreadsPerSm / kLongRowMaxThreads)
     metrics_long_rows_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict__ targets,
-                                         const double* __restrict__ batch_loss, int64_t* __restrict__ state,
-                                         long long* __restrict__ workspace, int64_t rows, int64_t classes,
-                                         int64_t ignore_index, bool per_class) {
+                             const double* __restrict__ batch_loss, int64_t* __restrict__ state,
+                             long long* __restrict__ workspace, int64_t rows, int64_t classes,
+                             int64_t state_width, int64_t ignore_index, bool per_class) {
   using math_t = at::opmath_type<scalar_t>;
+  // Configuration blockIdx.y: its rows, its state row, its blocks' partials.
+  logits += blockIdx.y * rows * classes;
+  state += blockIdx.y * state_width;
+  workspace += static_cast<int64_t>(blockIdx.y) * gridDim.x * kPartialSlots;
   constexpr int kVec = 16 / sizeof(scalar_t);
   struct alignas(16) Pack {
     scalar_t v[kVec];
@@ -405,73 +415,88 @@ int64_t resident_blocks(Kernel kernel, int threads, std::array<std::atomic<int>,
   return static_cast<int64_t>(per_sm) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 }
 
-// Room for every block's partial (kPartialSlots int64 each); each block writes its own, so the
-// workspace needs no clearing.
+// Room for every block's partial (kPartialSlots int64 each) of every configuration; each block
+// writes its own, so the workspace needs no clearing.
 long long* partials_workspace(at::Tensor& workspace, const at::Tensor& logits, int64_t blocks) {
   workspace = at::empty({blocks * kPartialSlots}, logits.options().dtype(at::kLong));
   return reinterpret_cast<long long*>(workspace.data_ptr<int64_t>());
 }
 
+// One launch: `rows_per_block` rows per block and step, per configuration as many blocks as a
+// metrics_update of its rows alone would have (so each configuration's sums are the same, bit
+// for bit), the configurations along the grid's y dimension.
+template <typename scalar_t, typename Kernel>
+void launch(Kernel kernel, int threads, int64_t rows_per_block, int64_t resident, const at::Tensor& logits,
+            const at::Tensor& targets, const double* batch_loss, at::Tensor& state, int64_t ignore_index,
+            const UpdateShape& shape, cudaStream_t stream) {
+  const int64_t blocks = std::max<int64_t>(1, std::min((shape.rows + rows_per_block - 1) / rows_per_block, resident));
+  at::Tensor workspace;
+  long long* partials = partials_workspace(workspace, logits, blocks * shape.configs);
+  const dim3 grid(static_cast<unsigned int>(blocks), static_cast<unsigned int>(shape.configs));
+  kernel<<<grid, threads, 0, stream>>>(logits.const_data_ptr<scalar_t>(), targets.const_data_ptr<int64_t>(),
+                                       batch_loss, state.mutable_data_ptr<int64_t>(), partials, shape.rows,
+                                       shape.classes, shape.width, ignore_index, shape.per_class);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename scalar_t, int TPR>
 void launch_short(const at::Tensor& logits, const at::Tensor& targets, const double* batch_loss, at::Tensor& state,
-                  int64_t ignore_index, bool per_class, cudaStream_t stream) {
+                  int64_t ignore_index, const UpdateShape& shape, cudaStream_t stream) {
   constexpr int kThreads = 256;
   static std::array<std::atomic<int>, C10_COMPILE_TIME_MAX_GPUS> occupancy{};
   const auto kernel = metrics_short_rows_kernel<scalar_t, TPR>;
-  const int64_t rows = logits.size(0);
-  const int64_t rows_per_block = kThreads / TPR;
-  const int64_t blocks = std::max<int64_t>(
-      1, std::min<int64_t>((rows + rows_per_block - 1) / rows_per_block, resident_blocks(kernel, kThreads, occupancy)));
-  at::Tensor workspace;
-  long long* partials = partials_workspace(workspace, logits, blocks);
-  kernel<<<blocks, kThreads, 0, stream>>>(logits.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(), batch_loss,
-                                          state.data_ptr<int64_t>(), partials, rows, logits.size(1), ignore_index,
-                                          per_class);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch<scalar_t>(kernel, kThreads, kThreads / TPR, resident_blocks(kernel, kThreads, occupancy), logits, targets,
+                   batch_loss, state, ignore_index, shape, stream);
 }
 
 template <typename scalar_t, int kThreads>
 void launch_long(const at::Tensor& logits, const at::Tensor& targets, const double* batch_loss, at::Tensor& state,
-                 int64_t ignore_index, bool per_class, cudaStream_t stream) {
+                 int64_t ignore_index, const UpdateShape& shape, cudaStream_t stream) {
   static std::array<std::atomic<int>, C10_COMPILE_TIME_MAX_GPUS> occupancy{};
   const auto kernel = metrics_long_rows_kernel<scalar_t>;
-  const int64_t rows = logits.size(0);
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(rows, resident_blocks(kernel, kThreads, occupancy)));
-  at::Tensor workspace;
-  long long* partials = partials_workspace(workspace, logits, blocks);
-  kernel<<<blocks, kThreads, 0, stream>>>(logits.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(), batch_loss,
-                                          state.data_ptr<int64_t>(), partials, rows, logits.size(1), ignore_index,
-                                          per_class);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch<scalar_t>(kernel, kThreads, 1, resident_blocks(kernel, kThreads, occupancy), logits, targets, batch_loss,
+                   state, ignore_index, shape, stream);
+}
+
+// The row machinery for the row width: short rows by lane groups, long rows by whole blocks.
+void launch_update(const at::Tensor& logits, const at::Tensor& targets, const double* batch_loss, at::Tensor& state,
+                   int64_t ignore_index, const UpdateShape& shape) {
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t classes = shape.classes;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "metrics_update_cuda", [&] {
+    if (classes <= 2) {
+      launch_short<scalar_t, 2>(logits, targets, batch_loss, state, ignore_index, shape, stream);
+    } else if (classes <= 4) {
+      launch_short<scalar_t, 4>(logits, targets, batch_loss, state, ignore_index, shape, stream);
+    } else if (classes <= 8) {
+      launch_short<scalar_t, 8>(logits, targets, batch_loss, state, ignore_index, shape, stream);
+    } else if (classes <= 16) {
+      launch_short<scalar_t, 16>(logits, targets, batch_loss, state, ignore_index, shape, stream);
+    } else if (classes <= 1024) {
+      launch_short<scalar_t, 32>(logits, targets, batch_loss, state, ignore_index, shape, stream);
+    } else if (classes < 16384) {
+      launch_long<scalar_t, 256>(logits, targets, batch_loss, state, ignore_index, shape, stream);
+    } else {
+      launch_long<scalar_t, kLongRowMaxThreads>(logits, targets, batch_loss, state, ignore_index, shape, stream);
+    }
+  });
 }
 
 void metrics_update_cuda(const at::Tensor& logits, const at::Tensor& targets, const c10::optional<at::Tensor>& batch_loss,
                          at::Tensor& state, int64_t ignore_index) {
-  const bool per_class = check_update_args(logits, targets, batch_loss, state);
+  const UpdateShape shape = check_update_args("metrics_update", logits, targets, batch_loss, state, false);
   const c10::cuda::CUDAGuard guard(logits.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   at::Tensor loss_value;
   if (batch_loss.has_value()) loss_value = batch_loss->reshape({1}).to(at::kDouble).contiguous();
-  const double* loss_ptr = batch_loss.has_value() ? loss_value.data_ptr<double>() : nullptr;
-  const int64_t classes = logits.size(1);
+  launch_update(logits, targets, batch_loss.has_value() ? loss_value.const_data_ptr<double>() : nullptr, state,
+                ignore_index, shape);
+}
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "metrics_update_cuda", [&] {
-    if (classes <= 2) {
-      launch_short<scalar_t, 2>(logits, targets, loss_ptr, state, ignore_index, per_class, stream);
-    } else if (classes <= 4) {
-      launch_short<scalar_t, 4>(logits, targets, loss_ptr, state, ignore_index, per_class, stream);
-    } else if (classes <= 8) {
-      launch_short<scalar_t, 8>(logits, targets, loss_ptr, state, ignore_index, per_class, stream);
-    } else if (classes <= 16) {
-      launch_short<scalar_t, 16>(logits, targets, loss_ptr, state, ignore_index, per_class, stream);
-    } else if (classes <= 1024) {
-      launch_short<scalar_t, 32>(logits, targets, loss_ptr, state, ignore_index, per_class, stream);
-    } else if (classes < 16384) {
-      launch_long<scalar_t, 256>(logits, targets, loss_ptr, state, ignore_index, per_class, stream);
-    } else {
-      launch_long<scalar_t, kLongRowMaxThreads>(logits, targets, loss_ptr, state, ignore_index, per_class, stream);
-    }
-  });
+void metrics_update_stacked_cuda(const at::Tensor& logits, const at::Tensor& targets, at::Tensor& state,
+                                 int64_t ignore_index) {
+  const UpdateShape shape = check_update_args("metrics_update_stacked", logits, targets, c10::nullopt, state, true);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  launch_update(logits, targets, nullptr, state, ignore_index, shape);
 }
 
 }  // namespace
@@ -480,4 +505,5 @@ void metrics_update_cuda(const at::Tensor& logits, const at::Tensor& targets, co
 
 TORCH_LIBRARY_IMPL(esper_fast, CUDA, m) {
   m.impl("metrics_update", &esper_fast::metrics::metrics_update_cuda);
+  m.impl("metrics_update_stacked", &esper_fast::metrics::metrics_update_stacked_cuda);
 }
