@@ -335,7 +335,8 @@ class StackedMetricsAccumulator:
         metrics_update_stacked(logits, targets, self.state, self.ignore_index)
 
     def all_reduce(self, group=None) -> None:
-        """:meth:`MetricsAccumulator.all_reduce` for every configuration, in three collectives."""
+        """:meth:`MetricsAccumulator.all_reduce` for every configuration at once: one collective
+        for the losses, one for the counts, one for the per-class counts."""
         if not (dist.is_available() and dist.is_initialized()):
             return
         spans = [slice(_LOSS_SUM, _LOSS_SUM + 1), slice(_BATCHES, _ERRORS + 1)]
