@@ -2,7 +2,7 @@
 // and torch.argmax order. The grid's y dimension is the stacked configuration (one for
 // metrics_update); each configuration's blocks run exactly as a metrics_update of its rows alone.
 // Short rows (C <= 1024): a group of TPR lanes per row. Long rows: a block per row, each thread
-// with kLongRowUnroll 16-byte loads in flight. Both grid-stride over rows with a grid of the
+// with several 16-byte loads in flight. Both grid-stride over rows with a grid of the
 // blocks that are resident at once; each block writes its partial sums to a workspace and the
 // last block to finish adds them in a fixed order and turns the batch's CE sum into the batch
 // mean (no host sync, and the same numbers from run to run).
@@ -308,11 +308,13 @@ __global__ void metrics_short_rows_kernel(const scalar_t* __restrict__ logits, c
 }
 
 // Packs a long-row thread loads before it processes any of them: with one load in flight per
-// thread the SM waits out DRAM latency between packs.
-constexpr int kLongRowUnroll = 4;
+// thread the SM waits out DRAM latency between packs. Two for double, whose software exp leaves
+// no registers for four under the launch bound (and whose math, not its loads, sets the pace).
+template <typename scalar_t>
+constexpr int kLongRowUnroll = sizeof(scalar_t) == 8 ? 2 : 4;
 // Long-row blocks have at most kLongRowMaxThreads threads, and at least kLongRowMinThreadsPerSm
-// threads stay resident per SM (<= 64 registers a thread): with kLongRowUnroll 16-byte loads each,
-// that is 64 KiB in flight per SM, and other blocks load while one reduces a finished row.
+// threads stay resident per SM (<= 64 registers a thread): with four 16-byte loads each, that is
+// 64 KiB in flight per SM, and other blocks load while one reduces a finished row.
 constexpr int kLongRowMaxThreads = 512;
 constexpr int kLongRowMinThreadsPerSm = 1024;
 
@@ -354,15 +356,15 @@ __global__ void __launch_bounds__(kLongRowMaxThreads, kLongRowMinThreadsPerSm / 
     const Pack* pack_ptr = reinterpret_cast<const Pack*>(row_ptr + head);
     // A thread's packs are first + u * blockDim.x: all loaded, then pushed in increasing index
     // order, as RowState::push requires. Packs past the row's end are neither loaded nor pushed.
-    for (int first = threadIdx.x; first < packs; first += kLongRowUnroll * blockDim.x) {
-      Pack loaded[kLongRowUnroll];
+    for (int first = threadIdx.x; first < packs; first += kLongRowUnroll<scalar_t> * blockDim.x) {
+      Pack loaded[kLongRowUnroll<scalar_t>];
 #pragma unroll
-      for (int u = 0; u < kLongRowUnroll; ++u) {
+      for (int u = 0; u < kLongRowUnroll<scalar_t>; ++u) {
         const int p = first + u * blockDim.x;
         if (p < packs) loaded[u] = pack_ptr[p];
       }
 #pragma unroll
-      for (int u = 0; u < kLongRowUnroll; ++u) {
+      for (int u = 0; u < kLongRowUnroll<scalar_t>; ++u) {
         const int p = first + u * blockDim.x;
         if (p < packs) {
           math_t values[kVec];
