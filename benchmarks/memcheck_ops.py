@@ -179,9 +179,9 @@ def metrics_c50257():
 
 @check
 def metrics_stacked():
-    """K stacked configurations in one launch (short and long rows, a misaligned row start):
-    each configuration's state equals a separate accumulator's."""
-    from esper_fast.ops import MetricsAccumulator, StackedMetricsAccumulator
+    """K stacked configurations in one launch (short and long rows, a misaligned row start),
+    each configuration against the reference's argmax count and cross-entropy."""
+    from esper_fast.ops import StackedMetricsAccumulator
 
     for num_classes, rows in ((10, 37), (4099, 3)):
         for dtype in DTYPES:
@@ -192,10 +192,12 @@ def metrics_stacked():
             targets[0] = -100
             stacked = StackedMetricsAccumulator(configs, num_classes, DEVICE, per_class=True)
             stacked.update(logits, targets)
-            for k in range(configs):
-                single = MetricsAccumulator(num_classes, DEVICE, per_class=True)
-                single.update(logits[k * rows : (k + 1) * rows], targets)
-                assert torch.equal(stacked.accumulators[k].state, single.state), f"configuration {k} {dtype}"
+            for k, result in enumerate(stacked.compute()):
+                mine = logits[k * rows : (k + 1) * rows]
+                expected_correct = int((mine.argmax(1) == targets).sum())
+                assert result.correct == expected_correct, f"configuration {k} {dtype}: correct {result.correct}"
+                loss = torch.nn.functional.cross_entropy(mine.double(), targets, ignore_index=-100).item()
+                assert abs(result.loss - loss) <= 1e-3 * (1 + abs(loss)), f"configuration {k} {dtype}: loss"
 
 
 def _snapshot_tensors():
