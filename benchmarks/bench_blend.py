@@ -161,6 +161,28 @@ def _cases():
                         "alpha": "per-sample, grad"},
             )
         )
+    # The STE of a host that is a strided view (every other feature of a wider tensor): the
+    # output is gathered from host's strides in one copy.
+    def setup_ste_strided(device):
+        wide = torch.randn(32, 256, 768, device=device)
+        return {"host": wide[..., ::2].requires_grad_(True), "seed": torch.randn(32, 256, 384, device=device,
+                                                                                requires_grad=True),
+                "grad": torch.randn(32, 256, 384, device=device)}
+
+    cases.append(
+        Case(
+            family="blend",
+            name="ste fwd+bwd strided view 32x256x384 fp32",
+            setup=setup_ste_strided,
+            reference=_ste_step(ste_reference),
+            fast=_ste_step(ste),
+            # forward reads host's elements and writes y; backward hands g on untouched
+            bytes_moved=_bytes(2),
+            goal="never slower",
+            params={"shape": "32x256x384", "dtype": "fp32", "numel": 32 * 256 * 384,
+                    "memory_format": "strided view [..., ::2]"},
+        )
+    )
     return cases
 
 

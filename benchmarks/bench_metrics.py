@@ -3,6 +3,8 @@
 reference: per batch the criterion, ``max``/``argmax``, a compare and sum, and with per-class on
 two ``torch.bincount`` (the second on a boolean-mask index), then one ``.item()`` per result.
 fast: ``MetricsAccumulator.update`` per batch (one kernel) and one ``compute()``.
+The stacked cases time K configurations stacked along the batch: K single-op calls per batch
+(reference) against one ``StackedMetricsAccumulator.update`` per batch (fast).
 
 Run: ``python -m pytest benchmarks/bench_metrics.py --benchmark-only``.
 """
@@ -14,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from common import Case, bench_params, run_case
-from esper_fast.ops import MetricsAccumulator
+from esper_fast.ops import MetricsAccumulator, StackedMetricsAccumulator
 from esper_fast.ops.reference import batch_loss_reference, batch_metrics_reference
 
 # Rounds on CPU for the 8192 x 50257 cases (one reference call takes seconds there).
@@ -100,6 +102,67 @@ CASES = [
     _case("lm", 1, 8192, 50257, torch.float32, False, "cpu >= 2x, cuda >= 3x and >= 80% of one-read bandwidth"),
     _case("lm", 1, 8192, 50257, torch.bfloat16, False, "cpu >= 2x, cuda >= 3x and >= 80% of one-read bandwidth"),
 ]
+
+
+# K configurations stacked along the batch (logits [K * N, C], targets [N]): K calls of the single
+# op per batch on each configuration's rows, then one read of the K accumulators, against one
+# stacked call per batch and one read.
+def _make_stacked_setup(configs, batches, rows, classes, dtype):
+    def setup(device):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        data = []
+        for _ in range(batches):
+            logits = (torch.randn(configs * rows, classes, generator=g) * 2).to(device=device, dtype=dtype)
+            targets = torch.randint(0, classes, (rows,), generator=g).to(device)
+            data.append((logits, targets))
+        return {"batches": data, "configs": configs, "rows": rows, "classes": classes, "device": device}
+
+    return setup
+
+
+def separate_configs_pass(state):
+    configs, rows = state["configs"], state["rows"]
+    accumulators = [MetricsAccumulator(state["classes"], state["device"]) for _ in range(configs)]
+    for logits, targets in state["batches"]:
+        for k, acc in enumerate(accumulators):
+            acc.update(logits[k * rows : (k + 1) * rows], targets)
+    return [(r.loss, r.accuracy) for r in MetricsAccumulator.compute_all(accumulators)]
+
+
+def stacked_configs_pass(state):
+    acc = StackedMetricsAccumulator(state["configs"], state["classes"], state["device"])
+    for logits, targets in state["batches"]:
+        acc.update(logits, targets)
+    return [(r.loss, r.accuracy) for r in acc.compute()]
+
+
+def _stacked_case(name, configs, batches, rows, classes, dtype, goal, devices=("cpu", "cuda")):
+    dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    return Case(
+        family="metrics",
+        name=f"{name} {configs} configs {batches}x[{configs}x{rows}x{classes}] {dtype_name}",
+        setup=_make_stacked_setup(configs, batches, rows, classes, dtype),
+        reference=separate_configs_pass,
+        fast=stacked_configs_pass,
+        bytes_moved=_logit_bytes,  # one read of every configuration's logits (and the targets)
+        devices=devices,
+        goal=goal,
+        params={
+            "configs": configs,
+            "batches": batches,
+            "rows": rows,
+            "classes": classes,
+            "dtype": dtype_name,
+            "per_class": False,
+            "numel": configs * batches * rows * classes,
+        },
+    )
+
+
+CASES.append(_stacked_case("stacked classification", 4, 40, 128, 10, torch.float32,
+                           "faster than 4 single-op calls per batch"))
+CASES.append(_stacked_case("stacked lm", 8, 1, 1024, 50257, torch.float32,
+                           "as fast as 8 single-op calls; cuda >= 80% of one-read bandwidth"))
 
 
 @pytest.mark.parametrize("case,device,impl", bench_params(CASES))

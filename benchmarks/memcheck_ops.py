@@ -178,7 +178,32 @@ def metrics_c50257():
         _metrics_round(50257, 5, dtype, per_class=False)
 
 
+@check
+def metrics_stacked():
+    """K stacked configurations in one launch (short and long rows, a misaligned row start),
+    each configuration against the reference's argmax count and cross-entropy."""
+    from esper_fast.ops import StackedMetricsAccumulator
+
+    for num_classes, rows in ((10, 37), (4099, 3)):
+        for dtype in DTYPES:
+            configs = 3
+            storage = torch.randn(configs * rows * num_classes + 1, device=DEVICE, dtype=dtype)
+            logits = storage[1:].view(configs * rows, num_classes)
+            targets = torch.randint(0, num_classes, (rows,), device=DEVICE)
+            targets[0] = -100
+            stacked = StackedMetricsAccumulator(configs, num_classes, DEVICE, per_class=True)
+            stacked.update(logits, targets)
+            for k, result in enumerate(stacked.compute()):
+                mine = logits[k * rows : (k + 1) * rows]
+                expected_correct = int((mine.argmax(1) == targets).sum())
+                assert result.correct == expected_correct, f"configuration {k} {dtype}: correct {result.correct}"
+                loss = torch.nn.functional.cross_entropy(mine.double(), targets, ignore_index=-100).item()
+                assert abs(result.loss - loss) <= 1e-3 * (1 + abs(loss)), f"configuration {k} {dtype}: loss"
+
+
 def _snapshot_tensors():
+    from esper_fast import _C
+
     return [
         torch.randn(1000, device=DEVICE),
         torch.randn(33, 7, device=DEVICE, dtype=torch.float16),
@@ -187,7 +212,7 @@ def _snapshot_tensors():
         torch.randn(64, 31, device=DEVICE).t(),  # not contiguous
         torch.randn((), device=DEVICE),
         torch.randn(0, 3, device=DEVICE),
-        torch.randn(700_001, device=DEVICE),  # over 1 MiB: the direct-copy path
+        torch.randn(_C.snapshot_staged_copy_bytes // 2 + 1, device=DEVICE),  # over the staging threshold: a direct copy
         torch.randn(1200, 900, device=DEVICE)[:, ::2],  # large and strided
     ]
 

@@ -24,6 +24,16 @@ inline at::Tensor in_format(const at::Tensor& t, at::MemoryFormat format) {
   return t.contiguous(format);
 }
 
+// `t` viewed as integers of its element's width (any strides): a copy_ between such views moves
+// the bits unchanged, NaN payloads and -0.0 included.
+inline at::Tensor as_bits(const at::Tensor& t) {
+  switch (t.element_size()) {
+    case 2: return t.view(at::kShort);
+    case 4: return t.view(at::kInt);
+    default: return t.view(at::kLong);
+  }
+}
+
 inline void check_pair(const at::Tensor& host, const at::Tensor& seed, const char* op) {
   check_floating(host, "host");
   check_same_dtype(seed, "seed", host, "host");

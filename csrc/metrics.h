@@ -1,5 +1,6 @@
-// The metrics accumulator: one int64 tensor shared by the CPU and CUDA kernels and
-// esper_fast/ops/metrics.py (which mirrors these offsets).
+// The metrics accumulator: one int64 tensor shared by the CPU and CUDA kernels. This is the one
+// definition of its layout: csrc/esper_fast.cpp exports it to Python (esper_fast._C.metrics_*),
+// which reads it from there.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -9,50 +10,83 @@
 namespace esper_fast {
 namespace metrics {
 
-// Slots of the state tensor. The two loss slots hold float64 bit patterns.
+// Slots of the state tensor. The loss slot holds a float64 bit pattern. A reduction over ranks
+// carries every slot before kBlocksDone and sums the counts kBatches..kErrors.
 enum Slot : int64_t {
-  kLossSum = 0,  // float64: sum over batches of the batch-mean loss
-  kUnused1 = 1,  // always 0 (the CUDA kernel's batch sums live in a per-launch workspace)
-  kBatches = 2,
-  kCorrect = 3,
-  kTotal = 4,
-  kUnused5 = 5,      // always 0, as kUnused1
-  kErrors = 6,       // targets outside [0, C) other than ignore_index
-  kBadValue = 7,     // the first such target (lowest row) of the first batch that had one
-  kBlocksDone = 8,   // CUDA last-block-done ticket, always 0 between launches
-  kHeader = 10,       // then class_total[C], class_correct[C] when per-class counting is on
+  kLossSum = 0,     // float64: sum over batches of the batch-mean loss
+  kBatches = 1,
+  kCorrect = 2,
+  kTotal = 3,
+  kErrors = 4,      // targets outside [0, C) other than ignore_index
+  kBadValue = 5,    // the first such target (lowest row) of the first batch that had one
+  kBlocksDone = 6,  // CUDA last-block-done ticket, always 0 between launches
+  kHeader = 7,      // then class_total[C], class_correct[C] when per-class counting is on
+};
+static_assert(kCorrect == kBatches + 1 && kTotal == kBatches + 2 && kErrors == kBatches + 3,
+              "the counts a reduction sums are consecutive");
+static_assert(kBlocksDone == kBadValue + 1 && kHeader == kBlocksDone + 1,
+              "the ticket follows the carried slots, the class counts follow the ticket");
+
+// Indices within a row are int in the CUDA kernels, with room to spare past the row's end.
+constexpr int64_t kMaxClasses = int64_t(1) << 30;
+// Stacked configurations are the y dimension of a CUDA grid.
+constexpr int64_t kMaxConfigs = 65535;
+
+// What one update covers, its arguments checked: `configs` stacked configurations (1 for
+// metrics_update) of `rows` rows each, each with a state of `width` slots.
+struct UpdateShape {
+  int64_t configs, rows, classes, width;
+  bool per_class;
 };
 
-// Checks shared by both backends; returns whether per-class counting is on.
-inline bool check_update_args(const at::Tensor& logits, const at::Tensor& targets,
-                              const c10::optional<at::Tensor>& batch_loss, const at::Tensor& state) {
-  TORCH_CHECK(logits.dim() == 2, "esper_fast.metrics_update: logits must be [N, C], got shape ", logits.sizes());
+// Checks shared by both backends and both ops. metrics_update: logits [N, C], state [width].
+// metrics_update_stacked (`stacked`): logits [K * N, C], state [K, width], no batch_loss.
+inline UpdateShape check_update_args(const char* op, const at::Tensor& logits, const at::Tensor& targets,
+                                     const c10::optional<at::Tensor>& batch_loss, const at::Tensor& state,
+                                     bool stacked) {
+  TORCH_CHECK(logits.dim() == 2, "esper_fast.", op, ": logits must be ", stacked ? "[K * N, C]" : "[N, C]",
+              ", got shape ", logits.sizes());
   const auto dtype = logits.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
-              "esper_fast.metrics_update: logits must be float64, float32, float16 or bfloat16, got ", dtype);
-  TORCH_CHECK(logits.size(1) > 0, "esper_fast.metrics_update: logits need at least one class (C >= 1)");
-  TORCH_CHECK(logits.is_contiguous(),
-              "esper_fast.metrics_update: logits rows must be contiguous (call .contiguous())");
-  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == logits.size(0), "esper_fast.metrics_update: targets must be [N] = [",
-              logits.size(0), "], got shape ", targets.sizes());
-  TORCH_CHECK(targets.scalar_type() == at::kLong, "esper_fast.metrics_update: targets must be int64, got ",
-              targets.scalar_type());
-  TORCH_CHECK(targets.is_contiguous(), "esper_fast.metrics_update: targets must be contiguous");
-  TORCH_CHECK(state.scalar_type() == at::kLong && state.dim() == 1 && state.is_contiguous(),
-              "esper_fast.metrics_update: state must be a contiguous 1-d int64 tensor");
+              "esper_fast.", op, ": logits must be float64, float32, float16 or bfloat16, got ", dtype);
   const int64_t classes = logits.size(1);
-  const bool per_class = state.numel() == kHeader + 2 * classes;
-  TORCH_CHECK(per_class || state.numel() == kHeader, "esper_fast.metrics_update: state has ", state.numel(),
-              " slots; expected ", static_cast<int64_t>(kHeader), " or ", kHeader + 2 * classes, " for C = ", classes);
+  TORCH_CHECK(classes > 0, "esper_fast.", op, ": logits need at least one class (C >= 1)");
+  TORCH_CHECK(classes <= kMaxClasses, "esper_fast.", op, ": at most ", kMaxClasses, " classes, got C = ", classes);
+  TORCH_CHECK(logits.is_contiguous(), "esper_fast.", op, ": logits rows must be contiguous (call .contiguous())");
+  TORCH_CHECK(state.scalar_type() == at::kLong && state.dim() == (stacked ? 2 : 1) && state.is_contiguous(),
+              "esper_fast.", op, ": state must be a contiguous ", stacked ? "2-d [K, slots]" : "1-d",
+              " int64 tensor, got ", state.scalar_type(), " of shape ", state.sizes());
+  UpdateShape shape;
+  shape.configs = stacked ? state.size(0) : 1;
+  TORCH_CHECK(shape.configs >= 1 && shape.configs <= kMaxConfigs, "esper_fast.", op, ": 1 to ", kMaxConfigs,
+              " configurations (state rows), got ", shape.configs);
+  const bool rows_match = targets.dim() == 1 && targets.size(0) * shape.configs == logits.size(0);
+  if (stacked) {
+    TORCH_CHECK(rows_match, "esper_fast.", op, ": targets must be [N] with K * N = ", logits.size(0),
+                " logits rows for K = ", shape.configs, " configurations, got shape ", targets.sizes());
+  } else {
+    TORCH_CHECK(rows_match, "esper_fast.", op, ": targets must be [N] = [", logits.size(0), "], got shape ",
+                targets.sizes());
+  }
+  TORCH_CHECK(targets.scalar_type() == at::kLong, "esper_fast.", op, ": targets must be int64, got ",
+              targets.scalar_type());
+  TORCH_CHECK(targets.is_contiguous(), "esper_fast.", op, ": targets must be contiguous");
+  shape.rows = targets.size(0);
+  shape.classes = classes;
+  shape.width = state.size(-1);
+  shape.per_class = shape.width == kHeader + 2 * classes;
+  TORCH_CHECK(shape.per_class || shape.width == kHeader, "esper_fast.", op, ": state has ", shape.width,
+              " slots", stacked ? " per configuration" : "", "; expected ", static_cast<int64_t>(kHeader), " or ",
+              kHeader + 2 * classes, " for C = ", classes);
   check_same_device(logits, "logits", targets, "targets");
   check_same_device(logits, "logits", state, "state");
   if (batch_loss.has_value()) {
-    TORCH_CHECK(batch_loss->numel() == 1, "esper_fast.metrics_update: batch_loss must hold one value, got shape ",
+    TORCH_CHECK(batch_loss->numel() == 1, "esper_fast.", op, ": batch_loss must hold one value, got shape ",
                 batch_loss->sizes());
     check_floating(*batch_loss, "batch_loss");
     check_same_device(logits, "logits", *batch_loss, "batch_loss");
   }
-  return per_class;
+  return shape;
 }
 
 }  // namespace metrics

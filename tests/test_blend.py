@@ -334,6 +334,43 @@ def test_ste_cpu_moves_no_bytes_for_a_whole_dense_tensor(layout):
     assert torch.equal(y, host)
 
 
+# Views that are not dense in any layout the kernels walk (or dense only from an offset).
+NON_DENSE_VIEWS = {
+    "strided": lambda t: t[..., ::2],
+    "sliced_channels": lambda t: t[:, 1:4],
+    "batch_offset": lambda t: t[1:],
+    "transposed": lambda t: t.transpose(2, 3),
+    "permuted": lambda t: t.permute(1, 3, 0, 2),
+    "expanded": lambda t: t[:1, :1].expand(4, 6, 10, 8),
+    "channels_last_strided": lambda t: t.contiguous(memory_format=torch.channels_last)[:, :, ::3],
+}
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES + [torch.float64])
+@pytest.mark.parametrize("layout", list(NON_DENSE_VIEWS))
+def test_ste_non_dense_host(device, dtype, layout):
+    # One copy straight from host's strides into a contiguous output: the host's bits, a tensor
+    # of its own, and the incoming gradient reaching host's base and seed as the reference's does.
+    view = NON_DENSE_VIEWS[layout]
+    base = torch.cat([special_values(dtype, device), randn((4 * 6 * 10 * 8 - 7,), dtype, device)]).reshape(4, 6, 10, 8)
+    bits(base).view(-1)[0] |= 1  # a NaN with a non-default payload
+    host = view(base)
+    seed = randn(host.shape, dtype, device)
+    y = ste(host, seed)
+    assert y.shape == host.shape and y.stride() == torch.empty(host.shape).stride()
+    assert torch.equal(bits(y), bits(host))
+    assert not torch._C._is_alias_of(y, host)
+    grad_out = randn(host.shape, dtype, device)
+    grads = []
+    for fn in (ste, ste_reference):
+        leaf, seed_leaf = base.clone().requires_grad_(True), seed.clone().requires_grad_(True)
+        fn(view(leaf), seed_leaf).backward(grad_out)
+        grads.append((leaf.grad, seed_leaf.grad))
+    (d_base, d_seed), (d_base_ref, d_seed_ref) = grads
+    assert torch.equal(d_seed, grad_out) and torch.equal(d_seed_ref, d_seed)
+    assert torch.equal(d_base, d_base_ref)
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_ste_gradients(device, dtype, memory_format):

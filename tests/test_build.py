@@ -226,3 +226,81 @@ def test_built_kernels_use_no_local_memory():
     count, spilling = kernels_with_local_memory(done.stdout)
     assert count, "cuobjdump -res-usage listed no kernel"
     assert not spilling, spilling[:5]
+
+
+# ---- facts the kernels and Python share: defined once in C++ (csrc/metrics.h, csrc/snapshot.h),
+# exported by _C, read from there.
+
+METRICS_SLOTS = ["loss_sum", "batches", "correct", "total", "errors", "bad_value", "blocks_done"]
+
+
+def test_metrics_state_layout_is_exported_and_compact():
+    slots = {name: getattr(esper_fast._C, f"metrics_slot_{name}") for name in METRICS_SLOTS}
+    assert sorted(slots.values()) == list(range(len(slots)))  # no unused slot
+    assert esper_fast._C.metrics_header == len(slots)
+    # What the Python side relies on: the summed counts are consecutive, the ticket follows every
+    # slot a reduction over ranks carries.
+    counts = [slots[name] for name in ("batches", "correct", "total", "errors")]
+    assert counts == list(range(counts[0], counts[0] + 4))
+    assert slots["blocks_done"] == len(slots) - 1
+
+
+def test_python_reads_the_exported_facts():
+    from esper_fast.ops import MetricsAccumulator, metrics, snapshot
+
+    for name in METRICS_SLOTS:
+        assert getattr(metrics, f"_{name.upper()}") == getattr(esper_fast._C, f"metrics_slot_{name}"), name
+    assert metrics._HEADER == esper_fast._C.metrics_header
+    assert MetricsAccumulator(5, "cpu").state.numel() == esper_fast._C.metrics_header
+    assert MetricsAccumulator(5, "cpu", per_class=True).state.numel() == esper_fast._C.metrics_header + 10
+    assert MetricsAccumulator.PACKED_HEADER == esper_fast._C.metrics_slot_blocks_done
+    assert snapshot._STAGED_COPY_BYTES == esper_fast._C.snapshot_staged_copy_bytes
+    # Bound from _C in the source, not literals that happen to agree today.
+    names = {f"_{name.upper()}" for name in METRICS_SLOTS} | {"_HEADER", "_STAGED_COPY_BYTES"}
+    for module in (metrics, snapshot):
+        with open(module.__file__) as f:
+            tree = ast.parse(f.read())
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) in names for t in node.targets):
+                value = node.value
+                assert isinstance(value, ast.Attribute) and getattr(value.value, "id", None) == "_C", ast.unparse(node)
+
+
+def _python_sources():
+    for top in ("esper_fast", "tests", "benchmarks", "tools"):
+        for folder, _, files in os.walk(os.path.join(ROOT, top)):
+            for name in files:
+                if name.endswith(".py"):
+                    path = os.path.join(folder, name)
+                    with open(path) as f:
+                        yield os.path.relpath(path, ROOT), f.read()
+
+
+def test_no_file_hard_codes_the_shared_facts():
+    # C++: each fact is defined once.
+    definitions = {r"\bkStagedCopyBytes\s*=(?!=)": "csrc/snapshot.h", r"\bkLossSum\s*=(?!=)": "csrc/metrics.h",
+                   r"\bkHeader\s*=(?!=)": "csrc/metrics.h"}
+    for pattern, home in definitions.items():
+        found = []
+        for folder, _, files in os.walk(os.path.join(ROOT, "csrc")):
+            for name in files:
+                path = os.path.join(folder, name)
+                with open(path) as f:
+                    found += [os.path.relpath(path, ROOT)] * len(re.findall(pattern, f.read()))
+        assert found == [home], (pattern, found)
+    # Python: no metrics state (or packed state) is indexed by a number, and no code that copies
+    # snapshots spells the staging threshold.
+    threshold = re.compile(r"\b1\s*<<\s*20\b|\b2\s*\*\*\s*20\b|\b1_?048_?576\b|\b1\s*MiB\b")
+    for path, text in _python_sources():
+        if "MetricsAccumulator" in text or "metrics_update" in text:
+            for node in ast.walk(ast.parse(text)):
+                if not isinstance(node, ast.Subscript):
+                    continue
+                target = node.value
+                name = target.attr if isinstance(target, ast.Attribute) else getattr(target, "id", "")
+                index = node.slice
+                bounds = [index.lower, index.upper] if isinstance(index, ast.Slice) else [index]
+                literal = any(isinstance(b, ast.Constant) and isinstance(b.value, int) for b in bounds)
+                assert not (name in ("state", "packed") and literal), f"{path}:{node.lineno}: {ast.unparse(node)}"
+        if "HostSnapshot" in text or "snapshot_pack" in text:
+            assert not threshold.search(text), f"{path}: {threshold.search(text).group(0)!r}"

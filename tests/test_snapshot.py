@@ -9,10 +9,13 @@ import pytest
 import torch
 
 import esper_fast.ops.snapshot as snapshot_module
+from esper_fast import _C
 from esper_fast.ops import HostSnapshot
 from esper_fast.ops.snapshot import snapshot_pack, snapshot_unpack
 
 CUDA = torch.cuda.is_available()
+# Tensors under this many bytes share a staged transfer on CUDA; larger ones are copied directly.
+STAGED = _C.snapshot_staged_copy_bytes
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -38,7 +41,7 @@ def _mixed_tensors(device):
         _random_like_dtype((6, 10), torch.float32, device).t(),  # transposed
         _random_like_dtype((8, 9), torch.bfloat16, device)[::2, 1::3],  # strided slice
         _random_like_dtype((3, 8, 5, 5), torch.float32, device).to(memory_format=torch.channels_last),
-        _random_like_dtype((300_001,), torch.float32, device),  # > 1 MiB: a direct copy on CUDA
+        _random_like_dtype((STAGED // 4 + 1,), torch.float32, device),  # a direct copy on CUDA
         _random_like_dtype((1000, 700), torch.float16, device).t(),  # large and non-contiguous
         _random_like_dtype((3,), torch.float64, device),
     ]
@@ -418,11 +421,11 @@ def test_cuda_mixed_cpu_and_cuda_tensors(device_resident):
 def test_layout_keeps_each_devices_small_tensors_in_one_run():
     """A CUDA staging range spans its device's small tensors; no other device's may lie inside."""
     devices = ["cpu", "meta", "cpu", "meta", "meta", "cpu"]
-    values = [torch.empty(n, device=d) for n, d in zip([3, 5, 1, 300_000, 7, 2], devices)]
+    values = [torch.empty(n, device=d) for n, d in zip([3, 5, 1, STAGED // 4 + 1, 7, 2], devices)]
     snap = HostSnapshot()
     slot = snap._slots[0]
     snap._ensure_layout(slot, None, values)
-    small = [i for i, t in enumerate(values) if t.numel() * 4 < 1 << 20]
+    small = [i for i, t in enumerate(values) if t.numel() * 4 < STAGED]
     for device in ("cpu", "meta"):
         mine = [i for i in small if devices[i] == device]
         lo = min(slot.offsets[i] for i in mine)
@@ -445,8 +448,8 @@ def test_cuda_many_tensors_span_several_launches():
 @pytest.mark.cuda
 def test_cuda_small_tensors_beyond_one_staging_range():
     # 80 tensors just under the direct-copy size: 80 MB of staged bytes, more than one 64 MiB range.
-    tensors = [torch.randn(250_000, device="cuda") for _ in range(80)]
-    tensors.insert(40, torch.randn(2_000_000, device="cuda"))  # a direct copy between them
+    tensors = [torch.randn(STAGED // 4 - 12_144, device="cuda") for _ in range(80)]
+    tensors.insert(40, torch.randn(2 * STAGED, device="cuda"))  # a direct copy between them
     expected = [t.clone() for t in tensors]
     snap = HostSnapshot()
     views = snap.capture(tensors)
@@ -459,7 +462,7 @@ def test_cuda_small_tensors_beyond_one_staging_range():
 @pytest.mark.cuda
 def test_cuda_dropped_snapshot_keeps_its_pinned_block_until_queued_copies_finish():
     """Freeing the buffer with a transfer still queued must not hand its pinned block out again."""
-    t = torch.randn(1 << 16, device="cuda")  # 256 KiB: one staged transfer
+    t = torch.randn(STAGED // 16, device="cuda")  # a quarter of the threshold: one staged transfer
     good = t.clone()
     snap = HostSnapshot(double_buffer=False)
     snap.capture([t])

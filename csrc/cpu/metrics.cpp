@@ -1,4 +1,5 @@
-// metrics_update on CPU: rows split over at::parallel_for, per-thread partials merged once.
+// metrics_update and metrics_update_stacked on CPU: rows split over at::parallel_for, per-thread
+// partials merged once; a stacked update runs each configuration's rows in turn.
 // float32/float16/bfloat16 rows run three AVX2 sweeps over the (cache-resident) row: max,
 // first index of the max, sum of exp(x - max); other machines and short rows use scalar code.
 #include <ATen/Parallel.h>
@@ -195,50 +196,45 @@ inline void store_double(int64_t* slot, double v) {
   std::memcpy(slot, &v, sizeof(v));
 }
 
-void metrics_update_cpu(const at::Tensor& logits, const at::Tensor& targets, const c10::optional<at::Tensor>& batch_loss,
-                        at::Tensor& state, int64_t ignore_index) {
-  const bool per_class = check_update_args(logits, targets, batch_loss, state);
-  const int64_t rows = logits.size(0);
-  const int64_t classes = logits.size(1);
-  const bool want_loss = !batch_loss.has_value();
-  const int64_t* target_ptr = targets.data_ptr<int64_t>();
-
+// One configuration's batch: logits [rows, classes] at `logit_ptr`, added into the state at `s`.
+// `given_loss`, when set, is the batch's loss from another criterion and is added as it is;
+// otherwise the batch's mean cross-entropy over its non-ignored rows is.
+template <typename scalar_t>
+void update_one(const scalar_t* logit_ptr, const int64_t* target_ptr, int64_t rows, int64_t classes, bool per_class,
+                const c10::optional<double>& given_loss, int64_t ignore_index, int64_t* s) {
+  const bool want_loss = !given_loss.has_value();
   std::vector<Partial> partials(at::get_num_threads());
   for (auto& p : partials) {
     if (per_class) p.class_counts.assign(2 * classes, 0);
   }
   // Enough rows per task that the split pays for itself on short rows.
   const int64_t grain = std::max<int64_t>(1, 32768 / classes);
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "metrics_update_cpu", [&] {
-    const scalar_t* logit_ptr = logits.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-      Partial& p = partials[at::get_thread_num()];
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t target = target_ptr[row];
-        const bool ignored = target == ignore_index;
-        if (target < 0 || target >= classes) {
-          if (!ignored && row < p.first_bad_row) {
-            p.first_bad_row = row;
-            p.bad_value = target;
-          }
-          p.errors += !ignored;
-          continue;
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    Partial& p = partials[at::get_thread_num()];
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t target = target_ptr[row];
+      const bool ignored = target == ignore_index;
+      if (target < 0 || target >= classes) {
+        if (!ignored && row < p.first_bad_row) {
+          p.first_bad_row = row;
+          p.bad_value = target;
         }
-        // An in-range ignore_index still counts for accuracy, as argmax == labels does.
-        const RowResult r = row_metrics(logit_ptr + row * classes, classes, target, want_loss && !ignored);
-        const bool hit = r.argmax == target;
-        if (!ignored) {
-          p.loss += r.loss;
-          p.valid += 1;
-        }
-        p.correct += hit;
-        if (per_class) {
-          p.class_counts[target] += 1;
-          p.class_counts[classes + target] += hit;
-        }
+        p.errors += !ignored;
+        continue;
       }
-    });
+      // An in-range ignore_index still counts for accuracy, as argmax == labels does.
+      const RowResult r = row_metrics(logit_ptr + row * classes, classes, target, want_loss && !ignored);
+      const bool hit = r.argmax == target;
+      if (!ignored) {
+        p.loss += r.loss;
+        p.valid += 1;
+      }
+      p.correct += hit;
+      if (per_class) {
+        p.class_counts[target] += 1;
+        p.class_counts[classes + target] += hit;
+      }
+    }
   });
 
   Partial total;
@@ -252,9 +248,7 @@ void metrics_update_cpu(const at::Tensor& logits, const at::Tensor& targets, con
       total.bad_value = p.bad_value;
     }
   }
-  int64_t* s = state.data_ptr<int64_t>();
-  const double batch_mean = want_loss ? total.loss / static_cast<double>(total.valid)
-                                      : batch_loss->to(at::kDouble).reshape({}).item<double>();
+  const double batch_mean = want_loss ? total.loss / static_cast<double>(total.valid) : *given_loss;
   store_double(s + kLossSum, load_double(s + kLossSum) + batch_mean);
   s[kBatches] += 1;
   s[kCorrect] += total.correct;
@@ -268,10 +262,39 @@ void metrics_update_cpu(const at::Tensor& logits, const at::Tensor& targets, con
   }
 }
 
+// Configuration k of a stacked update is rows [k * rows, (k + 1) * rows) and state row k: the
+// same pass, with the same split into tasks, as a metrics_update of its rows alone.
+void update_configs(const at::Tensor& logits, const at::Tensor& targets, const c10::optional<double>& given_loss,
+                    at::Tensor& state, int64_t ignore_index, const UpdateShape& shape) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "metrics_update_cpu", [&] {
+    const scalar_t* logit_ptr = logits.const_data_ptr<scalar_t>();
+    for (int64_t k = 0; k < shape.configs; ++k) {
+      update_one(logit_ptr + k * shape.rows * shape.classes, targets.const_data_ptr<int64_t>(), shape.rows,
+                 shape.classes, shape.per_class, given_loss, ignore_index,
+                 state.mutable_data_ptr<int64_t>() + k * shape.width);
+    }
+  });
+}
+
+void metrics_update_cpu(const at::Tensor& logits, const at::Tensor& targets, const c10::optional<at::Tensor>& batch_loss,
+                        at::Tensor& state, int64_t ignore_index) {
+  const UpdateShape shape = check_update_args("metrics_update", logits, targets, batch_loss, state, false);
+  c10::optional<double> given_loss;
+  if (batch_loss.has_value()) given_loss = batch_loss->to(at::kDouble).reshape({}).item<double>();
+  update_configs(logits, targets, given_loss, state, ignore_index, shape);
+}
+
+void metrics_update_stacked_cpu(const at::Tensor& logits, const at::Tensor& targets, at::Tensor& state,
+                                int64_t ignore_index) {
+  const UpdateShape shape = check_update_args("metrics_update_stacked", logits, targets, c10::nullopt, state, true);
+  update_configs(logits, targets, c10::nullopt, state, ignore_index, shape);
+}
+
 }  // namespace
 }  // namespace metrics
 }  // namespace esper_fast
 
 TORCH_LIBRARY_IMPL(esper_fast, CPU, m) {
   m.impl("metrics_update", &esper_fast::metrics::metrics_update_cpu);
+  m.impl("metrics_update_stacked", &esper_fast::metrics::metrics_update_stacked_cpu);
 }

@@ -529,17 +529,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blend_backward_cuda(
   return {d_host, d_seed, d_alpha};
 }
 
+// The output is the host bit for bit, laid out in the kernels' format, written in one copy: a byte
+// copy on the copy path when host is already dense in that format, else one gather kernel
+// straight from host's strides.
 at::Tensor ste_forward_cuda(const at::Tensor& host, const at::Tensor& seed) {
   check_pair(host, seed, "ste_forward");
   const c10::cuda::CUDAGuard guard(host.device());
   const auto format = dense_format(host);
-  const auto h = in_format(host, format);
   auto out = at::empty(host.sizes(), host.options().memory_format(format));
-  const size_t bytes = static_cast<size_t>(h.numel()) * h.element_size();
-  // A byte copy on the copy path: the output is the host bit for bit, NaN payloads and -0.0 included.
-  if (bytes > 0) {
-    C10_CUDA_CHECK(cudaMemcpyAsync(out.mutable_data_ptr(), h.const_data_ptr(), bytes, cudaMemcpyDeviceToDevice,
+  if (host.numel() == 0) return out;
+  if (host.is_contiguous(format)) {
+    const size_t bytes = static_cast<size_t>(host.numel()) * host.element_size();
+    C10_CUDA_CHECK(cudaMemcpyAsync(out.mutable_data_ptr(), host.const_data_ptr(), bytes, cudaMemcpyDeviceToDevice,
                                    at::cuda::getCurrentCUDAStream()));
+  } else {
+    as_bits(out).copy_(as_bits(host));
   }
   return out;
 }

@@ -1,6 +1,9 @@
-// metrics_update on CUDA: one read of the logits, online max / sum-exp and torch.argmax order.
-// Short rows (C <= 1024): a group of TPR lanes per row. Long rows: a block per row with 16-byte
-// loads. Both grid-stride over rows; each block writes its partial sums to a workspace and the
+// metrics_update and metrics_update_stacked on CUDA: one read of the logits, online max / sum-exp
+// and torch.argmax order. The grid's y dimension is the stacked configuration (one for
+// metrics_update); each configuration's blocks run exactly as a metrics_update of its rows alone.
+// Short rows (C <= 1024): a group of TPR lanes per row. Long rows: a block per row, each thread
+// with several 16-byte loads in flight. Both grid-stride over rows with a grid of the
+// blocks that are resident at once; each block writes its partial sums to a workspace and the
 // last block to finish adds them in a fixed order and turns the batch's CE sum into the batch
 // mean (no host sync, and the same numbers from run to run).
 #include <ATen/cuda/CUDAContext.h>
@@ -8,6 +11,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <array>
+#include <atomic>
 #include <cstdint>
 #include <limits>
 
@@ -40,7 +45,7 @@ struct RowState {
   math_t max;
   math_t sum;
   math_t best;
-  int64_t best_index;  // -1: nothing seen yet
+  int best_index;  // -1: nothing seen yet; an index within the row (C <= kMaxClasses)
 
   __device__ __forceinline__ void init() {
     max = -std::numeric_limits<math_t>::infinity();
@@ -52,7 +57,7 @@ struct RowState {
   // K consecutive elements starting at index `first`; a thread's packs must arrive in
   // increasing index order. The argmax and the rescale of `sum` happen once per pack.
   template <int K>
-  __device__ __forceinline__ void push(const math_t (&v)[K], int64_t first) {
+  __device__ __forceinline__ void push(const math_t (&v)[K], int first) {
     constexpr math_t kNegInf = -std::numeric_limits<math_t>::infinity();
     math_t pack_max = kNegInf;
     bool has_nan = false;
@@ -90,12 +95,12 @@ struct RowState {
     sum += pack_sum;
   }
 
-  __device__ __forceinline__ void push_one(math_t v, int64_t index) {
+  __device__ __forceinline__ void push_one(math_t v, int index) {
     const math_t one[1] = {v};
     push<1>(one, index);
   }
 
-  __device__ __forceinline__ void merge(math_t o_max, math_t o_sum, math_t o_best, int64_t o_index) {
+  __device__ __forceinline__ void merge(math_t o_max, math_t o_sum, math_t o_best, int o_index) {
     // log-sum-exp: scale the smaller-max side; an empty side (sum 0) adds nothing.
     math_t hi_max = max, hi_sum = sum, lo_max = o_max, lo_sum = o_sum;
     if (o_max > max) {
@@ -128,7 +133,7 @@ struct RowState {
       const math_t o_max = __shfl_xor_sync(0xffffffffu, max, offset);
       const math_t o_sum = __shfl_xor_sync(0xffffffffu, sum, offset);
       const math_t o_best = __shfl_xor_sync(0xffffffffu, best, offset);
-      const int64_t o_index = __shfl_xor_sync(0xffffffffu, static_cast<long long>(best_index), offset);
+      const int o_index = __shfl_xor_sync(0xffffffffu, best_index, offset);
       merge(o_max, o_sum, o_best, o_index);
     }
   }
@@ -214,6 +219,8 @@ __device__ BatchPartial block_partial(BatchPartial part, BatchPartial* shared) {
   __syncthreads();
   BatchPartial total = BatchPartial::none();
   if (threadIdx.x == 0) {
+    // Not unrolled: under a launch bound the compiler would load every warp's partial at once.
+#pragma unroll 1
     for (int w = 0; w < warps; ++w) total.add(shared[w]);
   }
   __syncthreads();
@@ -271,8 +278,12 @@ template <typename scalar_t, int TPR>
 __global__ void metrics_short_rows_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict__ targets,
                                           const double* __restrict__ batch_loss, int64_t* __restrict__ state,
                                           long long* __restrict__ workspace, int64_t rows, int64_t classes,
-                                          int64_t ignore_index, bool per_class) {
+                                          int64_t state_width, int64_t ignore_index, bool per_class) {
   using math_t = at::opmath_type<scalar_t>;
+  // Configuration blockIdx.y: its rows, its state row, its blocks' partials.
+  logits += blockIdx.y * rows * classes;
+  state += blockIdx.y * state_width;
+  workspace += static_cast<int64_t>(blockIdx.y) * gridDim.x * kPartialSlots;
   const int64_t rows_per_block = blockDim.x / TPR;
   const int64_t group = threadIdx.x / TPR;
   const int lane = threadIdx.x % TPR;
@@ -286,7 +297,7 @@ __global__ void metrics_short_rows_kernel(const scalar_t* __restrict__ logits, c
     RowState<math_t> st;
     st.init();
     if (row < rows) {
-      for (int64_t i = lane; i < classes; i += TPR) st.push_one(static_cast<math_t>(row_ptr[i]), i);
+      for (int i = lane; i < classes; i += TPR) st.push_one(static_cast<math_t>(row_ptr[i]), i);
     }
     st.reduce_lanes(TPR);
     if (row < rows && lane == 0) {
@@ -296,41 +307,75 @@ __global__ void metrics_short_rows_kernel(const scalar_t* __restrict__ logits, c
   flush_block(part, state, workspace, targets, batch_loss, rows);
 }
 
+// Packs a long-row thread loads before it processes any of them: with one load in flight per
+// thread the SM waits out DRAM latency between packs. Two for double, whose software exp leaves
+// no registers for four under the launch bound (and whose math, not its loads, sets the pace).
 template <typename scalar_t>
-__global__ void metrics_long_rows_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict__ targets,
-                                         const double* __restrict__ batch_loss, int64_t* __restrict__ state,
-                                         long long* __restrict__ workspace, int64_t rows, int64_t classes,
-                                         int64_t ignore_index, bool per_class) {
+constexpr int kLongRowUnroll = sizeof(scalar_t) == 8 ? 2 : 4;
+// Long-row blocks have at most kLongRowMaxThreads threads, and at least kLongRowMinThreadsPerSm
+// threads stay resident per SM (<= 64 registers a thread): with four 16-byte loads each, that is
+// 64 KiB in flight per SM, and other blocks load while one reduces a finished row.
+constexpr int kLongRowMaxThreads = 512;
+constexpr int kLongRowMinThreadsPerSm = 1024;
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kLongRowMaxThreads, kLongRowMinThreadsPerSm / kLongRowMaxThreads)
+    metrics_long_rows_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict__ targets,
+                             const double* __restrict__ batch_loss, int64_t* __restrict__ state,
+                             long long* __restrict__ workspace, int64_t rows, int64_t classes,
+                             int64_t state_width, int64_t ignore_index, bool per_class) {
   using math_t = at::opmath_type<scalar_t>;
+  // Configuration blockIdx.y: its rows, its state row, its blocks' partials.
+  logits += blockIdx.y * rows * classes;
+  state += blockIdx.y * state_width;
+  workspace += static_cast<int64_t>(blockIdx.y) * gridDim.x * kPartialSlots;
   constexpr int kVec = 16 / sizeof(scalar_t);
   struct alignas(16) Pack {
     scalar_t v[kVec];
   };
   __shared__ math_t shared_max[32], shared_sum[32], shared_best[32];
-  __shared__ int64_t shared_index[32];
+  __shared__ int shared_index[32];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  // The block's sums over its rows: only thread 0 finishes rows, so they live in shared memory,
+  // not in every thread's registers.
+  __shared__ BatchPartial block_rows;
+  if (threadIdx.x == 0) block_rows = BatchPartial::none();
   const bool want_loss = batch_loss == nullptr;
-  BatchPartial part = BatchPartial::none();
+  const int width = static_cast<int>(classes);
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const scalar_t* row_ptr = logits + row * classes;
     // Rows of odd width start anywhere: a scalar head up to the first 16-byte boundary.
-    const int64_t misaligned = (reinterpret_cast<uintptr_t>(row_ptr) % 16) / sizeof(scalar_t);
-    const int64_t head = misaligned == 0 ? 0 : std::min<int64_t>(kVec - misaligned, classes);
-    const int64_t packs = (classes - head) / kVec;
-    const int64_t tail = head + packs * kVec;
+    // Indices within a row are int: C <= kMaxClasses.
+    const int misaligned = static_cast<int>((reinterpret_cast<uintptr_t>(row_ptr) % 16) / sizeof(scalar_t));
+    const int head = misaligned == 0 ? 0 : std::min<int>(kVec - misaligned, width);
+    const int packs = (width - head) / kVec;
+    const int tail = head + packs * kVec;
     RowState<math_t> st;
     st.init();
     if (threadIdx.x < head) st.push_one(static_cast<math_t>(row_ptr[threadIdx.x]), threadIdx.x);
     const Pack* pack_ptr = reinterpret_cast<const Pack*>(row_ptr + head);
-    for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
-      const Pack pack = pack_ptr[p];
-      math_t values[kVec];
+    // A thread's packs are first + u * blockDim.x: all loaded, then pushed in increasing index
+    // order, as RowState::push requires. Packs past the row's end are neither loaded nor pushed.
+    for (int first = threadIdx.x; first < packs; first += kLongRowUnroll<scalar_t> * blockDim.x) {
+      Pack loaded[kLongRowUnroll<scalar_t>];
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) values[k] = static_cast<math_t>(pack.v[k]);
-      st.push<kVec>(values, head + p * kVec);
+      for (int u = 0; u < kLongRowUnroll<scalar_t>; ++u) {
+        const int p = first + u * blockDim.x;
+        if (p < packs) loaded[u] = pack_ptr[p];
+      }
+#pragma unroll
+      for (int u = 0; u < kLongRowUnroll<scalar_t>; ++u) {
+        const int p = first + u * blockDim.x;
+        if (p < packs) {
+          math_t values[kVec];
+#pragma unroll
+          for (int k = 0; k < kVec; ++k) values[k] = static_cast<math_t>(loaded[u].v[k]);
+          st.push<kVec>(values, head + p * kVec);
+        }
+      }
     }
-    const int64_t i = tail + threadIdx.x;
-    if (i < classes) st.push_one(static_cast<math_t>(row_ptr[i]), i);
+    const int i = tail + threadIdx.x;
+    if (i < width) st.push_one(static_cast<math_t>(row_ptr[i]), i);
     st.reduce_lanes(32);
     if (lane == 0) {
       shared_max[warp] = st.max;
@@ -349,71 +394,111 @@ __global__ void metrics_long_rows_kernel(const scalar_t* __restrict__ logits, co
       }
       st.reduce_lanes(32);
       if (lane == 0) {
-        finish_row(st, row_ptr, row, targets[row], classes, ignore_index, want_loss, per_class, state, part);
+        finish_row(st, row_ptr, row, targets[row], classes, ignore_index, want_loss, per_class, state, block_rows);
       }
     }
     __syncthreads();  // the shared slots are reused by the next row
   }
-  flush_block(part, state, workspace, targets, batch_loss, rows);
+  flush_block(threadIdx.x == 0 ? block_rows : BatchPartial::none(), state, workspace, targets, batch_loss, rows);
 }
 
-// Room for every block's partial (kPartialSlots int64 each); each block writes its own, so the
-// workspace needs no clearing.
+// Blocks of `kernel` (launched with `threads` threads) that are resident at once on the current
+// device: a grid-stride grid needs no more, and a larger one runs its last blocks in a second
+// wave. `cache` is the caller's, one per kernel, filled per device on first use.
+template <typename Kernel>
+int64_t resident_blocks(Kernel kernel, int threads, std::array<std::atomic<int>, C10_COMPILE_TIME_MAX_GPUS>& cache) {
+  const auto device = c10::cuda::current_device();
+  int per_sm = cache[device].load(std::memory_order_relaxed);
+  if (per_sm == 0) {
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
+    per_sm = std::max(per_sm, 1);
+    cache[device].store(per_sm, std::memory_order_relaxed);
+  }
+  return static_cast<int64_t>(per_sm) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+}
+
+// Room for every block's partial (kPartialSlots int64 each) of every configuration; each block
+// writes its own, so the workspace needs no clearing.
 long long* partials_workspace(at::Tensor& workspace, const at::Tensor& logits, int64_t blocks) {
   workspace = at::empty({blocks * kPartialSlots}, logits.options().dtype(at::kLong));
   return reinterpret_cast<long long*>(workspace.data_ptr<int64_t>());
 }
 
+// One launch: `rows_per_block` rows per block and step, per configuration as many blocks as a
+// metrics_update of its rows alone would have (so each configuration's sums are the same, bit
+// for bit), the configurations along the grid's y dimension.
+template <typename scalar_t, typename Kernel>
+void launch(Kernel kernel, int threads, int64_t rows_per_block, int64_t resident, const at::Tensor& logits,
+            const at::Tensor& targets, const double* batch_loss, at::Tensor& state, int64_t ignore_index,
+            const UpdateShape& shape, cudaStream_t stream) {
+  const int64_t blocks = std::max<int64_t>(1, std::min((shape.rows + rows_per_block - 1) / rows_per_block, resident));
+  at::Tensor workspace;
+  long long* partials = partials_workspace(workspace, logits, blocks * shape.configs);
+  const dim3 grid(static_cast<unsigned int>(blocks), static_cast<unsigned int>(shape.configs));
+  kernel<<<grid, threads, 0, stream>>>(logits.const_data_ptr<scalar_t>(), targets.const_data_ptr<int64_t>(),
+                                       batch_loss, state.mutable_data_ptr<int64_t>(), partials, shape.rows,
+                                       shape.classes, shape.width, ignore_index, shape.per_class);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename scalar_t, int TPR>
 void launch_short(const at::Tensor& logits, const at::Tensor& targets, const double* batch_loss, at::Tensor& state,
-                  int64_t ignore_index, bool per_class, int max_blocks, cudaStream_t stream) {
+                  int64_t ignore_index, const UpdateShape& shape, cudaStream_t stream) {
   constexpr int kThreads = 256;
-  const int64_t rows = logits.size(0);
-  const int64_t rows_per_block = kThreads / TPR;
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((rows + rows_per_block - 1) / rows_per_block, max_blocks));
-  at::Tensor workspace;
-  long long* partials = partials_workspace(workspace, logits, blocks);
-  metrics_short_rows_kernel<scalar_t, TPR><<<blocks, kThreads, 0, stream>>>(
-      logits.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(), batch_loss, state.data_ptr<int64_t>(), partials, rows,
-      logits.size(1), ignore_index, per_class);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  static std::array<std::atomic<int>, C10_COMPILE_TIME_MAX_GPUS> occupancy{};
+  const auto kernel = metrics_short_rows_kernel<scalar_t, TPR>;
+  launch<scalar_t>(kernel, kThreads, kThreads / TPR, resident_blocks(kernel, kThreads, occupancy), logits, targets,
+                   batch_loss, state, ignore_index, shape, stream);
+}
+
+template <typename scalar_t, int kThreads>
+void launch_long(const at::Tensor& logits, const at::Tensor& targets, const double* batch_loss, at::Tensor& state,
+                 int64_t ignore_index, const UpdateShape& shape, cudaStream_t stream) {
+  static std::array<std::atomic<int>, C10_COMPILE_TIME_MAX_GPUS> occupancy{};
+  const auto kernel = metrics_long_rows_kernel<scalar_t>;
+  launch<scalar_t>(kernel, kThreads, 1, resident_blocks(kernel, kThreads, occupancy), logits, targets, batch_loss,
+                   state, ignore_index, shape, stream);
+}
+
+// The row machinery for the row width: short rows by lane groups, long rows by whole blocks.
+void launch_update(const at::Tensor& logits, const at::Tensor& targets, const double* batch_loss, at::Tensor& state,
+                   int64_t ignore_index, const UpdateShape& shape) {
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t classes = shape.classes;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "metrics_update_cuda", [&] {
+    if (classes <= 2) {
+      launch_short<scalar_t, 2>(logits, targets, batch_loss, state, ignore_index, shape, stream);
+    } else if (classes <= 4) {
+      launch_short<scalar_t, 4>(logits, targets, batch_loss, state, ignore_index, shape, stream);
+    } else if (classes <= 8) {
+      launch_short<scalar_t, 8>(logits, targets, batch_loss, state, ignore_index, shape, stream);
+    } else if (classes <= 16) {
+      launch_short<scalar_t, 16>(logits, targets, batch_loss, state, ignore_index, shape, stream);
+    } else if (classes <= 1024) {
+      launch_short<scalar_t, 32>(logits, targets, batch_loss, state, ignore_index, shape, stream);
+    } else if (classes < 16384) {
+      launch_long<scalar_t, 256>(logits, targets, batch_loss, state, ignore_index, shape, stream);
+    } else {
+      launch_long<scalar_t, kLongRowMaxThreads>(logits, targets, batch_loss, state, ignore_index, shape, stream);
+    }
+  });
 }
 
 void metrics_update_cuda(const at::Tensor& logits, const at::Tensor& targets, const c10::optional<at::Tensor>& batch_loss,
                          at::Tensor& state, int64_t ignore_index) {
-  const bool per_class = check_update_args(logits, targets, batch_loss, state);
+  const UpdateShape shape = check_update_args("metrics_update", logits, targets, batch_loss, state, false);
   const c10::cuda::CUDAGuard guard(logits.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   at::Tensor loss_value;
   if (batch_loss.has_value()) loss_value = batch_loss->reshape({1}).to(at::kDouble).contiguous();
-  const double* loss_ptr = batch_loss.has_value() ? loss_value.data_ptr<double>() : nullptr;
-  const int64_t rows = logits.size(0);
-  const int64_t classes = logits.size(1);
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  launch_update(logits, targets, batch_loss.has_value() ? loss_value.const_data_ptr<double>() : nullptr, state,
+                ignore_index, shape);
+}
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "metrics_update_cuda", [&] {
-    const int max_blocks = sms * 8;
-    if (classes <= 2) {
-      launch_short<scalar_t, 2>(logits, targets, loss_ptr, state, ignore_index, per_class, max_blocks, stream);
-    } else if (classes <= 4) {
-      launch_short<scalar_t, 4>(logits, targets, loss_ptr, state, ignore_index, per_class, max_blocks, stream);
-    } else if (classes <= 8) {
-      launch_short<scalar_t, 8>(logits, targets, loss_ptr, state, ignore_index, per_class, max_blocks, stream);
-    } else if (classes <= 16) {
-      launch_short<scalar_t, 16>(logits, targets, loss_ptr, state, ignore_index, per_class, max_blocks, stream);
-    } else if (classes <= 1024) {
-      launch_short<scalar_t, 32>(logits, targets, loss_ptr, state, ignore_index, per_class, max_blocks, stream);
-    } else {
-      const int threads = classes >= 16384 ? 512 : 256;
-      const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(rows, sms * (2048 / threads)));
-      at::Tensor workspace;
-      long long* partials = partials_workspace(workspace, logits, blocks);
-      metrics_long_rows_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
-          logits.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(), loss_ptr, state.data_ptr<int64_t>(), partials, rows,
-          classes, ignore_index, per_class);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-  });
+void metrics_update_stacked_cuda(const at::Tensor& logits, const at::Tensor& targets, at::Tensor& state,
+                                 int64_t ignore_index) {
+  const UpdateShape shape = check_update_args("metrics_update_stacked", logits, targets, c10::nullopt, state, true);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  launch_update(logits, targets, nullptr, state, ignore_index, shape);
 }
 
 }  // namespace
@@ -422,4 +507,5 @@ void metrics_update_cuda(const at::Tensor& logits, const at::Tensor& targets, co
 
 TORCH_LIBRARY_IMPL(esper_fast, CUDA, m) {
   m.impl("metrics_update", &esper_fast::metrics::metrics_update_cuda);
+  m.impl("metrics_update_stacked", &esper_fast::metrics::metrics_update_stacked_cuda);
 }

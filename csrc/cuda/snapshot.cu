@@ -16,18 +16,12 @@
 #include <algorithm>
 #include <vector>
 
-#include "common.h"
 #include "cuda/multi_tensor.cuh"
+#include "snapshot.h"
 
 namespace esper_fast {
-
-// Defined in csrc/cpu/snapshot.cpp.
-void check_snapshot_args(at::TensorList tensors, const at::Tensor& buffer, at::IntArrayRef offsets);
-
 namespace {
 
-// Tensors below this size share a staged transfer; larger ones are copied on their own.
-constexpr int64_t kStagedCopyBytes = 1 << 20;
 // A staging range never spans more than this, so the device scratch stays bounded.
 constexpr int64_t kMaxStagingBytes = 64 << 20;
 

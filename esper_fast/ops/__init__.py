@@ -5,7 +5,7 @@ Pure-PyTorch references live in :mod:`esper_fast.ops.reference`.
 
 from esper_fast.ops import reference
 from esper_fast.ops.blend import blend, ste
-from esper_fast.ops.metrics import MetricsAccumulator, MetricsResult
+from esper_fast.ops.metrics import MetricsAccumulator, MetricsResult, StackedMetricsAccumulator
 from esper_fast.ops.mode import reference_mode, using_reference
 from esper_fast.ops.snapshot import HostSnapshot
 
@@ -14,6 +14,7 @@ __all__ = [
     "ste",
     "MetricsAccumulator",
     "MetricsResult",
+    "StackedMetricsAccumulator",
     "HostSnapshot",
     "reference",
     "reference_mode",

@@ -9,12 +9,13 @@ of its own, whose gradient flows to both ``host`` and ``seed``: on CPU a copy-on
 
 Layouts: contiguous, channels_last and channels_last_3d inputs are read in place and the
 output keeps that memory format. Any other layout (transposed, sliced...) is first copied to
-contiguous, and so is a ``seed`` (or incoming gradient) whose layout differs from ``host``'s.
+contiguous, and so is a ``seed`` (or incoming gradient) whose layout differs from ``host``'s;
+the STE's output is itself that one copy.
 
 Neither op synchronises with the device: a float alpha is passed as a kernel argument and a
 tensor alpha is read by the kernel where it lives.
 
-Autograd is registered in C++ (csrc/cpu/blend.cpp, one per-call cost instead of the Python
+Autograd is registered in C++ (csrc/blend_autograd.cpp, one per-call cost instead of the Python
 layer's); the backward is the ``blend_backward`` custom op. This module adds the fake kernels.
 """
 

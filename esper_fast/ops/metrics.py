@@ -4,6 +4,8 @@
 (``state``, layout in ``csrc/metrics.h``). :meth:`MetricsAccumulator.update` launches the
 ``esper_fast::metrics_update`` kernel and never synchronises; :meth:`MetricsAccumulator.compute`
 is the single device-to-host read, and the place where an out-of-range target is reported.
+:class:`StackedMetricsAccumulator` does the same for K configurations whose outputs are
+stacked along the batch (``esper_fast::metrics_update_stacked``: one launch per batch for all K).
 """
 
 from __future__ import annotations
@@ -14,10 +16,18 @@ import math
 import torch
 import torch.distributed as dist
 
-# Offsets into the state tensor; they mirror csrc/metrics.h.
-_LOSS_SUM, _UNUSED_1, _BATCHES, _CORRECT, _TOTAL = 0, 1, 2, 3, 4
-_UNUSED_5, _ERRORS, _BAD_VALUE, _BLOCKS_DONE = 5, 6, 7, 8
-_HEADER = 10
+from esper_fast import _C
+
+# The state layout as the extension exports it; csrc/metrics.h defines it, with the order the
+# reductions below rely on (checked there at compile time).
+_LOSS_SUM = _C.metrics_slot_loss_sum
+_BATCHES = _C.metrics_slot_batches
+_CORRECT = _C.metrics_slot_correct
+_TOTAL = _C.metrics_slot_total
+_ERRORS = _C.metrics_slot_errors
+_BAD_VALUE = _C.metrics_slot_bad_value
+_BLOCKS_DONE = _C.metrics_slot_blocks_done
+_HEADER = _C.metrics_header
 
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -29,7 +39,12 @@ def metrics_update(
     state: torch.Tensor,
     ignore_index: int,
 ) -> None:
-    """Add one batch into ``state`` in place (see csrc/metrics.h). No host synchronisation."""
+    """Add one batch into ``state`` in place (see csrc/metrics.h). No host synchronisation.
+
+    On CUDA the kernel runs on the current stream and its last block updates ``state`` with
+    plain read-modify-writes: updates of one ``state`` must be ordered (one stream, or streams
+    ordered by events); different ``state`` tensors may be updated from different streams at once.
+    """
     torch.ops.esper_fast.metrics_update.default(logits, targets, batch_loss, state, ignore_index)
 
 
@@ -40,6 +55,60 @@ def _metrics_update_fake(logits, targets, batch_loss, state, ignore_index):
     torch._check(targets.dtype == torch.int64, lambda: f"targets must be int64, got {targets.dtype}")
     torch._check(state.dtype == torch.int64 and state.dim() == 1, lambda: "state must be a 1-d int64 tensor")
     return None
+
+
+def metrics_update_stacked(logits: torch.Tensor, targets: torch.Tensor, state: torch.Tensor, ignore_index: int) -> None:
+    """Add one batch of K stacked configurations into ``state`` [K, slots] in place: logits
+    ``[K * N, C]`` (configuration k's rows are ``k * N .. (k + 1) * N - 1``), targets ``[N]``
+    shared by all K. Row k of ``state`` gets what :func:`metrics_update` of configuration k's
+    rows alone (with the kernel's cross-entropy) would add, bit for bit. No host synchronisation;
+    the ordering rule of :func:`metrics_update` holds for ``state``.
+    """
+    torch.ops.esper_fast.metrics_update_stacked.default(logits, targets, state, ignore_index)
+
+
+@torch.library.register_fake("esper_fast::metrics_update_stacked")
+def _metrics_update_stacked_fake(logits, targets, state, ignore_index):
+    torch._check(logits.dim() == 2, lambda: f"logits must be [K * N, C], got {tuple(logits.shape)}")
+    torch._check(state.dtype == torch.int64 and state.dim() == 2, lambda: "state must be a 2-d [K, slots] int64 tensor")
+    torch._check(targets.dim() == 1, lambda: f"targets must be [N], got {tuple(targets.shape)}")
+    torch._check(targets.dtype == torch.int64, lambda: f"targets must be int64, got {targets.dtype}")
+    torch._check(
+        logits.shape[0] == state.shape[0] * targets.shape[0],
+        lambda: f"logits must have K * N = {state.shape[0]} * {targets.shape[0]} rows, got {logits.shape[0]}",
+    )
+    return None
+
+
+def _checked_batch(owner: str, logits, targets, num_classes: int, device, configs: int | None = None):
+    """``logits`` and ``targets`` as the kernels take them (detached, contiguous), or ValueError.
+    ``configs``: logits hold that many stacked configurations of targets' rows."""
+    stacked = configs is not None
+    rows = "K * N" if stacked else "N"
+    if logits.dim() != 2 or logits.shape[1] != num_classes:
+        raise ValueError(f"{owner}: logits must be [{rows}, {num_classes}], got {tuple(logits.shape)}")
+    if logits.dtype not in _LOGIT_DTYPES:
+        raise ValueError(f"{owner}: logits must be a float tensor, got {logits.dtype}")
+    if stacked:
+        if targets.dim() != 1 or targets.shape[0] * configs != logits.shape[0]:
+            raise ValueError(
+                f"{owner}: targets must be [N] with K * N = {logits.shape[0]} logits rows for K = {configs}, "
+                f"got {tuple(targets.shape)}"
+            )
+    elif targets.dim() != 1 or targets.shape[0] != logits.shape[0]:
+        raise ValueError(f"{owner}: targets must be [{logits.shape[0]}] to match logits, got {tuple(targets.shape)}")
+    if targets.dtype != torch.int64:
+        raise ValueError(f"{owner}: targets must be int64, got {targets.dtype}")
+    if logits.device != device or targets.device != device:
+        raise ValueError(
+            f"{owner}: logits ({logits.device}) and targets ({targets.device}) must be on the accumulator's "
+            f"device {device}"
+        )
+    if not logits.is_contiguous():
+        logits = logits.contiguous()
+    if not targets.is_contiguous():
+        targets = targets.contiguous()
+    return logits.detach(), targets
 
 
 @dataclasses.dataclass
@@ -82,7 +151,9 @@ class MetricsAccumulator:
             only when ignore_index is itself a class in ``[0, num_classes)``.
 
     ``update`` is asynchronous (one kernel launch, no sync); ``compute`` reads the sums back
-    once and raises ``ValueError`` if any target was outside ``[0, num_classes)``.
+    once and raises ``ValueError`` if any target was outside ``[0, num_classes)``. One
+    accumulator's updates must be stream-ordered; two accumulators may be updated from two
+    CUDA streams at once.
     """
 
     def __init__(self, num_classes: int, device, per_class: bool = False, ignore_index: int = -100):
@@ -95,6 +166,14 @@ class MetricsAccumulator:
         self.state = torch.zeros(size, dtype=torch.int64, device=device)
         self.device = self.state.device  # "cuda" resolved to "cuda:<current>"
 
+    @classmethod
+    def _over(cls, state: torch.Tensor, num_classes: int, per_class: bool, ignore_index: int) -> "MetricsAccumulator":
+        """An accumulator whose sums live in ``state``, a row of another accumulator's tensor."""
+        acc = cls.__new__(cls)
+        acc.num_classes, acc.per_class, acc.ignore_index = num_classes, per_class, ignore_index
+        acc.state, acc.device = state, state.device
+        return acc
+
     def reset(self) -> None:
         """Zero every sum (asynchronous)."""
         self.state.zero_()
@@ -106,35 +185,14 @@ class MetricsAccumulator:
         accumulated; otherwise ``loss`` (a one-element tensor from another criterion) is added on
         device and the kernel only counts. Never synchronises.
         """
-        if logits.dim() != 2 or logits.shape[1] != self.num_classes:
-            raise ValueError(
-                f"MetricsAccumulator.update: logits must be [N, {self.num_classes}], got {tuple(logits.shape)}"
-            )
-        if logits.dtype not in _LOGIT_DTYPES:
-            raise ValueError(f"MetricsAccumulator.update: logits must be a float tensor, got {logits.dtype}")
-        if targets.dim() != 1 or targets.shape[0] != logits.shape[0]:
-            raise ValueError(
-                f"MetricsAccumulator.update: targets must be [{logits.shape[0]}] to match logits, "
-                f"got {tuple(targets.shape)}"
-            )
-        if targets.dtype != torch.int64:
-            raise ValueError(f"MetricsAccumulator.update: targets must be int64, got {targets.dtype}")
-        if logits.device != self.device or targets.device != self.device:
-            raise ValueError(
-                f"MetricsAccumulator.update: logits ({logits.device}) and targets ({targets.device}) "
-                f"must be on the accumulator's device {self.device}"
-            )
+        logits, targets = _checked_batch("MetricsAccumulator.update", logits, targets, self.num_classes, self.device)
         if loss is not None:
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.is_floating_point():
                 raise ValueError("MetricsAccumulator.update: loss must be a one-element float tensor or None")
             if loss.device != self.device:
                 raise ValueError(f"MetricsAccumulator.update: loss is on {loss.device}, expected {self.device}")
             loss = loss.detach()
-        if not logits.is_contiguous():
-            logits = logits.contiguous()
-        if not targets.is_contiguous():
-            targets = targets.contiguous()
-        metrics_update(logits.detach(), targets, loss, self.state, self.ignore_index)
+        metrics_update(logits, targets, loss, self.state, self.ignore_index)
 
     def all_reduce(self, group=None) -> None:
         """Sum the device sums over a torch.distributed group; a no-op when not initialised.
@@ -144,23 +202,24 @@ class MetricsAccumulator:
         if not (dist.is_available() and dist.is_initialized()):
             return
         dist.all_reduce(self.state[_LOSS_SUM : _LOSS_SUM + 1].view(torch.float64), group=group)
-        dist.all_reduce(self.state[_BATCHES:_BAD_VALUE], group=group)
+        dist.all_reduce(self.state[_BATCHES : _ERRORS + 1], group=group)
         if self.per_class:
             dist.all_reduce(self.state[_HEADER:], group=group)
 
-    # [loss_sum, batches, correct, total, errors, bad_value], then class totals and hits.
-    PACKED_HEADER = 6
+    # packed() carries the state's slots before the CUDA ticket, at their state offsets, then the
+    # class totals and hits; these name the slots a reduction over ranks reads.
+    PACKED_HEADER = _BLOCKS_DONE
+    PACKED_BATCHES, PACKED_ERRORS, PACKED_BAD_VALUE = _BATCHES, _ERRORS, _BAD_VALUE
 
     def packed(self, width: int = 0) -> torch.Tensor:
-        """The sums as one float64 vector on the device, for a reduction over ranks:
-        ``[loss_sum, batches, correct, total, errors, bad_value, class_total[:width],
-        class_correct[:width]]`` (classes beyond ``num_classes`` count 0). Asynchronous; counts
-        are exact below 2**53. ``bad_value`` is not a sum: reduce it separately."""
+        """The sums as one float64 vector on the device, for a reduction over ranks: the state's
+        slots before the CUDA ticket at their state offsets (the loss as its float64 value), then
+        ``class_total[:width], class_correct[:width]`` (classes beyond ``num_classes`` count 0).
+        Asynchronous; counts are exact below 2**53. The offending target
+        (:attr:`PACKED_BAD_VALUE`) is not a sum: reduce it separately."""
         out = torch.zeros(self.PACKED_HEADER + 2 * width, dtype=torch.float64, device=self.device)
-        out[0] = self.state[_LOSS_SUM : _LOSS_SUM + 1].view(torch.float64)[0]
-        out[1:4] = self.state[_BATCHES : _TOTAL + 1]
-        out[4] = self.state[_ERRORS]
-        out[5] = self.state[_BAD_VALUE]
+        out[: self.PACKED_HEADER] = self.state[: self.PACKED_HEADER]
+        out[_LOSS_SUM] = self.state[_LOSS_SUM : _LOSS_SUM + 1].view(torch.float64)[0]
         if width and self.per_class:
             n = min(width, self.num_classes)
             counts = self.state[_HEADER:].view(2, self.num_classes)
@@ -173,18 +232,18 @@ class MetricsAccumulator:
         """The :class:`MetricsResult` of a (reduced) :meth:`packed` vector read to the host;
         ValueError when it counts targets outside ``[0, num_classes)``."""
         values = row.tolist()
-        errors = int(values[4])
+        errors = int(values[_ERRORS])
         if errors:
             raise ValueError(
                 f"MetricsAccumulator: {errors} target(s) outside [0, {num_classes if num_classes else 'C'}), "
-                f"e.g. {int(values[5])}"
+                f"e.g. {int(values[_BAD_VALUE])}"
             )
         head = cls.PACKED_HEADER
         return MetricsResult(
-            loss_sum=values[0],
-            batches=int(values[1]),
-            correct=int(values[2]),
-            total=int(values[3]),
+            loss_sum=values[_LOSS_SUM],
+            batches=int(values[_BATCHES]),
+            correct=int(values[_CORRECT]),
+            total=int(values[_TOTAL]),
             class_total=[int(v) for v in values[head : head + width]] if width else None,
             class_correct=[int(v) for v in values[head + width : head + 2 * width]] if width else None,
         )
@@ -227,3 +286,68 @@ class MetricsAccumulator:
             class_total=class_total,
             class_correct=class_correct,
         )
+
+
+class StackedMetricsAccumulator:
+    """:class:`MetricsAccumulator` for K configurations of a model evaluated in one forward, their
+    outputs stacked along the batch.
+
+    Args:
+        num_configs: K, the configurations stacked in every batch.
+        num_classes, device, per_class, ignore_index: as :class:`MetricsAccumulator`'s, for each
+            configuration.
+
+    ``update(logits, targets)`` takes logits ``[K * N, C]`` (configuration k's rows are
+    ``k * N .. (k + 1) * N - 1``) and the targets ``[N]`` they share, and adds each
+    configuration's batch-mean cross-entropy, correct, total and per-class counts with one
+    kernel launch and no sync. ``compute`` reads all K back at once. Configuration k's numbers
+    are those of a :class:`MetricsAccumulator` fed configuration k's rows, bit for bit.
+    """
+
+    def __init__(self, num_configs: int, num_classes: int, device, per_class: bool = False, ignore_index: int = -100):
+        if int(num_configs) < 1:
+            raise ValueError(f"StackedMetricsAccumulator: num_configs must be >= 1, got {num_configs}")
+        if int(num_classes) < 1:
+            raise ValueError(f"StackedMetricsAccumulator: num_classes must be >= 1, got {num_classes}")
+        self.num_configs = int(num_configs)
+        self.num_classes = int(num_classes)
+        self.per_class = bool(per_class)
+        self.ignore_index = int(ignore_index)
+        width = _HEADER + (2 * self.num_classes if self.per_class else 0)
+        self.state = torch.zeros(self.num_configs, width, dtype=torch.int64, device=device)
+        self.device = self.state.device
+        # One MetricsAccumulator per configuration over its row of the state: what
+        # MetricsAccumulator.compute_all and the reduction over ranks take.
+        self.accumulators = [
+            MetricsAccumulator._over(row, self.num_classes, self.per_class, self.ignore_index) for row in self.state
+        ]
+
+    def reset(self) -> None:
+        """Zero every sum of every configuration (asynchronous)."""
+        self.state.zero_()
+
+    def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """Add a batch of every configuration: logits ``[K * N, C]`` (float), targets ``[N]``
+        (int64). Never synchronises."""
+        logits, targets = _checked_batch(
+            "StackedMetricsAccumulator.update", logits, targets, self.num_classes, self.device, self.num_configs
+        )
+        metrics_update_stacked(logits, targets, self.state, self.ignore_index)
+
+    def all_reduce(self, group=None) -> None:
+        """:meth:`MetricsAccumulator.all_reduce` for every configuration at once: one collective
+        for the losses, one for the counts, one for the per-class counts."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        spans = [slice(_LOSS_SUM, _LOSS_SUM + 1), slice(_BATCHES, _ERRORS + 1)]
+        if self.per_class:
+            spans.append(slice(_HEADER, None))
+        for span in spans:
+            sums = self.state[:, span].contiguous()
+            dist.all_reduce(sums.view(torch.float64) if span.start == _LOSS_SUM else sums, group=group)
+            self.state[:, span] = sums
+
+    def compute(self) -> list[MetricsResult]:
+        """Every configuration's :class:`MetricsResult`, in order, from one device-to-host read.
+        Raises ValueError if a target was outside [0, C)."""
+        return MetricsAccumulator.compute_all(self.accumulators)

@@ -5,7 +5,8 @@ Two operators do the copying (schemas in ``csrc/esper_fast.cpp``):
 - ``snapshot_pack(tensors, buffer, offsets)``: the bytes of ``tensors[i]`` (row-major, whatever
   its strides) go to ``buffer[offsets[i]:]``. ``buffer`` is a 1-D uint8 tensor on the host
   (pinned for CUDA tensors) or on the tensors' device. From CUDA into a host buffer, the
-  bytes between the tensors under 1 MiB (padding) are overwritten too: keep data from other
+  bytes between the tensors under the staging threshold (``esper_fast._C.snapshot_staged_copy_bytes``)
+  (padding) are overwritten too: keep data from other
   calls out of the span from the first to the last of them.
 - ``snapshot_unpack(tensors, buffer, offsets)``: the inverse, in place.
 
@@ -22,11 +23,13 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
 
+from esper_fast import _C
+
 __all__ = ["HostSnapshot", "RestoreResult", "snapshot_pack", "snapshot_unpack"]
 
-# Tensors smaller than this are staged together on CUDA (kStagedCopyBytes in
-# csrc/cuda/snapshot.cu); the layout puts them first so their staging range is dense.
-_STAGED_COPY_BYTES = 1 << 20
+# Tensors smaller than this are staged together on CUDA (the extension's kStagedCopyBytes, in
+# csrc/snapshot.h); the layout puts them first so their staging range is dense.
+_STAGED_COPY_BYTES = _C.snapshot_staged_copy_bytes
 
 
 def snapshot_pack(tensors: Sequence[torch.Tensor], buffer: torch.Tensor, offsets: Sequence[int]) -> None:

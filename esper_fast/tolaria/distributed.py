@@ -42,6 +42,9 @@ def reduce_results(
     device = _collective_device(group)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     head = MetricsAccumulator.PACKED_HEADER
+    batches, errors, bad_value = (
+        MetricsAccumulator.PACKED_BATCHES, MetricsAccumulator.PACKED_ERRORS, MetricsAccumulator.PACKED_BAD_VALUE
+    )
     rows = []
     for acc, width in zip(accumulators, widths):
         row = torch.zeros(head + 2 * width + 2 * world, dtype=torch.float64, device=device)
@@ -49,8 +52,8 @@ def reduce_results(
             packed = acc.packed(width).to(device)
             row[: head + 2 * width] = packed
             # Offending values are not summed: each rank writes its own (flag, value) pair.
-            row[head + 2 * width + 2 * rank] = packed[4].clamp(max=1.0)
-            row[head + 2 * width + 2 * rank + 1] = packed[5]
+            row[head + 2 * width + 2 * rank] = packed[errors].clamp(max=1.0)
+            row[head + 2 * width + 2 * rank + 1] = packed[bad_value]
         rows.append(row)
     buffer = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.float64, device=device)
     dist.all_reduce(buffer, group=group)
@@ -64,9 +67,9 @@ def reduce_results(
         flagged = per_rank[:, 0].nonzero()
         packed = row[: head + 2 * width].clone()
         if len(flagged):
-            packed[5] = per_rank[int(flagged[0]), 1]
+            packed[bad_value] = per_rank[int(flagged[0]), 1]
         results.append(
-            None if packed[1] == 0
+            None if packed[batches] == 0
             else MetricsAccumulator.result_from_packed(packed, width, acc.num_classes if acc is not None else None)
         )
     return results
