@@ -27,9 +27,8 @@ import torch
 from torch import nn
 
 from esper_fast.kasmina.host import forced_alphas
-from esper_fast.ops.metrics import MetricsAccumulator, MetricsResult
+from esper_fast.ops.metrics import MetricsAccumulator, MetricsResult, StackedMetricsAccumulator
 from esper_fast.tolaria.attribution import AttributionPlan, SlotAttribution, attribute, plan_attribution
-from esper_fast.tolaria.configuration_metrics import ConfigurationMetrics
 from esper_fast.tolaria.distributed import process_group, reduce_results
 from esper_fast.ops.mode import using_reference
 from esper_fast.ops.reference import batch_loss_reference, batch_metrics_reference
@@ -267,17 +266,16 @@ class _ConfigurationsPass:
     """One validation pass's metrics of K configurations of the model, from their outputs
     stacked along the batch; per-class counts (with ``spec.per_class``) for the first.
 
-    With the criterion the kernel computes and outside a process group the stacked logits
-    go to one :class:`ConfigurationMetrics`; otherwise each configuration has its own
-    :class:`_FusedPass` (which evaluates a custom criterion, and which the process group's
-    reduction reads).
+    With the criterion the kernel computes the stacked logits go to one
+    :class:`StackedMetricsAccumulator` (one kernel launch per batch for all K); with a custom
+    criterion each configuration has its own :class:`_FusedPass`, which evaluates it.
     """
 
     def __init__(self, spec: _ValidationSpec, num_configs: int):
         self.spec = spec
         self.num_configs = num_configs
-        self.stacked = _kernel_computes_loss(spec.criterion) and process_group() is None
-        self.metrics: ConfigurationMetrics | None = None
+        self.stacked = _kernel_computes_loss(spec.criterion)
+        self.metrics: StackedMetricsAccumulator | None = None
         self.passes = [] if self.stacked else [
             _FusedPass(spec.criterion, spec.task_type, per_class=spec.per_class and k == 0) for k in range(num_configs)
         ]
@@ -293,20 +291,23 @@ class _ConfigurationsPass:
         logits = outputs.reshape(-1, outputs.size(-1)) if self.spec.task_type == "lm" else outputs
         if self.metrics is None:
             ignore_index = int(getattr(self.spec.criterion, "ignore_index", -100))
-            self.metrics = ConfigurationMetrics(
+            self.metrics = StackedMetricsAccumulator(
                 self.num_configs, logits.size(-1), logits.device, per_class=self.spec.per_class, ignore_index=ignore_index
             )
         self.metrics.update(logits, labels.reshape(-1))
 
     def read(self, train: _FusedPass | None, num_classes: int) -> tuple[list[MetricsResult | None], MetricsResult | None]:
-        """Every configuration's results and the train pass's: one device read for the
-        per-configuration passes with the train pass, two with :class:`ConfigurationMetrics`."""
-        extra = [] if train is None else [train]
-        if not self.stacked:
-            results = _read([*self.passes, *extra], num_classes)
-            return results[: self.num_configs], (results[-1] if extra else None)
-        results = self.metrics.compute() if self.metrics is not None else [None] * self.num_configs
-        return results, (_read(extra, num_classes)[0] if extra else None)
+        """Every configuration's results and the train pass's, from one device read (one
+        all-reduce in a process group)."""
+        if self.stacked:
+            accumulators = self.metrics.accumulators if self.metrics is not None else [None] * self.num_configs
+            entries = [(accumulator, self.spec.per_class) for accumulator in accumulators]
+        else:
+            entries = [(p.accumulator, p.per_class) for p in self.passes]
+        if train is not None:
+            entries.append((train.accumulator, train.per_class))
+        results = _read_accumulators(entries, num_classes)
+        return results[: self.num_configs], (results[-1] if train is not None else None)
 
 
 def _run_configurations_pass(model, loader, spec: _ValidationSpec, configurations: list[dict]) -> _ConfigurationsPass:
@@ -332,16 +333,22 @@ def _attribution_result(real: MetricsResult | None, baseline: MetricsResult | No
 
 
 def _read(passes: list[_FusedPass], num_classes: int = 0) -> list[MetricsResult | None]:
-    """One device-to-host read for every pass that saw a batch (all on one device); None for
-    a pass that saw none. In a process group of several ranks, the sums over every rank (one
-    all-reduce, see :mod:`esper_fast.tolaria.distributed`); per-class counts for
-    ``range(num_classes)``."""
+    """:func:`_read_accumulators` of the passes' accumulators."""
+    return _read_accumulators([(p.accumulator, p.per_class) for p in passes], num_classes)
+
+
+def _read_accumulators(entries: list[tuple[MetricsAccumulator | None, bool]], num_classes: int = 0) -> list:
+    """One device-to-host read for every (accumulator, per_class) that saw a batch (all on one
+    device); None for one that saw none. In a process group of several ranks, the sums over
+    every rank (one all-reduce, see :mod:`esper_fast.tolaria.distributed`); per-class counts
+    for ``range(num_classes)``."""
+    accumulators = [accumulator for accumulator, _ in entries]
     group = process_group()
     if group is not None:
-        widths = [num_classes if p.per_class else 0 for p in passes]
-        return reduce_results([p.accumulator for p in passes], widths, group)
-    results = iter(MetricsAccumulator.compute_all([p.accumulator for p in passes if p.accumulator is not None]))
-    return [None if p.accumulator is None else next(results) for p in passes]
+        widths = [num_classes if per_class else 0 for _, per_class in entries]
+        return reduce_results(accumulators, widths, group)
+    results = iter(MetricsAccumulator.compute_all([a for a in accumulators if a is not None]))
+    return [None if a is None else next(results) for a in accumulators]
 
 
 # ---------------------------------------------------------------- validation: reference path
