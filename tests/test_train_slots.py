@@ -225,6 +225,27 @@ def test_a_tinystories_run_grows_seeds_after_two_transformer_layers(workdir):
     assert all(math.isfinite(r["val_loss"]) for r in epochs)
 
 
+@pytest.mark.cuda
+def test_two_slots_on_cuda_blend_then_roll_back_together(workdir):
+    out = workdir / "cuda"
+    # Four epochs: germinate after 1, TRAINING 2, BLENDING 3, where a NaN rolls back and culls both.
+    argv = ["train", "--device", "cuda", "--slots", "block2_post,block3_post", "--epochs", "4",
+            "--inject-nan-at", "3", *TINY, "--out", out]
+    assert _in_process(workdir, argv) == 0
+    log = read_log(out / train.METRICS_FILE)
+    epochs = [r for r in log if r["type"] == "epoch"]
+    assert log[0]["device"] == "cuda" and len(epochs) == 4
+    assert [epochs[1]["slots"][s]["stage"] for s in ("block2_post", "block3_post")] == ["TRAINING", "TRAINING"]
+    hit = epochs[2]
+    assert hit["rollback"] is True and [hit["slots"][s]["stage"] for s in hit["slots"]] == ["BLENDING", "BLENDING"]
+    assert "block2_post: seed-1 culled: governor_rollback" in hit["events"]
+    assert "block3_post: seed-2 culled: governor_rollback" in hit["events"]
+    assert math.isfinite(epochs[3]["val_loss"])
+    summary = log[-1]
+    assert [s["reason"] for s in summary["seeds"]] == ["governor_rollback"] * 2
+    assert {"blend_forward", "metrics_update", "snapshot_pack"} <= set(summary["kernels_ran"])
+
+
 # ---------------------------------------------------------------- stop and resume
 
 def test_a_two_slot_run_stopped_mid_ramp_resumes_to_the_same_records(workdir, two_slots):
