@@ -407,4 +407,4 @@ def test_help_documents_slots_and_the_rules(capsys):
     assert "--slots ID[,ID...]" in out and "--blueprint NAME[,NAME...]" in out
     assert "cifar10: block2_post (default), block3_post" in out
     assert "tinystories: layer_0_post_block (default), layer_1_post_block" in out
-    assert "Shapley value" in out and "governor rollback culls every" in out
+    assert "Shapley value" in out and "a governor rollback culls every live seed" in out

@@ -30,6 +30,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import torch
@@ -136,7 +137,7 @@ def _slot_lines() -> list[str]:
     for task in TASKS:
         points, default = task_slots(task)
         names = [f"{p} (default)" if p == default else p for p in points]
-        lines.append(f"  {task}: {', '.join(names)}")
+        lines += textwrap.wrap(f"{task}: {', '.join(names)}", 100, initial_indent="  ", subsequent_indent="    ")
     return lines
 
 
@@ -163,9 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
         "germinates at the same epoch-end (when validation accuracy plateaus, and again after a cull if a",
         "whole lifecycle still fits); a training step runs every slot in its own stage (TRAINING seeds",
         "through the straight-through estimator, the others blended at their own alpha), each seed with its",
-        "own optimizer; each seed is judged by its accuracy Shapley value over the live seeds (exact up to 4,",
-        "else sampled: fossilized only when its 95% lower bound is above 0); a governor rollback culls every",
-        "live seed. Each epoch line shows every slot: stage, alpha (Shapley value, points).",
+        "own optimizer; each seed is judged by its accuracy Shapley value over the live seeds, fossilized when",
+        "it is above 0 and culled otherwise (exact up to 4 seeds; above, sampled, and its 95% lower bound must",
+        "be above 0); a governor rollback culls every live seed. Each epoch line shows every slot: stage,",
+        "alpha (Shapley value, points).",
         "",
         "A run owns its --out folder: metrics.jsonl (the log), metrics.png, run.json (status) and",
         "checkpoints/. A folder holding a run is never written over: continue it with --resume DIR or",
