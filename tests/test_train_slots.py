@@ -183,6 +183,10 @@ def test_two_slots_run_a_lifecycle_each_judged_by_its_shapley_value(two_slots, c
     assert summary["seed_outcome"].startswith("block2_post: seed-1 (conv_light) ")
     assert "; block3_post: seed-2 (depthwise) " in summary["seed_outcome"]
     assert (two_slots / train.PLOT_FILE).read_bytes().startswith(PNG_MAGIC)
+    (two_slots / train.PLOT_FILE).unlink()
+    code, stdout, err = run_cli(capsys, "plot", two_slots)  # redrawn from the log alone
+    assert code == 0 and stdout.strip() == f"plot: {two_slots / train.PLOT_FILE}", err
+    assert (two_slots / train.PLOT_FILE).read_bytes().startswith(PNG_MAGIC)
 
 
 def test_the_console_shows_every_slot(workdir, capsys):
