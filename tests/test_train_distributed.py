@@ -77,6 +77,16 @@ def epochs_of(out):
     return [r for r in read_log(out / train.METRICS_FILE) if r["type"] == "epoch"]
 
 
+@pytest.fixture(scope="module")
+def two_slots(workdir):
+    """A lifecycle in each of two slots on 2 processes."""
+    out = workdir / "slots"
+    result = child(esper_fast("train", "--nproc", 2, "--slots", "block2_post,block3_post", "--blueprint",
+                              "conv_light,depthwise", *LIFECYCLE[:1], "7", *LIFECYCLE[2:], "--out", out), workdir)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
 # ---------------------------------------------------------------- the lifecycle in lockstep
 
 def test_two_ranks_walk_the_same_lifecycle_with_matching_checksums(lifecycle):
@@ -113,6 +123,21 @@ def test_rank_0_alone_prints_and_writes_and_the_summary_states_the_world_size(li
     assert sorted(p.name for p in out.iterdir()) == [".lock", "checkpoints", "metrics.jsonl", "metrics.png", "run.json"]
     # Each rank trains on its shard: 2 x 3 steps x 32 samples per epoch in the throughput.
     assert all(r["steps"] == 3 for r in epochs_of(out))
+
+
+def test_two_ranks_take_every_slot_s_decisions_together(two_slots):
+    epochs = epochs_of(two_slots)
+    assert [r["epoch"] for r in epochs] == list(range(1, 8))
+    for record in epochs:
+        ranks = record["ranks"]
+        assert ranks[0]["checksum"] == ranks[1]["checksum"], record["epoch"]
+        assert ranks[0]["slots"] == ranks[1]["slots"], record["epoch"]
+        assert {s: v["stage"] for s, v in ranks[0]["slots"].items()} == {
+            s: v["stage_after"] for s, v in record["slots"].items()}
+    assert [epochs[5]["slots"][s]["stage"] for s in ("block2_post", "block3_post")] == ["PROBATIONARY"] * 2
+    summary = read_log(two_slots / train.METRICS_FILE)[-1]
+    assert [(s["slot"], s["decided_epoch"]) for s in summary["seeds"]] == [("block2_post", 6), ("block3_post", 6)]
+    assert summary["world_size"] == 2
 
 
 # ---------------------------------------------------------------- the governor in lockstep

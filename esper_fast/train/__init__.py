@@ -5,7 +5,8 @@ kernels) know nothing of it. Where things are:
 
 - :mod:`~esper_fast.train.cli` is the command line (``esper-fast``, ``python -m esper_fast``):
   train, plot, bench, info;
-- :mod:`~esper_fast.train.controller` decides (germinate, advance, fossilize or cull);
+- :mod:`~esper_fast.train.controller` decides (germinate, advance, fossilize or cull), a
+  controller per seed slot;
 - :mod:`~esper_fast.train.loop` trains (the epoch loop, checkpoints and resume);
 - :mod:`~esper_fast.train.watch` watches each step (losses for the governor, batches,
   kernel tally, progress bar);

@@ -1,10 +1,20 @@
 """What a checkpoint holds, as plain data, and how a run is rebuilt from it.
 
 :class:`Checkpoint` is the record: it is captured from a run, checked against the run that
-would continue it, and put back into that run's model, governor, controller and optimizers.
+would continue it, and put back into that run's model, governor, controllers and optimizers.
 Its fields are the keys of the saved payload (:meth:`Checkpoint.to_payload`), after
-``format`` and ``version``; a mid-epoch checkpoint's ``progress`` is an
-:class:`EpochProgress`.
+``format``; a mid-epoch checkpoint's ``progress`` is an :class:`EpochProgress`.
+
+Two versions, both read (:func:`version_for` says which a run writes):
+
+- **1**, a run on the task's default slot alone (no ``--slots``, or ``--slots`` naming that
+  slot): exactly what earlier versions of esper-fast train wrote and can still resume.
+  ``optimizers["seed"]`` is the seed's optimizer, ``controller`` the slot's controller,
+  ``model["isolate_gradients"]`` the slot's flag.
+- **2**, any other run: every slot's own, keyed by slot id: ``optimizers["seeds"]`` (the
+  slots that hold a seed), ``controller["slots"]``, ``model["isolate_gradients"]``, and, with
+  several slots, a mid-epoch ``progress.alpha_starts``. Earlier versions refuse it, as they
+  refuse any version but their own.
 
 A checkpoint is an ordinary ``torch.save`` file of dicts, lists, numbers, strings, bools,
 ``None`` and tensors only, so ``torch.load(path, weights_only=True)`` reads it in any
@@ -41,7 +51,8 @@ from esper_fast.train.config import RunConfig
 from esper_fast.train.run_dir import RunDirError
 
 FORMAT = "esper-fast-train-checkpoint"
-VERSION = 1
+VERSION = 2          # the newest this version writes; it reads every version up to it
+ONE_SLOT_VERSION = 1  # what a run on the task's default slot writes
 _TAG = "__class__"
 _EXTRA_STATE = "_extra_state"
 # The training layer's classes a checkpoint may hold, by the name it is tagged with.
@@ -70,10 +81,12 @@ class EpochProgress:
     # Several processes: every rank's losses and BatchNorm statistics so far, in rank order.
     losses_by_rank: list | None = None
     norm_statistics_by_rank: list | None = None
+    # Version 2: every slot's alpha as the epoch began (alpha_start is the main slot's).
+    alpha_starts: dict | None = None
 
     def to_payload(self) -> dict:
         payload = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for name in ("losses_by_rank", "norm_statistics_by_rank"):
+        for name in ("losses_by_rank", "norm_statistics_by_rank", "alpha_starts"):
             if payload[name] is None:
                 del payload[name]
         return payload
@@ -91,14 +104,16 @@ class EpochProgress:
 class Checkpoint:
     """A run's whole state after ``position["epochs_done"]`` epochs and
     ``position["steps_done"]`` steps of the next: everything a resumed run needs to continue
-    as if it had never stopped (see :mod:`esper_fast.train.loop`)."""
+    as if it had never stopped (see :mod:`esper_fast.train.loop`). ``version``: the format
+    of ``model``, ``optimizers``, ``controller`` and ``progress`` (see the module docstring)."""
 
+    version: int
     world_size: int
-    config: dict                 # the RunConfig, resolved
+    config: dict                 # RunConfig.to_record(), resolved
     position: dict               # {"epochs_done": int, "steps_done": int}
     model: dict                  # model_state()
-    optimizers: dict             # {"host": optimizer_state(), "seed": optimizer_state() or None}
-    controller: dict             # SeedController.state_dict()
+    optimizers: dict             # {"host": optimizer_state(), "seed" (1) or "seeds" (2): ...}
+    controller: dict             # SeedController.state_dict() (1), {"slots": {id: ...}} (2)
     governor: dict               # governor_state()
     rng: dict                    # rng_state()
     progress: EpochProgress | None  # set in the middle of an epoch
@@ -109,19 +124,32 @@ class Checkpoint:
 
     @classmethod
     def capture(cls, *, config: RunConfig, world_size: int, epochs_done: int, progress: EpochProgress | None,
-                model: nn.Module, host_optimizer, seed_optimizer, controller, governor, device: str,
+                model: nn.Module, host_optimizer, seed_optimizers: dict, controllers, governor, device: str,
                 shuffle: torch.Generator | None, log: list[dict], rollbacks: int, kernels: dict,
                 elapsed_s: float) -> "Checkpoint":
-        """The state of a run as it stands; its tensors are copied to the CPU. A mid-epoch
-        checkpoint (``progress`` given) also holds the governor's snapshot tensors, which the
-        model has moved on from."""
+        """The state of a run as it stands, in the version :func:`version_for` gives its
+        ``config``; its tensors are copied to the CPU. ``seed_optimizers``: slot id -> the
+        optimizer of the seed there; ``controllers``: the run's
+        :class:`~esper_fast.train.controller.SlotControllers`. A mid-epoch checkpoint
+        (``progress`` given) also holds the governor's snapshot tensors, which the model has
+        moved on from."""
+        version = version_for(config)
+        if version == ONE_SLOT_VERSION:
+            optimizers = {"host": optimizer_state(host_optimizer),
+                          "seed": optimizer_state(seed_optimizers.get(controllers.main_slot))}
+            controller = controllers.main.state_dict()
+        else:
+            optimizers = {"host": optimizer_state(host_optimizer),
+                          "seeds": {slot_id: optimizer_state(o) for slot_id, o in seed_optimizers.items()}}
+            controller = {"slots": {slot_id: c.state_dict() for slot_id, c in controllers.by_slot.items()}}
         return cls(
+            version=version,
             world_size=world_size,
-            config=dataclasses.asdict(config),
+            config=config.to_record(),
             position={"epochs_done": epochs_done, "steps_done": 0 if progress is None else progress.steps_done},
-            model=model_state(model),
-            optimizers={"host": optimizer_state(host_optimizer), "seed": optimizer_state(seed_optimizer)},
-            controller=controller.state_dict(),
+            model=model_state(model, per_slot=version > ONE_SLOT_VERSION),
+            optimizers=optimizers,
+            controller=controller,
             governor=governor_state(governor, with_snapshot=progress is not None),
             rng=rng_state(device, shuffle),
             progress=progress,
@@ -141,7 +169,7 @@ class Checkpoint:
 
     def to_payload(self) -> dict:
         """What ``torch.save`` writes: plain data only."""
-        payload = {"format": FORMAT, "version": VERSION}
+        payload = {"format": FORMAT}
         for field in dataclasses.fields(self):
             payload[field.name] = getattr(self, field.name)
         if self.progress is not None:
@@ -151,8 +179,14 @@ class Checkpoint:
     @classmethod
     def from_payload(cls, payload, path: str | Path) -> "Checkpoint":
         """The checkpoint ``torch.load`` read from ``path``; :class:`ResumeError` when it is
-        not one this version of esper-fast train wrote."""
-        if not isinstance(payload, dict) or payload.get("format") != FORMAT or payload.get("version") != VERSION:
+        not one that this version of esper-fast train reads."""
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+            raise ResumeError(f"{path} is not a checkpoint of this version of esper-fast train")
+        version = payload.get("version")
+        if isinstance(version, int) and version > VERSION:
+            raise ResumeError(f"{path} was written by a newer esper-fast train (checkpoint version {version}; "
+                              f"this one reads versions 1 to {VERSION}); resume it with that version")
+        if version not in range(1, VERSION + 1):
             raise ResumeError(f"{path} is not a checkpoint of this version of esper-fast train")
         try:
             fields = {f.name: payload[f.name] for f in dataclasses.fields(cls)}
@@ -177,14 +211,25 @@ class Checkpoint:
             raise ResumeError(f"the data now gives {steps_per_epoch} steps per epoch, the run had "
                               f"{config_record.get('steps_per_epoch')}; a resumed run must read the same data")
 
-    def restore(self, *, model: nn.Module, governor, controller, host_optimizer,
-                make_seed_optimizer: Callable[[], torch.optim.Optimizer]) -> torch.optim.Optimizer | None:
-        """Puts the controller, the model (the same seed germinated first), the governor
+    def restore(self, *, model: nn.Module, governor, controllers, host_optimizer,
+                make_seed_optimizer: Callable[[str], torch.optim.Optimizer]) -> dict[str, torch.optim.Optimizer]:
+        """Puts the controllers, the model (the same seeds germinated first), the governor
         (its snapshot, history and panic state) and the host optimizer back into a freshly
-        built run; returns the seed optimizer, made by ``make_seed_optimizer()`` once the seed
-        is back and loaded, or None when the run had none. The random generators are the
-        loop's (:func:`restore_rng`): when to set them depends on where the epoch stands."""
-        controller.load_state_dict(self.controller)
+        built run (its model built with the same slots); returns slot id -> the seed's
+        optimizer, made by ``make_seed_optimizer(slot_id)`` once the seeds are back and
+        loaded, for every slot that had one. The random generators are the loop's
+        (:func:`restore_rng`): when to set them depends on where the epoch stands."""
+        if self.version == ONE_SLOT_VERSION:
+            controllers.main.load_state_dict(self.controller)
+            seed_states = {} if self.optimizers["seed"] is None else {controllers.main_slot: self.optimizers["seed"]}
+        else:
+            saved = self.controller["slots"]
+            if list(saved) != list(controllers.by_slot):
+                raise ResumeError(f"the checkpoint holds the slots {', '.join(saved)}, the run has "
+                                  f"{', '.join(controllers.by_slot)}")
+            for slot_id, controller in controllers.by_slot.items():
+                controller.load_state_dict(saved[slot_id])
+            seed_states = self.optimizers["seeds"]
         snapshot = self.governor["snapshot"]
 
         def snapshot_first(extras):
@@ -194,16 +239,23 @@ class Checkpoint:
                 model.load_state_dict({**snapshot, **extras}, strict=False)
                 governor.snapshot()
 
-        restore_model(model, self.model, germinated_before=bool(controller.seeds), before_load=snapshot_first)
+        germinated_before = {c.slot.slot_id: bool(c.seeds) for c in controllers.by_slot.values()}
+        restore_model(model, self.model, germinated_before=germinated_before, before_load=snapshot_first)
         if snapshot is None:
             governor.snapshot()
         restore_governor(governor, self.governor)
         host_optimizer.load_state_dict(self.optimizers["host"])
-        if self.optimizers["seed"] is None:
-            return None
-        seed_optimizer = make_seed_optimizer()
-        seed_optimizer.load_state_dict(self.optimizers["seed"])
-        return seed_optimizer
+        seed_optimizers = {}
+        for slot_id, state in seed_states.items():
+            seed_optimizers[slot_id] = make_seed_optimizer(slot_id)
+            seed_optimizers[slot_id].load_state_dict(state)
+        return seed_optimizers
+
+
+def version_for(config: RunConfig) -> int:
+    """The checkpoint version a run of ``config`` writes: 1 for a run on the task's default
+    slot alone (``slots`` unset), which earlier versions can resume; else 2."""
+    return ONE_SLOT_VERSION if config.slots is None else VERSION
 
 
 # ---------------------------------------------------------------- plain-data codec
@@ -291,9 +343,10 @@ def _to_cpu(value):
 
 # ---------------------------------------------------------------- model and seed slot
 
-def model_state(model: nn.Module) -> dict:
-    """Host and seed tensors (on the CPU), the slot's lifecycle state (its extra state,
-    encoded) and the slot's gradient-isolation flag, which the extra state does not carry."""
+def model_state(model: nn.Module, per_slot: bool = False) -> dict:
+    """Host and seed tensors (on the CPU), every slot's lifecycle state (its extra state,
+    encoded) and the gradient-isolation flag, which the extra state does not carry: the main
+    slot's, or with ``per_slot`` every slot's by id."""
     state = model.state_dict()
     extras = [key for key in state if key.endswith(_EXTRA_STATE)]
     # One CPU copy per distinct tensor: tied weights, and the seed under both of its names
@@ -308,34 +361,41 @@ def model_state(model: nn.Module) -> dict:
         if identity not in copies:
             copies[identity] = value.detach().to("cpu", copy=True)
         tensors[key] = copies[identity]
+    slots = model.seed_slots
     return {
         "tensors": tensors,
         "extra_states": {key: encode(state[key]) for key in extras},
-        "isolate_gradients": bool(model.seed_slot.isolate_gradients),
+        "isolate_gradients": ({slot_id: bool(slot.isolate_gradients) for slot_id, slot in slots.items()} if per_slot
+                              else bool(model.seed_slot.isolate_gradients)),
     }
 
 
-def restore_model(model: nn.Module, state: dict, *, germinated_before: bool, before_load=None) -> None:
-    """Puts ``state`` (from :func:`model_state`) into a freshly built ``model``.
+def restore_model(model: nn.Module, state: dict, *, germinated_before: dict[str, bool], before_load=None) -> None:
+    """Puts ``state`` (from :func:`model_state`) into a freshly built ``model`` with the same slots.
 
     A slot that held a seed gets the same blueprint germinated first, so that the tensor
-    state loads strictly. ``germinated_before``: the run had germinated a seed, now gone; one
-    is germinated and culled again so the slot's shape probe, drawn from torch's RNG at the
-    first germination in a process, is not drawn a second time later. ``before_load()``
-    runs after germination and before the tensors are loaded (the governor's snapshot).
+    state loads strictly. ``germinated_before[slot_id]``: the run had germinated a seed
+    there, now gone; one is germinated and culled again so the slot's shape probe, drawn
+    from torch's RNG at the slot's first germination in a process, is not drawn a second
+    time later. ``before_load()`` runs after germination and before the tensors are loaded
+    (the governor's snapshot).
     """
     extras = {key: decode(value) for key, value in state["extra_states"].items()}
-    slot = model.seed_slot
-    seed_state = next((e["seed_state"] for e in extras.values() if e.get("seed_state") is not None), None)
-    if seed_state is not None:
-        model.germinate_seed(seed_state.blueprint_id, seed_state.seed_id)
-    elif germinated_before:
-        model.germinate_seed(slot_blueprint(model), "probe")
-        slot.cull("resume")
+    for slot_id, slot in model.seed_slots.items():
+        seed_state = extras.get(f"host.slots.{slot_id}.{_EXTRA_STATE}", {}).get("seed_state")
+        if seed_state is not None:
+            model.germinate_seed(seed_state.blueprint_id, seed_state.seed_id, slot=slot_id)
+        elif germinated_before.get(slot_id):
+            model.germinate_seed(slot_blueprint(model), "probe", slot=slot_id)
+            slot.cull("resume")
     if before_load is not None:
         before_load(extras)
     model.load_state_dict({**state["tensors"], **extras}, strict=True)
-    slot.isolate_gradients = state["isolate_gradients"]
+    flags = state["isolate_gradients"]
+    if not isinstance(flags, dict):  # version 1: the main slot's
+        flags = {model.slot_id: flags}
+    for slot_id, flag in flags.items():
+        model.slot(slot_id).isolate_gradients = flag
 
 
 def slot_blueprint(model: nn.Module) -> str:

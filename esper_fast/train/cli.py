@@ -2,6 +2,7 @@
 
     esper-fast train --task cifar10 --device cpu --epochs 8 --out runs/demo
     esper-fast train --task cifar10 --epochs 6 --inject-nan-at 4      # governor demo
+    esper-fast train --slots block2_post,block3_post --out runs/two   # a seed in each of two slots
     esper-fast train --resume runs/demo                               # continue a stopped run
     esper-fast train --nproc 2 --out runs/ddp                         # 2 processes (torchrun + DDP)
     torchrun --standalone --nproc-per-node 2 -m esper_fast train --out runs/ddp   # the same, by hand
@@ -29,6 +30,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import torch
@@ -39,7 +41,7 @@ from esper_fast.kasmina import BlueprintRegistry
 from esper_fast.ops.mode import using_reference
 from esper_fast.runtime import get_task_spec
 from esper_fast.train import RESUME_OVERRIDES, check_out, train
-from esper_fast.train.config import DEFAULT_KEEP_CHECKPOINTS, DEFAULT_OUT, TASK_DEFAULTS, TASKS, RunConfig
+from esper_fast.train.config import DEFAULT_KEEP_CHECKPOINTS, DEFAULT_OUT, TASK_DEFAULTS, TASKS, RunConfig, task_slots
 from esper_fast.train.console import pipe_safe_streams
 from esper_fast.train.data import DataError, read_text_bytes
 from esper_fast.train.plotting import plot_log
@@ -115,6 +117,30 @@ def _folder(text: str) -> str:
     return text
 
 
+def _names(text: str) -> list[str]:
+    """A comma-separated list of names (``--slots``, ``--blueprint``)."""
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected names separated by commas, got {text!r}")
+    return names
+
+
+# What each host's injection points are, for the messages about --slots.
+_INJECTION_POINTS = {
+    "cnn": "CNNHost's injection points, after every block but the first",
+    "transformer": "the transformer's injection points layer_{i}_post_block, after each layer",
+}
+
+
+def _slot_lines() -> list[str]:
+    lines = []
+    for task in TASKS:
+        points, default = task_slots(task)
+        names = [f"{p} (default)" if p == default else p for p in points]
+        lines += textwrap.wrap(f"{task}: {', '.join(names)}", 100, initial_indent="  ", subsequent_indent="    ")
+    return lines
+
+
 def _blueprint_lines() -> list[str]:
     lines = []
     for task, defaults in TASK_DEFAULTS.items():
@@ -133,6 +159,16 @@ def build_parser() -> argparse.ArgumentParser:
     d = RunConfig()
     epilog = "\n".join([
         "blueprints (--blueprint) per task:", *_blueprint_lines(), "",
+        "slots (--slots) per task, in the host's order:", *_slot_lines(), "",
+        "Several slots: every slot runs the lifecycle on its own, under the same rules. Every empty slot",
+        "germinates at the same epoch-end (when validation accuracy plateaus, and again after a cull if a",
+        "whole lifecycle still fits); a training step runs every slot in its own stage (TRAINING seeds",
+        "through the straight-through estimator, the others blended at their own alpha), each seed with its",
+        "own optimizer; each seed is judged by its accuracy Shapley value over the live seeds, fossilized when",
+        "it is above 0 and culled otherwise (exact up to 4 seeds; above, sampled, and its 95% lower bound must",
+        "be above 0); a governor rollback culls every live seed. Each epoch line shows every slot: stage,",
+        "alpha (Shapley value, points).",
+        "",
         "A run owns its --out folder: metrics.jsonl (the log), metrics.png, run.json (status) and",
         "checkpoints/. A folder holding a run is never written over: continue it with --resume DIR or",
         "replace it with --overwrite. SIGINT/SIGTERM stop after the current step, saving everything.",
@@ -155,8 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--text", dest="text_path", metavar="FILE",
                               help="tinystories: a local file, read as bytes (one token per byte). "
                                    "Default: a generated story corpus")
-    train_parser.add_argument("--blueprint", help="seed blueprint; the choices per task are listed below "
-                                                  "(default: conv_light for cifar10, lora for tinystories)")
+    train_parser.add_argument("--blueprint", metavar="NAME[,NAME...]",
+                              help="seed blueprint, for every slot, or one per slot of --slots in its order; the "
+                                   "choices per task are listed below (default: conv_light for cifar10, lora for "
+                                   "tinystories)")
+    train_parser.add_argument("--slots", type=_names, metavar="ID[,ID...]",
+                              help="the seed slots, each with a lifecycle of its own; the injection points per task are "
+                                   "listed below (default: the task's one slot, block2_post for cifar10, "
+                                   "layer_0_post_block for tinystories)")
     train_parser.add_argument("--out", type=_folder, metavar="DIR", help=f"the run folder (default: {DEFAULT_OUT})")
     train_parser.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     train_parser.add_argument("--resume", type=_folder, metavar="DIR",
@@ -238,11 +280,19 @@ def _run_config(given: dict, world: int = 1):
     if config.task not in TASKS:
         raise CLIError(f"unknown task {config.task!r}; choose one of: {', '.join(TASKS)}")
     spec = get_task_spec(config.task)
+    _check_slots(config, spec.topology)
     choices = BlueprintRegistry.names(spec.topology)
-    if config.blueprint is not None and config.blueprint not in choices:
-        raise CLIError(
-            f"unknown blueprint {config.blueprint!r} for {config.task} ({spec.topology} host); choose one of: {', '.join(choices)}"
-        )
+    if config.blueprint is not None:
+        names = _names_of("--blueprint", config.blueprint)
+        for name in names:
+            if name not in choices:
+                raise CLIError(f"unknown blueprint {name!r} for {config.task} ({spec.topology} host); "
+                               f"choose one of: {', '.join(choices)}")
+        slots = len(given["slots"]) if "slots" in given else 1
+        if len(names) > 1 and len(names) != slots:
+            raise CLIError(f"--blueprint names {len(names)} blueprints for {slots} slot(s); give one for every "
+                           "slot, or one per slot of --slots in its order")
+        config.blueprint = _blueprints_in_host_order(names, given.get("slots"), config.slots)
     only = {"data_root": "cifar10", "text_path": "tinystories", "seq_len": "tinystories"}
     for dest, task in only.items():
         if dest in given and config.task != task:
@@ -270,6 +320,39 @@ def _run_config(given: dict, world: int = 1):
         if getattr(config, dest) is not None:
             setattr(config, dest, os.path.abspath(getattr(config, dest)))
     return config
+
+
+def _names_of(flag: str, text: str) -> list[str]:
+    try:
+        return _names(text)
+    except argparse.ArgumentTypeError as exc:
+        raise CLIError(f"{flag}: {exc}")
+
+
+def _check_slots(config: RunConfig, topology: str) -> None:
+    """Checks ``config.slots`` (as given) against the task's host and puts them in the host's
+    order; the task's default slot alone becomes None (the run it always was)."""
+    if config.slots is None:
+        return
+    points, default = task_slots(config.task)
+    unknown = [slot for slot in config.slots if slot not in points]
+    if unknown:
+        raise CLIError(f"unknown slot {unknown[0]!r} for {config.task} ({_INJECTION_POINTS[topology]}); "
+                       f"choose from: {', '.join(points)}")
+    repeated = sorted({slot for slot in config.slots if config.slots.count(slot) > 1}, key=points.index)
+    if repeated:
+        raise CLIError(f"--slots names {repeated[0]} twice; each slot holds one lifecycle")
+    ordered = [point for point in points if point in config.slots]
+    config.slots = None if ordered == [default] else ordered
+
+
+def _blueprints_in_host_order(names: list[str], given: list[str] | None, ordered: list[str] | None) -> str:
+    """``--blueprint``'s names as the run records them: one name, or one per slot in the host's
+    order (``given``: the slots in the order --slots named them)."""
+    if len(names) == 1:
+        return names[0]
+    by_slot = dict(zip(given, names))
+    return ",".join(by_slot[slot] for slot in ordered)
 
 
 def _recorded_world_size(folder: str) -> int:

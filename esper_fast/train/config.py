@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 # Per task: the seed blueprint, batch size, sequence length and learning rate a run uses
 # when the flag is not given. Tuples are (on CPU, on CUDA).
@@ -19,7 +20,12 @@ DEFAULT_KEEP_CHECKPOINTS = 2
 class RunConfig:
     """Everything ``esper-fast train`` takes. ``None`` means the task's default
     (:data:`TASK_DEFAULTS`); :func:`resolve` fills those in so that a run records, and a
-    resumed run reuses, the values it actually ran with."""
+    resumed run reuses, the values it actually ran with.
+
+    ``slots``: the seed slots, in the host's order (None: the task's default slot alone,
+    see :func:`task_slots`). ``blueprint``: one blueprint for every slot, or one per slot
+    in the order of ``slots``, separated by commas (see :func:`slot_blueprints`).
+    """
 
     task: str = "cifar10"
     epochs: int = 8
@@ -38,6 +44,15 @@ class RunConfig:
     lr: float | None = None
     progress: bool = True
     keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS
+    # Left out of the records when None, so that a run on the default slot records exactly
+    # what it recorded before slots could be chosen.
+    slots: list[str] | None = dataclasses.field(default=None, metadata={"optional": True})
+
+    def to_record(self) -> dict:
+        """The settings as the log's ``config`` record and a checkpoint hold them (an unset
+        optional field left out); ``RunConfig(**record)`` reads them back."""
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)
+                if getattr(self, field.name) is not None or not field.metadata.get("optional")}
 
 
 def resolve(config: RunConfig, block_size: int | None = None) -> RunConfig:
@@ -57,3 +72,34 @@ def resolve(config: RunConfig, block_size: int | None = None) -> RunConfig:
         seq_len=seq_len,
         lr=config.lr or defaults["lr"],
     )
+
+
+@functools.lru_cache(maxsize=None)
+def task_slots(task: str) -> tuple[tuple[str, ...], str]:
+    """The injection points of ``task``'s host, in the host's order, and the task's default
+    slot (the model's main slot when built without ``slots``). Read from a model built on the
+    meta device: nothing is allocated, no random number is drawn."""
+    import torch
+
+    from esper_fast.runtime import get_task_spec
+
+    with torch.device("meta"):
+        model = get_task_spec(task).create_model("meta")
+    return tuple(model.host.injection_points), model.slot_id
+
+
+def run_slots(config: RunConfig) -> tuple[str, ...]:
+    """The slots the run grows seeds in, in the host's order (the first is the main slot)."""
+    return tuple(config.slots) if config.slots else (task_slots(config.task)[1],)
+
+
+def slot_blueprints(config: RunConfig) -> dict[str, str]:
+    """Slot id -> the blueprint it germinates (``config`` resolved): the one blueprint for
+    every slot, or each slot's own."""
+    slots = run_slots(config)
+    names = config.blueprint.split(",")
+    if len(names) == 1:
+        names = names * len(slots)
+    if len(names) != len(slots):
+        raise ValueError(f"blueprint {config.blueprint!r} names {len(names)} blueprints for {len(slots)} slots")
+    return dict(zip(slots, names))

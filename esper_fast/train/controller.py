@@ -5,12 +5,19 @@ validation accuracy stops improving (or after a warm-up), hold each stage for a 
 of epochs, then keep the seed only if the model is more accurate with it than with alpha
 forced to 0. It decides once per epoch, after validation (:meth:`SeedController.end_epoch`),
 and moves the alpha ramp one step before every blending batch.
+
+A run of several slots (:class:`SlotControllers`) gives each slot a :class:`SeedController`
+of its own, with these rules unchanged, and judges each live seed by its Shapley value (the
+model's validation accuracy over every subset of the live seeds, see
+:mod:`esper_fast.tolaria.attribution`) instead of the single counterfactual. Every slot
+sees the same validation accuracy, so every empty slot germinates at the same epoch-end.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Callable, Mapping
 
 import torch.nn as nn
 
@@ -56,23 +63,44 @@ class LifecycleSchedule:
 
 @dataclasses.dataclass
 class SeedRecord:
+    """One seed's life: where and when it grew, and how it ended."""
+
     seed_id: str
     blueprint: str
     germinated_epoch: int
     outcome: str = "live"            # live | fossilized | culled
     reason: str = ""
     decided_epoch: int | None = None
-    contribution: float | None = None
+    contribution: float | None = None  # the last measured: the counterfactual, or the Shapley value
+    # Runs of several slots only (left out of the log when None):
+    slot: str | None = None                  # the slot the seed grew in
+    contribution_error: float | None = None  # the 95% bound of a sampled Shapley value
+
+    _OPTIONAL = ("slot", "contribution_error")
+
+    def to_log(self) -> dict:
+        """The record as the log's summary and a checkpoint hold it; ``SeedRecord(**d)`` reads it back."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None or k not in self._OPTIONAL}
 
 
 class SeedController:
-    """Decides, once per epoch, what the seed slot does next. See the module docstring."""
+    """Decides, once per epoch, what one seed slot does next. See the module docstring.
 
-    def __init__(self, model: nn.Module, blueprint: str, schedule: LifecycleSchedule, epochs: int, steps_per_epoch: int):
+    ``slot_id``: the slot it drives (None: the model's main slot, and the seed records name
+    no slot). ``name_seed()`` names each new seed (default ``seed-N``, N counting this
+    controller's seeds). ``shapley``: the contribution it is given is the seed's Shapley
+    value (a run of several slots), which the events and reasons say.
+    """
+
+    def __init__(self, model: nn.Module, blueprint: str, schedule: LifecycleSchedule, epochs: int, steps_per_epoch: int,
+                 *, slot_id: str | None = None, name_seed: Callable[[], str] | None = None, shapley: bool = False):
         from esper_fast.kasmina import QualityGates
 
         self.model = model
-        self.slot = model.seed_slot
+        self.slot_id = slot_id
+        self.slot = model.slot(slot_id)
+        self.name_seed = name_seed
+        self.shapley = shapley
         # The gates' dwell times follow this controller's schedule; the quality checks keep
         # their defaults (G2's accuracy gain, G3's alpha, G5's positive contribution).
         # G2's seed-gradient check needs a ratio this controller does not measure.
@@ -96,7 +124,7 @@ class SeedController:
     def state_dict(self) -> dict:
         """The controller's counters and seed records, as plain data."""
         return {
-            "seeds": [dataclasses.asdict(s) for s in self.seeds],
+            "seeds": [s.to_log() for s in self.seeds],
             "epochs_in_stage": self.epochs_in_stage,
             "gate_holds": self.gate_holds,
             "host_epochs": self.host_epochs,
@@ -123,7 +151,7 @@ class SeedController:
         return self.seeds[-1] if self.seeds and self.seeds[-1].outcome == "live" else None
 
     def seed_parameters(self) -> list[nn.Parameter]:
-        return list(self.model.get_seed_parameters()) if self.stage is not None else []
+        return list(self.model.get_seed_parameters(slot=self.slot_id)) if self.stage is not None else []
 
     def before_blend_batch(self, i: int) -> None:
         """Per-step alpha: the sigmoid ramp moves one step before every BLENDING batch."""
@@ -131,8 +159,12 @@ class SeedController:
         self.slot.update_alpha_for_step(self.blend_step)
 
     # -- decisions
-    def end_epoch(self, epoch: int, val_accuracy: float, contribution: float | None) -> list[str]:
-        """Applies the controller's rules after epoch ``epoch``; returns what happened."""
+    def end_epoch(self, epoch: int, val_accuracy: float, contribution: float | None,
+                  error: float | None = None) -> list[str]:
+        """Applies the controller's rules after epoch ``epoch``; returns what happened.
+        ``contribution``: the seed's measured contribution (None: not measured, the seed is
+        not in the forward); ``error``: its 95% bound when sampled. A PROBATIONARY seed is
+        fossilized when ``contribution - error > 0``, culled otherwise."""
         events: list[str] = []
         stage = self.stage
         state = self.slot.state
@@ -142,6 +174,7 @@ class SeedController:
                 state.metrics.counterfactual_contribution = contribution
         if self.live is not None and contribution is not None:
             self.live.contribution = contribution
+            self.live.contribution_error = error
 
         if stage is None or stage == SeedStage.FOSSILIZED:
             self.host_epochs += stage is None
@@ -164,15 +197,28 @@ class SeedController:
         elif stage == SeedStage.SHADOWING and self.epochs_in_stage >= s.shadowing_epochs:
             events += self._advance(epoch, SeedStage.PROBATIONARY)
         elif stage == SeedStage.PROBATIONARY and self.epochs_in_stage >= s.probation_epochs:
-            if contribution is not None and contribution > 0:
+            measured = self._measured(contribution, error)
+            if contribution is not None and contribution - (error or 0.0) > 0:
                 events += self._advance(epoch, SeedStage.FOSSILIZED)
                 if self.stage == SeedStage.FOSSILIZED:
-                    self._decide(epoch, "fossilized", f"contribution {contribution:+.2f} points")
-                    events.append(f"{self.seeds[-1].seed_id} fossilized (contribution {contribution:+.2f} points)")
+                    self._decide(epoch, "fossilized", measured)
+                    events.append(f"{self.seeds[-1].seed_id} fossilized ({measured})")
             else:
-                shown = "n/a" if contribution is None else f"{contribution:+.2f}"
-                events += self.cull(epoch, "negative_counterfactual", f"contribution {shown} points")
+                events += self.cull(epoch, self._cull_reason(contribution), measured)
         return events
+
+    def _measured(self, contribution: float | None, error: float | None) -> str:
+        """The contribution the decision read, in words."""
+        shown = "n/a" if contribution is None else f"{contribution:+.2f}"
+        if error:
+            shown += f" +/- {error:.2f}"
+        return f"{'Shapley value' if self.shapley else 'contribution'} {shown} points"
+
+    def _cull_reason(self, contribution: float | None) -> str:
+        if not self.shapley:
+            return "negative_counterfactual"
+        # A positive sampled value whose 95% bound reaches 0 is not shown to help.
+        return "uncertain_shapley" if contribution is not None and contribution > 0 else "negative_shapley"
 
     def _should_germinate(self, epoch: int, improved: float) -> bool:
         s = self.schedule
@@ -185,11 +231,11 @@ class SeedController:
         return plateau or self.host_epochs >= s.max_warmup_epochs
 
     def _germinate(self, epoch: int, plateau: bool, val_accuracy: float) -> list[str]:
-        seed_id = f"seed-{len(self.seeds) + 1}"
-        self.model.germinate_seed(self.blueprint, seed_id)
+        seed_id = self.name_seed() if self.name_seed is not None else f"seed-{len(self.seeds) + 1}"
+        self.model.germinate_seed(self.blueprint, seed_id, slot=self.slot_id)
         # The accuracy at germination is the baseline the G2 gate measures improvement from.
         self.slot.state.metrics.record_accuracy(val_accuracy)
-        self.seeds.append(SeedRecord(seed_id, self.blueprint, germinated_epoch=epoch))
+        self.seeds.append(SeedRecord(seed_id, self.blueprint, germinated_epoch=epoch, slot=self.slot_id))
         self.epochs_in_stage = 0
         self.gate_holds = 0
         why = "validation accuracy plateaued" if plateau else "warm-up over"
@@ -224,3 +270,70 @@ class SeedController:
     def _decide(self, epoch: int, outcome: str, reason: str) -> None:
         record = self.seeds[-1]
         record.outcome, record.reason, record.decided_epoch = outcome, reason, epoch
+
+
+class SlotControllers:
+    """The run's controllers: a :class:`SeedController` per slot, in the host's order.
+
+    ``blueprints``: slot id -> the blueprint it germinates; the first slot is the model's
+    main slot. With one slot this is that slot's controller, as a run of one slot always had
+    it. With several, the seeds are named ``seed-N`` in the order they germinate (in the host's
+    order within an epoch), each slot's events are prefixed with its id, and each seed is
+    judged by its Shapley value (:meth:`end_epoch`).
+    """
+
+    def __init__(self, model: nn.Module, blueprints: Mapping[str, str], schedule: LifecycleSchedule, epochs: int,
+                 steps_per_epoch: int):
+        self.several = len(blueprints) > 1
+        self.by_slot: dict[str, SeedController] = {
+            slot_id: SeedController(
+                model, blueprint, schedule, epochs, steps_per_epoch,
+                slot_id=slot_id if self.several else None,
+                name_seed=self._next_seed_id if self.several else None,
+                shapley=self.several,
+            )
+            for slot_id, blueprint in blueprints.items()
+        }
+        self.main_slot = next(iter(self.by_slot))
+
+    @property
+    def main(self) -> SeedController:
+        """The main slot's controller (the only one in a run of one slot)."""
+        return self.by_slot[self.main_slot]
+
+    @property
+    def seeds(self) -> list[SeedRecord]:
+        """Every seed of the run, in the order they germinated."""
+        order = list(self.by_slot)
+        records = [(record.germinated_epoch, order.index(slot_id), record)
+                   for slot_id, controller in self.by_slot.items() for record in controller.seeds]
+        return [record for *_, record in sorted(records, key=lambda entry: entry[:2])]
+
+    @property
+    def live(self) -> bool:
+        """Whether any slot holds a live seed."""
+        return any(controller.live is not None for controller in self.by_slot.values())
+
+    def _next_seed_id(self) -> str:
+        return f"seed-{sum(len(c.seeds) for c in self.by_slot.values()) + 1}"
+
+    def _events(self, slot_id: str, events: list[str]) -> list[str]:
+        return [f"{slot_id}: {event}" for event in events] if self.several else events
+
+    def end_epoch(self, epoch: int, val_accuracy: float,
+                  contributions: Mapping[str, tuple[float | None, float | None]]) -> list[str]:
+        """Every slot's :meth:`SeedController.end_epoch`, in the host's order.
+        ``contributions``: slot id -> (contribution, its 95% bound or None) of each slot
+        whose seed was measured."""
+        events: list[str] = []
+        for slot_id, controller in self.by_slot.items():
+            contribution, error = contributions.get(slot_id, (None, None))
+            events += self._events(slot_id, controller.end_epoch(epoch, val_accuracy, contribution, error))
+        return events
+
+    def cull_live(self, epoch: int, reason: str) -> list[str]:
+        """Records the end of every live seed (culled, by ``reason``), in the host's order."""
+        events: list[str] = []
+        for slot_id, controller in self.by_slot.items():
+            events += self._events(slot_id, controller.cull(epoch, reason))
+        return events

@@ -1,13 +1,23 @@
 """Where a run trains: the epoch loop of ``esper-fast train``.
 
-A host with one seed slot is trained while the seed is germinated, incubated, blended,
-judged by counterfactual attribution and fossilized or culled (the decisions are
-:mod:`esper_fast.train.controller`'s), under the governor. Each epoch runs the trainer
-function for the slot's stage, feeds every step's loss to the governor (a panic rolls the
-model back to the last healthy epoch's snapshot, culling a live seed), validates, lets the
-controller decide and snapshots. Everything the run writes goes through its
-:class:`~esper_fast.train.run_dir.RunDir`: after each epoch the checkpoint, then the
-epoch's log record.
+A host with one seed slot (or several, ``--slots``) is trained while each slot's seed is
+germinated, incubated, blended, judged by counterfactual attribution and fossilized or
+culled (the decisions are :mod:`esper_fast.train.controller`'s), under the governor. Each
+epoch runs the trainer function for the slots' stages, feeds every step's loss to the
+governor (a panic rolls the model back to the last healthy epoch's snapshot, culling every
+live seed), validates, lets the controllers decide and snapshots. Everything the run writes
+goes through its :class:`~esper_fast.train.run_dir.RunDir`: after each epoch the
+checkpoint, then the epoch's log record.
+
+Several slots. One training step is one forward, one loss and one backward through every
+slot, each in its own stage: an empty slot passes the host's features on; a TRAINING seed
+(alpha 0) learns through the straight-through estimator, its output not in the forward; a
+BLENDING seed blends at its own alpha, which moves one step of its own ramp before every
+batch; later stages blend at alpha 1. The host's optimizer and every seed's own optimizer
+(one per slot, so that a cull drops only its seed's state) step after the backward.
+Validation measures every subset of the live seeds in the forward in the same pass, and
+each slot's controller reads its seed's Shapley value (see
+:class:`~esper_fast.train.controller.SlotControllers`).
 
 Checkpoints and resume. A checkpoint is written when the run starts (epoch 0), after every
 epoch (a rolled-back epoch included: its model is the restored healthy one) and when a stop
@@ -23,7 +33,7 @@ is a :class:`~esper_fast.train.report.EpochRecord`.
 
 Several processes (``torchrun``, see :mod:`esper_fast.train.ranks`). Every rank runs this
 loop on its shard of the data and trains through a DistributedDataParallel wrapper, built
-again whenever the slot's parameters or stage change. Every decision is taken on every rank
+again whenever the seeds' parameters or the slots' stages change. Every decision is taken on every rank
 from the same numbers: the step losses the governor reads are averaged over the ranks once
 per epoch (a NaN on one rank is a NaN on all), validation returns the metrics over every
 rank's batches, and the controller then decides the same thing everywhere. A stop request is
@@ -48,7 +58,7 @@ import torch
 import torch.nn as nn
 
 import esper_fast
-from esper_fast.kasmina.host import init_gpt_weights
+from esper_fast.kasmina.host import MorphogeneticModel, init_gpt_weights
 from esper_fast.leyline import SeedStage
 from esper_fast.ops.mode import using_reference
 from esper_fast.runtime import get_task_spec
@@ -62,12 +72,12 @@ from esper_fast.tolaria import (
 )
 from esper_fast.train import checkpoint, data
 from esper_fast.train.checkpoint import Checkpoint, EpochProgress
-from esper_fast.train.config import RunConfig
+from esper_fast.train.config import RunConfig, run_slots, slot_blueprints
 from esper_fast.train.console import say
-from esper_fast.train.controller import LifecycleSchedule, SeedController, SeedRecord
+from esper_fast.train.controller import LifecycleSchedule, SeedRecord, SlotControllers
 from esper_fast.train.plotting import plot_run
 from esper_fast.train.ranks import Ranks, RanksDivergedError, norm_statistics, state_checksum
-from esper_fast.train.report import EpochRecord, epoch_line, outcome, summary_lines
+from esper_fast.train.report import EpochRecord, epoch_line, outcome, seed_interactions, seed_values, summary_lines
 from esper_fast.train.run_dir import METRICS_FILE, PLOT_FILE, STOPPED_BY, RunDir, now_iso
 from esper_fast.train.signals import StopSignals
 from esper_fast.train.watch import Batches, KernelTally, LossWatch, Progress
@@ -77,6 +87,35 @@ def _make_optimizer(params, task_type: str, lr: float):
     if task_type == "lm":
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
+
+
+class SeedOptimizers:
+    """The seeds' optimizers (one per slot) stepped as one: what tolaria's trainer functions
+    take as their ``seed_optimizer``."""
+
+    def __init__(self, optimizers):
+        self.optimizers = list(optimizers)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+
+def build_model(spec, device: str, slots: tuple[str, ...]) -> nn.Module:
+    """The task's model with a seed slot at each of ``slots`` (host order; the first is the
+    main slot). The host is the task's own, drawn from the same random numbers whatever the
+    slots: the task's model is built, and for other slots than its default one its host is
+    given a new set of slots."""
+    model = create_model(spec, device)
+    if slots == (model.slot_id,):
+        return model
+    host = model.host
+    host.unregister_slot(model.slot_id)
+    return MorphogeneticModel(host, device=device, task_config=spec.task_config, slots=list(slots))
 
 
 def _cosine_lr(base: float, epoch: int, epochs: int) -> float:
@@ -151,27 +190,29 @@ class LifecycleRun:
         self.spec = spec = get_task_spec(config.task)
         self.task_type = spec.task_type
         self.blueprint = config.blueprint
+        self.blueprints = slot_blueprints(config)   # slot id -> blueprint, host order
         self.num_classes = spec.num_classes or 10
         self.reference = using_reference()
 
         torch.manual_seed(config.seed)
         self.data = load_data(dataclasses.replace(config, device=device), spec, ranks)
-        self.model = create_model(spec, device)
+        self.model = build_model(spec, device, run_slots(config))
         if self.task_type == "lm":
             # GPT-2 initialisation: the tied head starts near ln(vocab) instead of ~220 nats.
             init_gpt_weights(self.model.host)
         if config.compile:
-            self.model.seed_slot.compilable = True
+            for slot in self.model.seed_slots.values():
+                slot.compilable = True
             self.model.compile()
         self.criterion = nn.CrossEntropyLoss()
         self.watch = LossWatch(self.criterion, device)
         vocab = spec.vocab_size if self.task_type == "lm" and spec.vocab_size else self.num_classes
-        # A rollback culls the live seed; the controller then expects an empty slot.
+        # A rollback culls every live seed; the controllers then expect those slots empty.
         self.governor = TolariaGovernor(self.model, random_guess_loss=math.log(vocab), clear_live_seed_state=True)
         self.host_optimizer = _make_optimizer(self.model.get_host_parameters(), self.task_type, config.lr)
-        self.seed_optimizer = None
+        self.seed_optimizers: dict[str, torch.optim.Optimizer] = {}   # slot id -> its seed's, host order
         # What the trainer steps: the model, or (several processes) its DDP wrapper, and the
-        # slot's parameters and stage the wrapper was built for.
+        # parameters and slots' stages the wrapper was built for.
         self.trained: nn.Module = self.model
         self._wrapped_for: tuple | None = None
 
@@ -179,7 +220,9 @@ class LifecycleRun:
         self.test_batches = Batches(self.data.testloader, config.max_batches)
         self.steps_per_epoch = len(self.train_batches)
         self.schedule = LifecycleSchedule.for_epochs(config.epochs)
-        self.controller = SeedController(self.model, self.blueprint, self.schedule, config.epochs, self.steps_per_epoch)
+        self.controllers = SlotControllers(self.model, self.blueprints, self.schedule, config.epochs,
+                                           self.steps_per_epoch)
+        self.several = self.controllers.several
         self.tally = KernelTally(enabled=not config.compile)
         self.records: list[EpochRecord] = []
         self.log_records: list[dict] = []   # everything in metrics.jsonl, in order, as written
@@ -199,7 +242,7 @@ class LifecycleRun:
             "command": command,
             "started_at": now_iso(),
             "host": socket.gethostname(),
-            **dataclasses.asdict(self.config),
+            **self.config.to_record(),
             "task_type": self.task_type,
             "chance_accuracy": None if self.task_type == "lm" else 100.0 / self.num_classes,
             "data_source": self.data.source,
@@ -220,9 +263,14 @@ class LifecycleRun:
     def _announce(self) -> None:
         config = self.config
         self.echo(f"data: {self.data.description}")
+        if config.slots is None:
+            seeds = f"blueprint {self.blueprint}"
+        else:
+            seeds = (f"slot{'s' if self.several else ''} "
+                     + ", ".join(f"{slot_id} ({blueprint})" for slot_id, blueprint in self.blueprints.items()))
         self.echo(
             f"train: {config.task} ({self.spec.topology} host, {self.task_type}) on {config.device}, {config.epochs} epochs x "
-            f"{self.steps_per_epoch} steps, blueprint {self.blueprint}, seed {config.seed}"
+            f"{self.steps_per_epoch} steps, {seeds}, seed {config.seed}"
             + (f", {self.ranks.world_size} processes (DDP over {self.ranks.backend}, "
                f"batch {config.batch_size} per process)" if self.ranks.distributed else "")
             + (", reference mode (original algorithms)" if self.reference else "")
@@ -251,9 +299,10 @@ class LifecycleRun:
         ``previous_status``: what ``run.json`` said of the session that stopped."""
         state.check_resumable(world_size=self.ranks.world_size, steps_per_epoch=self.steps_per_epoch,
                               data_fingerprint=self.data.fingerprint, text_path=self.config.text_path)
-        self.seed_optimizer = state.restore(
-            model=self.model, governor=self.governor, controller=self.controller, host_optimizer=self.host_optimizer,
-            make_seed_optimizer=lambda: _make_optimizer(self.controller.seed_parameters(), self.task_type, self.config.lr),
+        self.seed_optimizers = state.restore(
+            model=self.model, governor=self.governor, controllers=self.controllers, host_optimizer=self.host_optimizer,
+            make_seed_optimizer=lambda slot_id: _make_optimizer(self.controllers.by_slot[slot_id].seed_parameters(),
+                                                                self.task_type, self.config.lr),
         )
         self.log_records = list(state.log)
         self.records = [EpochRecord.from_log(r) for r in self.log_records if r.get("type") == EpochRecord.TYPE]
@@ -297,8 +346,8 @@ class LifecycleRun:
             return
         state = Checkpoint.capture(
             config=self.config, world_size=self.ranks.world_size, epochs_done=epochs_done, progress=progress,
-            model=self.model, host_optimizer=self.host_optimizer, seed_optimizer=self.seed_optimizer,
-            controller=self.controller, governor=self.governor, device=self.device,
+            model=self.model, host_optimizer=self.host_optimizer, seed_optimizers=self.seed_optimizers,
+            controllers=self.controllers, governor=self.governor, device=self.device,
             shuffle=self.data.shuffle_generator, log=self.log_records, rollbacks=self.rollbacks,
             kernels=dict(self.tally.counts), elapsed_s=self.elapsed_before + self._session_time(),
         )
@@ -351,16 +400,18 @@ class LifecycleRun:
         return self._end_epoch(plan, begun, start, train_time)
 
     def _plan_epoch(self, epoch: int) -> _EpochPlan:
-        """What the epoch trains, fixed as it begins; sets the learning rate (making the seed's
-        optimizer if the slot holds a seed and it has none)."""
-        config, controller = self.config, self.controller
-        stage = controller.stage
+        """What the epoch trains, fixed as it begins; sets the learning rate (making a seed's
+        optimizer for each slot that holds a seed and has none)."""
+        config, controllers = self.config, self.controllers
+        stages = {slot_id: c.stage for slot_id, c in controllers.by_slot.items()}
         poisoned = self.steps_per_epoch // 2 if config.inject_nan_at == epoch else None
         return _EpochPlan(
             epoch=epoch,
-            stage=stage,
-            seed=controller.seeds[-1] if stage is not None else None,
-            lr=self._set_learning_rate(epoch, stage),
+            main_slot=controllers.main_slot,
+            stages=stages,
+            seeds={slot_id: c.seeds[-1] if stages[slot_id] is not None else None
+                   for slot_id, c in controllers.by_slot.items()},
+            lr=self._set_learning_rate(epoch),
             poisoned_step=poisoned,
             poison=poisoned if self.ranks.rank == config.inject_nan_rank else None,
         )
@@ -382,6 +433,7 @@ class LifecycleRun:
                 alpha_start=float(self.model.seed_slot.alpha),
                 train_time_s=0.0,
                 started_at=now_iso(),
+                alpha_starts=self._alphas() if self.several else None,
             )
             self.watch.begin_epoch(self.steps_per_epoch, plan.poison)
         else:
@@ -390,7 +442,7 @@ class LifecycleRun:
             rank = self.ranks.rank if self.ranks.distributed else None
             self.watch.resume_epoch(self.steps_per_epoch, plan.poison, progress.losses_of(rank))
             after_skip = functools.partial(checkpoint.restore_torch_rng, self._resume_rng, self.config.device)
-        self._wrap(plan.stage)
+        self._wrap(plan)
         if resumed and self.ranks.distributed:
             # Mid-epoch each rank's BatchNorm statistics are its own (averaged at the epoch's
             # end); set after the wrapper, whose constructor broadcasts rank 0's buffers.
@@ -400,24 +452,32 @@ class LifecycleRun:
 
     def _end_epoch(self, plan: _EpochPlan, begun: EpochProgress, start: float, train_time: float) -> EpochRecord:
         """After the epoch's last step: the governor reads every step's loss (and rolls back on
-        a panic), validation with the counterfactual, the controller's decision and the
+        a panic), validation with the counterfactuals, the controllers' decisions and the
         snapshot. Returns the epoch's record."""
-        controller = self.controller
-        alpha = float(self.model.seed_slot.alpha)
+        controllers = self.controllers
+        alphas = self._alphas()
         self.ranks.average_norm_statistics(self.model)
         losses = self._epoch_losses()
 
         where = f" on rank {self.config.inject_nan_rank}" if self.ranks.distributed else ""
         events = [f"NaN injected at step {plan.poisoned_step + 1}{where}"] if plan.poisoned_step is not None else []
         rollback = self._governor_check(plan.epoch, losses, events)
-        # The counterfactual only means something once the seed is in the forward (alpha > 0).
-        measured = self._validate(attribution=controller.stage is not None and self.model.seed_slot.alpha > 0)
-        attribution = measured.attribution
+        # A counterfactual only means something once the seed is in the forward (alpha > 0).
+        in_forward = [slot_id for slot_id, c in controllers.by_slot.items()
+                      if c.stage is not None and c.slot.alpha > 0]
+        measured = self._validate(attribution=bool(in_forward))
+        attribution = measured.attribution if controllers.main_slot in in_forward else None
         contribution = None if attribution is None else float(attribution.seed_contribution)
+        values = seed_values(measured.slot_attribution, in_forward) if self.several else {}
         if not rollback:
-            events += controller.end_epoch(plan.epoch, measured.val_accuracy, contribution)
-            if controller.stage is None:
-                self.seed_optimizer = None
+            if self.several:
+                judged = {slot_id: (v["shapley"], v.get("shapley_error")) for slot_id, v in values.items()}
+            else:
+                judged = {controllers.main_slot: (contribution, None)}
+            events += controllers.end_epoch(plan.epoch, measured.val_accuracy, judged)
+            for slot_id, controller in controllers.by_slot.items():
+                if controller.stage is None:
+                    self.seed_optimizers.pop(slot_id, None)
             with self.tally.tracing():
                 self.governor.snapshot()
         epoch_time = begun.train_time_s + time.perf_counter() - start
@@ -425,11 +485,11 @@ class LifecycleRun:
         record = EpochRecord(
             epoch=plan.epoch,
             stage=plan.stage_name,
-            stage_after=controller.stage.name if controller.stage is not None else "NONE",
+            stage_after=_stage_name(controllers.main.stage),
             seed_id=plan.seed.seed_id if plan.seed is not None else None,
             blueprint=plan.seed.blueprint if plan.seed is not None else None,
             alpha_start=begun.alpha_start,
-            alpha=alpha,
+            alpha=alphas[controllers.main_slot],
             lr=plan.lr,
             train_loss=(sum(losses) / len(losses)) if losses else None,
             train_accuracy=measured.train_accuracy,
@@ -452,12 +512,37 @@ class LifecycleRun:
             samples_per_s=_samples_per_second(self.train_batches, len(losses) - begun.steps_done,
                                               train_time - begun.train_time_s, self.ranks.world_size),
         )
+        if self.several:
+            record.slots = self._slot_records(plan, begun, alphas, values)
+            record.interactions = seed_interactions(measured.slot_attribution, in_forward)
         if self.ranks.distributed:
-            record.ranks = self.ranks.gather({
-                "rank": self.ranks.rank, "checksum": state_checksum(self.model, self.device),
-                "stage": record.stage_after, "alpha": float(self.model.seed_slot.alpha),
-            })
+            mine = {"rank": self.ranks.rank, "checksum": state_checksum(self.model, self.device),
+                    "stage": record.stage_after, "alpha": float(self.model.seed_slot.alpha)}
+            if self.several:
+                mine["slots"] = {slot_id: {"stage": _stage_name(c.stage), "alpha": float(c.slot.alpha)}
+                                 for slot_id, c in controllers.by_slot.items()}
+            record.ranks = self.ranks.gather(mine)
         return record
+
+    def _alphas(self) -> dict[str, float]:
+        """Every slot's alpha now, host order."""
+        return {slot_id: float(c.slot.alpha) for slot_id, c in self.controllers.by_slot.items()}
+
+    def _slot_records(self, plan: _EpochPlan, begun: EpochProgress, alphas: dict, values: dict) -> dict[str, dict]:
+        """The record's ``slots``: each slot's stage, seed, alphas and attribution."""
+        found = {}
+        for slot_id, controller in self.controllers.by_slot.items():
+            seed = plan.seeds[slot_id]
+            found[slot_id] = {
+                "stage": _stage_name(plan.stages[slot_id]),
+                "stage_after": _stage_name(controller.stage),
+                "seed_id": seed.seed_id if seed is not None else None,
+                "blueprint": seed.blueprint if seed is not None else None,
+                "alpha_start": begun.alpha_starts[slot_id],
+                "alpha": alphas[slot_id],
+                **values.get(slot_id, {"shapley": None}),
+            }
+        return found
 
     def _stop_agreed(self, requested: bool) -> bool:
         """Whether to stop now. Over several processes the ranks agree (the largest signal
@@ -486,13 +571,15 @@ class LifecycleRun:
         raise RanksDivergedError(f"the ranks differ after epoch {record.epoch}: "
                                  + ", ".join(f"rank {r['rank']} {r['checksum']} {r['stage']}" for r in ranks))
 
-    def _wrap(self, stage: SeedStage | None) -> None:
-        """Builds the DDP wrapper again when the trained parameters or the slot's stage changed
-        since it was built (see :meth:`Ranks.wrap`); a single process trains the model itself."""
+    def _wrap(self, plan: _EpochPlan) -> None:
+        """Builds the DDP wrapper again when the trained parameters or a slot's stage (or
+        gradient isolation) changed since it was built (see :meth:`Ranks.wrap`); a single
+        process trains the model itself."""
         if not self.ranks.distributed:
             return
-        slot = self.model.seed_slot
-        wanted = (tuple(id(p) for p in self.model.parameters() if p.requires_grad), stage, slot.isolate_gradients)
+        slots = tuple((slot_id, plan.stages[slot_id], c.slot.isolate_gradients)
+                      for slot_id, c in self.controllers.by_slot.items())
+        wanted = (tuple(id(p) for p in self.model.parameters() if p.requires_grad), slots)
         if wanted == self._wrapped_for:
             return
         # The old wrapper's gradient hooks go with it: drop it before the new one registers its own.
@@ -514,25 +601,32 @@ class LifecycleRun:
             return
         self._checkpoint(epoch - 1, progress)
 
-    def _set_learning_rate(self, epoch: int, stage: SeedStage | None) -> float:
+    def _set_learning_rate(self, epoch: int) -> float:
         lr = _cosine_lr(self.config.lr, epoch, self.config.epochs)
-        if stage is not None and self.seed_optimizer is None:
-            self.seed_optimizer = _make_optimizer(self.controller.seed_parameters(), self.task_type, lr)
-        for optimizer in (self.host_optimizer, self.seed_optimizer):
-            for group in optimizer.param_groups if optimizer is not None else ():
+        kept, self.seed_optimizers = self.seed_optimizers, {}
+        for slot_id, controller in self.controllers.by_slot.items():  # in the host's order
+            if controller.stage is not None:
+                self.seed_optimizers[slot_id] = kept[slot_id] if slot_id in kept else _make_optimizer(
+                    controller.seed_parameters(), self.task_type, lr)
+        for optimizer in (self.host_optimizer, *self.seed_optimizers.values()):
+            for group in optimizer.param_groups:
                 group["lr"] = lr
         return lr
 
     def _train(self, plan: _EpochPlan, skip: int = 0, after_skip=None) -> None:
-        """One epoch with the trainer function for the slot's stage, from batch ``skip`` on,
-        ending early (after the current step) if a stop is requested."""
-        epoch, stage = plan.epoch, plan.stage
-        blending = stage == SeedStage.BLENDING
+        """One epoch with the trainer function for the slots' stages (that of the most
+        advanced seed: every seed is in the forward as its own stage has it, and every
+        seed's optimizer steps), from batch ``skip`` on, ending early (after the current
+        step) if a stop is requested."""
+        epoch = plan.epoch
+        present = [stage for stage in plan.stages.values() if stage is not None]
+        stage = max(present) if present else None
+        blending = [c for slot_id, c in self.controllers.by_slot.items() if plan.stages[slot_id] == SeedStage.BLENDING]
 
         def before_batch(i: int) -> None:
             self.tally.first_batch_only(i)
-            if blending:
-                self.controller.before_blend_batch(i)
+            for controller in blending:
+                controller.before_blend_batch(i)
 
         batches = Progress(
             Batches(self.train_batches, before_batch=before_batch, skip=skip, after_skip=after_skip,
@@ -544,13 +638,14 @@ class LifecycleRun:
         )
         common = (self.device, self.task_type)
         trained = self.trained
+        seeds = SeedOptimizers(self.seed_optimizers.values())
         with self.tally.tracing(start=False):
             if stage is None:
                 train_epoch_normal(trained, batches, self.watch, self.host_optimizer, *common)
             elif stage == SeedStage.TRAINING:
-                train_epoch_incubator_mode(trained, batches, self.watch, self.host_optimizer, self.seed_optimizer, *common)
+                train_epoch_incubator_mode(trained, batches, self.watch, self.host_optimizer, seeds, *common)
             else:
-                train_epoch_blended(trained, batches, self.watch, self.host_optimizer, self.seed_optimizer, *common)
+                train_epoch_blended(trained, batches, self.watch, self.host_optimizer, seeds, *common)
 
     def _governor_check(self, epoch: int, losses: list[float], events: list[str]) -> bool:
         """Feeds every step's loss to the governor in order; on a panic rolls back. True if it did."""
@@ -558,14 +653,12 @@ class LifecycleRun:
         if panic_loss is None:
             return False
         self.rollbacks += 1
-        live = self.controller.live
-        # The host optimizer's momentum is reset with the weights: diverged momentum on
-        # restored weights would push them straight back into divergence.
+        # The optimizers' momentum is reset with the weights: diverged momentum on restored
+        # weights would push them straight back into divergence.
         report = self.governor.execute_rollback(optimizer=self.host_optimizer)
-        self.seed_optimizer = None
+        self.seed_optimizers = {}
         events.append(f"governor rollback ({report.reason}, loss {panic_loss:.4g}): restored the last healthy epoch")
-        if live is not None:
-            events += self.controller.cull(epoch, "governor_rollback")
+        events += self.controllers.cull_live(epoch, "governor_rollback")
         return True
 
     def _validate(self, attribution: bool):
@@ -588,14 +681,15 @@ class LifecycleRun:
         ``status``: ``finished`` or ``interrupted`` (a stop was requested)."""
         records = self.records
         final = records[-1] if records else None
-        seeds = self.controller.seeds
+        seeds = self.controllers.seeds
         out = self.run_dir.path
         summary = {
             "type": "summary",
             "status": status,
             "time": now_iso(),
-            "seeds": [dataclasses.asdict(s) for s in seeds],
-            "seed_outcome": outcome(seeds),
+            "seeds": [s.to_log() for s in seeds],
+            "seed_outcome": outcome(seeds, list(self.controllers.by_slot) if self.several else None),
+            **({"slots": self.blueprints} if self.several else {}),
             "final_val_accuracy": final.val_accuracy if final is not None else None,
             "best_val_accuracy": max((r.val_accuracy for r in records), default=None),
             "chance_accuracy": None if self.task_type == "lm" else 100.0 / self.num_classes,
@@ -637,15 +731,30 @@ class _EpochPlan:
     """What an epoch trains, fixed as it begins."""
 
     epoch: int
-    stage: SeedStage | None      # the slot's stage (None: no seed)
-    seed: SeedRecord | None      # the seed in the slot
+    main_slot: str
+    stages: dict[str, SeedStage | None]   # slot id -> its stage (None: no seed), host order
+    seeds: dict[str, SeedRecord | None]   # slot id -> the seed in it
     lr: float
     poisoned_step: int | None    # --inject-nan-at: the step whose loss is NaN (on one rank)
     poison: int | None           # that step, on the rank that poisons it
 
     @property
+    def stage(self) -> SeedStage | None:
+        """The main slot's stage."""
+        return self.stages[self.main_slot]
+
+    @property
+    def seed(self) -> SeedRecord | None:
+        """The seed in the main slot."""
+        return self.seeds[self.main_slot]
+
+    @property
     def stage_name(self) -> str:
-        return self.stage.name if self.stage is not None else "NONE"
+        return _stage_name(self.stage)
+
+
+def _stage_name(stage: SeedStage | None) -> str:
+    return stage.name if stage is not None else "NONE"
 
 
 def _samples_per_second(train_batches: Batches, steps: int, seconds: float, world_size: int = 1) -> float | None:

@@ -19,7 +19,13 @@ class EpochRecord:
     """One epoch of a run, as ``metrics.jsonl`` holds it (``"type": "epoch"``, then these
     fields in this order). A value the epoch did not measure is None (``null`` in the log);
     a field made with :func:`optional` is left out instead, so that the records of runs
-    without it read as before (``ranks``: only a run of several processes has it)."""
+    without it read as before (``slots`` and ``interactions``: only a run of several slots
+    has them; ``ranks``: only a run of several processes).
+
+    In a run of several slots the fields from ``stage`` to ``baseline_accuracy`` speak of
+    the main slot (the first of the slots in the host's order), as in a run of one slot;
+    ``slots`` holds every slot's.
+    """
 
     epoch: int
     stage: str                       # the slot's stage as the epoch trained ("NONE": no seed)
@@ -48,7 +54,16 @@ class EpochRecord:
     eval_time_s: float
     epoch_time_s: float
     samples_per_s: float | None      # over every rank
-    # Several processes: each rank's {"rank", "checksum", "stage", "alpha"} after the epoch.
+    # Several slots: slot id -> {"stage", "stage_after", "seed_id", "blueprint", "alpha_start",
+    # "alpha", "shapley"} and, when "shapley" was measured (the seed live and in the forward),
+    # "leave_one_out" and "alone_on"; "shapley_error" (the 95% bound) when it was sampled.
+    # Accuracy attribution in percentage points; host order.
+    slots: dict[str, dict] | None = optional()
+    # Several slots: "a+b" -> the accuracy interaction of the seeds in slots a and b (both
+    # live and in the forward): f({a, b}) - f({a}) - f({b}) + f({}), in points.
+    interactions: dict[str, float] | None = optional()
+    # Several processes: each rank's {"rank", "checksum", "stage", "alpha"} after the epoch
+    # (and, with several slots, "slots": slot id -> {"stage", "alpha"}).
     ranks: list[dict] | None = optional()
 
     TYPE: ClassVar[str] = "epoch"
@@ -70,39 +85,86 @@ class EpochRecord:
         return cls(**{field.name: record.get(field.name) for field in dataclasses.fields(cls)})
 
 
+def seed_values(attribution, in_forward) -> dict[str, dict]:
+    """Slot id -> the accuracy attribution of its seed, for ``EpochRecord.slots``: the Shapley
+    value, its 95% bound when sampled, the leave-one-out and alone-on contributions (points),
+    for every live seed of ``attribution`` (a ``SlotAttribution``, or None) in ``in_forward``
+    (the slots whose seed is in the forward: a TRAINING seed, at alpha 0, is not measured)."""
+    if attribution is None:
+        return {}
+    accuracy = attribution.accuracy
+    values = {}
+    for slot_id in attribution.slots:
+        if slot_id in in_forward:
+            value = {"shapley": accuracy.shapley[slot_id]}
+            if not attribution.exact:
+                value["shapley_error"] = accuracy.shapley_error[slot_id]
+            values[slot_id] = {**value, "leave_one_out": accuracy.leave_one_out[slot_id],
+                               "alone_on": accuracy.alone_on[slot_id]}
+    return values
+
+
+def seed_interactions(attribution, in_forward) -> dict[str, float] | None:
+    """``EpochRecord.interactions``: ``"a+b"`` -> the accuracy interaction of the seeds in
+    slots a and b, for every pair of live seeds in ``in_forward`` (None: no such pair)."""
+    if attribution is None:
+        return None
+    found = {f"{a}+{b}": value for (a, b), value in attribution.accuracy.interactions.items()
+             if a in in_forward and b in in_forward}
+    return found or None
+
+
 def _fmt(value, spec: str, missing: str = "-") -> str:
     return missing if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
 def epoch_line(record: EpochRecord, epochs: int, task_type: str) -> str:
+    """The epoch's console line. With several slots, each slot's part reads ``SLOT STAGE
+    alpha (Shapley value)``: the stage the epoch trained in, the alpha at its end and the
+    seed's accuracy Shapley value in points (``+/-`` its bound when sampled; ``-``: not
+    measured)."""
     quality = f"ppl {_fmt(record.perplexity, '.2f')}" if task_type == "lm" else f"val {_fmt(record.val_accuracy, '5.1f')}%"
+    if record.slots is None:
+        seeds = (f"stage {record.stage:<12} | alpha {record.alpha:.2f} | "
+                 f"contribution {_fmt(record.seed_contribution, '+.2f'):>6}")
+    else:
+        seeds = " | ".join(_slot_part(slot_id, slot) for slot_id, slot in record.slots.items())
     line = (
         f"epoch {record.epoch:>2}/{epochs} | loss {_fmt(record.train_loss, '.4f', 'nan')} | {quality} "
-        f"(train {_fmt(record.train_accuracy, '5.1f')}%) | stage {record.stage:<12} | alpha {record.alpha:.2f} | "
-        f"contribution {_fmt(record.seed_contribution, '+.2f'):>6} | {record.epoch_time_s:.1f}s"
+        f"(train {_fmt(record.train_accuracy, '5.1f')}%) | {seeds} | {record.epoch_time_s:.1f}s"
     )
     if record.events:
         line += " | " + "; ".join(record.events)
     return line
 
 
-def outcome(seeds: list[SeedRecord]) -> str:
-    """The seeds' fates in one phrase."""
+def _slot_part(slot_id: str, slot: Mapping) -> str:
+    value = _fmt(slot.get("shapley"), "+.2f")
+    if slot.get("shapley_error") is not None:
+        value += f" +/- {slot['shapley_error']:.2f}"
+    return f"{slot_id} {slot['stage']:<12} {slot['alpha']:.2f} ({value})"
+
+
+def outcome(seeds: list[SeedRecord], slots: list[str] | None = None) -> str:
+    """The seeds' fates in one phrase; with ``slots`` (a run of several), slot by slot,
+    each slot named, those that never germinated included."""
+    def fate(s: SeedRecord) -> str:
+        if s.outcome == "live":
+            return f"{s.seed_id} ({s.blueprint}) still live"
+        return f"{s.seed_id} ({s.blueprint}) {s.outcome} at epoch {s.decided_epoch}: {s.reason}"
+
+    if slots is not None:
+        return "; ".join(f"{slot_id}: " + (", ".join(fate(s) for s in seeds if s.slot == slot_id)
+                                            or "no seed germinated") for slot_id in slots)
     if not seeds:
         return "no seed germinated"
-    parts = []
-    for s in seeds:
-        if s.outcome == "live":
-            parts.append(f"{s.seed_id} ({s.blueprint}) still live")
-        else:
-            parts.append(f"{s.seed_id} ({s.blueprint}) {s.outcome} at epoch {s.decided_epoch}: {s.reason}")
-    return "; ".join(parts)
+    return "; ".join(fate(s) for s in seeds)
 
 
 def summary_lines(summary: dict, device: str, backend: str | None = None) -> list[str]:
     """The run's closing report, one fact per line (the world size when there are several
     processes; ``backend`` is theirs)."""
-    lines = [f"seed outcome: {summary['seed_outcome']}"]
+    lines = [f"seed outcome{'s' if summary.get('slots') else ''}: {summary['seed_outcome']}"]
     world = summary.get("world_size", 1)
     if world > 1:
         lines.append(f"world size: {world} processes (torch.distributed {backend}, DistributedDataParallel); "
