@@ -24,6 +24,7 @@ from esper_fast.tolaria import (
     validate_with_attribution,
 )
 from esper_fast.tolaria.trainer import _grad_free, _shares_the_host_pass
+from slot_helpers import Counter
 
 LIFECYCLE = [SeedStage.TRAINING, SeedStage.BLENDING, SeedStage.SHADOWING, SeedStage.PROBATIONARY, SeedStage.FOSSILIZED]
 
@@ -124,18 +125,6 @@ def test_forward_alpha_configs_is_bit_for_bit_the_forward_under_force_alpha(kind
             with model.seed_slot.force_alpha(float(per_sample[i])):
                 ref_rows.append(model(x)[i])
         torch.testing.assert_close(outputs[3], torch.stack(ref_rows), rtol=1e-5, atol=1e-6)
-
-
-class Counter:
-    """Counts the calls of a module and the rows it saw."""
-
-    def __init__(self, module):
-        self.calls, self.rows = 0, 0
-        module.register_forward_hook(self)
-
-    def __call__(self, module, inputs, output):
-        self.calls += 1
-        self.rows += inputs[0].shape[0]
 
 
 def test_the_prefix_and_the_seed_run_once_per_batch_and_the_suffix_on_both_configurations():

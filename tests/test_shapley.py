@@ -24,20 +24,7 @@ from esper_fast.tolaria import (
     validate_with_attribution,
 )
 from esper_fast.tolaria.attribution import attribute, plan_attribution
-
-LIFECYCLE = [SeedStage.TRAINING, SeedStage.BLENDING, SeedStage.SHADOWING, SeedStage.PROBATIONARY, SeedStage.FOSSILIZED]
-
-
-def grow(model, slot_id, blueprint, stage, alpha):
-    model.germinate_seed(blueprint, f"seed-{slot_id}", slot=slot_id)
-    slot = model.slot(slot_id)
-    for target in LIFECYCLE:
-        if slot.state.stage >= stage:
-            break
-        assert slot.state.transition(target)
-    slot.set_alpha(alpha)
-    if blueprint == "lora":
-        nn.init.normal_(slot.seed.up.weight, std=0.5)
+from slot_helpers import grow
 
 
 def cnn_model(n_blocks, live):
@@ -54,7 +41,7 @@ def lm_model(n_layer, alphas):
     host = TransformerHost(vocab_size=40, n_embd=16, n_head=2, n_layer=n_layer, block_size=8, dropout=0.1)
     model = MorphogeneticModel(host, slots=list(host.injection_points), task_config=TaskConfig.for_tinystories())
     for slot_id, alpha in zip(model.seed_slots, alphas):
-        grow(model, slot_id, "lora", SeedStage.BLENDING, alpha)
+        grow(model, slot_id, "lora", SeedStage.BLENDING, alpha, lora_std=0.5)
     return model
 
 

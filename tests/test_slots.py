@@ -18,10 +18,8 @@ from esper_fast.kasmina import CNNHost, MorphogeneticModel, SeedSlot, SeedStage,
 from esper_fast.kasmina.host import forced_alphas, splits_at_slots
 from esper_fast.runtime import TaskConfig
 from esper_fast.tolaria import TolariaGovernor
+from slot_helpers import Counter, grow
 from tolerances import assert_close
-
-LIFECYCLE = [SeedStage.TRAINING, SeedStage.BLENDING, SeedStage.SHADOWING, SeedStage.PROBATIONARY, SeedStage.FOSSILIZED]
-
 
 def cnn_model(n_blocks=3, slots=None, **kwargs):
     host = CNNHost(num_classes=10, n_blocks=n_blocks, base_channels=8)
@@ -33,21 +31,6 @@ def lm_model(n_layer=4, slots=None, dropout=0.1):
     host = TransformerHost(vocab_size=50, n_embd=16, n_head=2, n_layer=n_layer, block_size=8, dropout=dropout)
     slots = list(host.injection_points) if slots is None else slots
     return MorphogeneticModel(host, slots=slots, task_config=TaskConfig.for_tinystories())
-
-
-def grow(model, slot_id, blueprint, stage, alpha):
-    """Germinate ``blueprint`` in ``slot_id`` and walk it to ``stage`` (None: leave the slot empty)."""
-    if stage is None:
-        return
-    model.germinate_seed(blueprint, f"seed-{slot_id}", slot=slot_id)
-    slot = model.slot(slot_id)
-    for target in LIFECYCLE:
-        if slot.state.stage >= stage:
-            break
-        assert slot.state.transition(target)
-    slot.set_alpha(alpha)
-    if blueprint == "lora":
-        nn.init.normal_(slot.seed.up.weight)  # a zero-initialised projection changes nothing
 
 
 def cnn_images(n=6, seed=0):
@@ -70,18 +53,6 @@ def every_subset(slot_ids):
 def forced_forward(model, x, configuration):
     with forced_alphas(model.seed_slots, configuration):
         return model(x)
-
-
-class Counter:
-    """Counts the calls of a module and the rows it saw."""
-
-    def __init__(self, module):
-        self.calls, self.rows = 0, 0
-        module.register_forward_hook(self)
-
-    def __call__(self, module, inputs, output):
-        self.calls += 1
-        self.rows += inputs[0].shape[0]
 
 
 # ---------------------------------------------------------------- the model's slots

@@ -71,44 +71,27 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         super().__init__(prog, max_help_position=30)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
-    return value
+def _number(convert, accept, expected: str, unparsable: str | None = None):
+    """An argparse type: ``convert(text)``, refused with ``expected`` unless ``accept(value)``
+    (with ``unparsable``, when given, for text that is no number at all)."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{unparsable or expected}, got {text!r}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"{expected}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _learning_rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {text!r}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"a seed is an integer from 0 to 2**64-1 ({MAX_SEED}), got {text}")
-    return value
-
-
-def _rank(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a rank (an int from 0), got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a rank (an int from 0), got {text!r}")
-    return value
+_positive_int = _number(int, lambda v: v > 0, "expected a positive int")
+_learning_rate = _number(float, lambda v: math.isfinite(v) and v > 0, "expected a finite positive number")
+_seed = _number(int, lambda v: 0 <= v <= MAX_SEED, f"a seed is an integer from 0 to 2**64-1 ({MAX_SEED})",
+                "expected an integer seed")
+_rank = _number(int, lambda v: v >= 0, "expected a rank (an int from 0)")
 
 
 def _folder(text: str) -> str:
