@@ -12,8 +12,8 @@ namespace esper_fast {
 // whose buffer layout puts the staged tensors first.
 constexpr int64_t kStagedCopyBytes = 1 << 20;
 
-// The buffer is a flat uint8 tensor, every tensor's
-// bytes fit at its offset, and all tensors live on one device.
+// The buffer is a flat uint8 tensor, every tensor's bytes fit at its offset, and all tensors
+// live on one device.
 inline void check_snapshot_args(at::TensorList tensors, const at::Tensor& buffer, at::IntArrayRef offsets) {
   TORCH_CHECK(buffer.scalar_type() == at::kByte && buffer.dim() == 1 && buffer.is_contiguous(),
               "esper_fast: snapshot buffer must be a contiguous 1-D uint8 tensor, got ", buffer.scalar_type(),

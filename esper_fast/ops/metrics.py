@@ -111,6 +111,23 @@ def _checked_batch(owner: str, logits, targets, num_classes: int, device, config
     return logits.detach(), targets
 
 
+def _all_reduce_sums(state: torch.Tensor, per_class: bool, group) -> None:
+    """Sum the summable slots of ``state`` (one accumulator ``[slots]`` or K stacked ``[K, slots]``)
+    over a torch.distributed group, in place: the loss as float64, the counts, the per-class
+    counts. A no-op when torch.distributed is not initialised."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    spans = [slice(_LOSS_SUM, _LOSS_SUM + 1), slice(_BATCHES, _ERRORS + 1)]
+    if per_class:
+        spans.append(slice(_HEADER, None))
+    for span in spans:
+        view = state[..., span]
+        sums = view if view.is_contiguous() else view.contiguous()
+        dist.all_reduce(sums.view(torch.float64) if span.start == _LOSS_SUM else sums, group=group)
+        if sums is not view:
+            view.copy_(sums)
+
+
 @dataclasses.dataclass
 class MetricsResult:
     """What a pass measured, as Python numbers.
@@ -199,12 +216,7 @@ class MetricsAccumulator:
 
         The offending-target value is kept per rank (a sum of values would name a wrong one).
         """
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        dist.all_reduce(self.state[_LOSS_SUM : _LOSS_SUM + 1].view(torch.float64), group=group)
-        dist.all_reduce(self.state[_BATCHES : _ERRORS + 1], group=group)
-        if self.per_class:
-            dist.all_reduce(self.state[_HEADER:], group=group)
+        _all_reduce_sums(self.state, self.per_class, group)
 
     # packed() carries the state's slots before the CUDA ticket, at their state offsets, then the
     # class totals and hits; these name the slots a reduction over ranks reads.
@@ -337,15 +349,7 @@ class StackedMetricsAccumulator:
     def all_reduce(self, group=None) -> None:
         """:meth:`MetricsAccumulator.all_reduce` for every configuration at once: one collective
         for the losses, one for the counts, one for the per-class counts."""
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        spans = [slice(_LOSS_SUM, _LOSS_SUM + 1), slice(_BATCHES, _ERRORS + 1)]
-        if self.per_class:
-            spans.append(slice(_HEADER, None))
-        for span in spans:
-            sums = self.state[:, span].contiguous()
-            dist.all_reduce(sums.view(torch.float64) if span.start == _LOSS_SUM else sums, group=group)
-            self.state[:, span] = sums
+        _all_reduce_sums(self.state, self.per_class, group)
 
     def compute(self) -> list[MetricsResult]:
         """Every configuration's :class:`MetricsResult`, in order, from one device-to-host read.

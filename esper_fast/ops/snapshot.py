@@ -5,9 +5,9 @@ Two operators do the copying (schemas in ``csrc/esper_fast.cpp``):
 - ``snapshot_pack(tensors, buffer, offsets)``: the bytes of ``tensors[i]`` (row-major, whatever
   its strides) go to ``buffer[offsets[i]:]``. ``buffer`` is a 1-D uint8 tensor on the host
   (pinned for CUDA tensors) or on the tensors' device. From CUDA into a host buffer, the
-  bytes between the tensors under the staging threshold (``esper_fast._C.snapshot_staged_copy_bytes``)
-  (padding) are overwritten too: keep data from other
-  calls out of the span from the first to the last of them.
+  bytes between the tensors under the staging threshold (padding) are overwritten too
+  (``esper_fast._C.snapshot_staged_copy_bytes``): keep data from other calls out of the span
+  from the first to the last of them.
 - ``snapshot_unpack(tensors, buffer, offsets)``: the inverse, in place.
 
 On CPU both are one parallel memcpy; on CUDA small tensors share one gather kernel and one
