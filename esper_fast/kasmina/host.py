@@ -34,6 +34,7 @@ __all__ = [
     "init_gpt_weights",
     "splits_at_slots",
     "forced_alphas",
+    "forward_each_configuration",
 ]
 
 
@@ -364,6 +365,17 @@ def forced_alphas(slots: Mapping[str, nn.Module], configuration: Mapping):
         yield
 
 
+def forward_each_configuration(model: nn.Module, x: torch.Tensor, slots: Mapping[str, nn.Module],
+                               configurations) -> list[torch.Tensor]:
+    """One ordinary forward of ``model`` per configuration, inside its slots' ``force_alpha``
+    (:func:`forced_alphas`): what the shared walk must equal, and its fallback."""
+    outputs = []
+    for configuration in configurations:
+        with forced_alphas(slots, configuration):
+            outputs.append(model(x))
+    return outputs
+
+
 def _mixes_rows(module: nn.Module) -> bool:
     """True when ``module``'s output for one sample can depend on the other samples of the
     batch: any module in training mode (batch statistics, random masks), and a BatchNorm
@@ -553,7 +565,7 @@ class MorphogeneticModel(nn.Module):
         slots, configurations = self._checked_configurations(configurations)
         split = self._split_points(slots, configurations)
         if not self._runs_tree(len(split)):
-            return self._forward_each(x, slots, configurations)
+            return forward_each_configuration(self, x, slots, configurations)
         stacked, groups, batch = self._forward_tree(x, slots, configurations, split)
         rows = [stacked[g * batch : (g + 1) * batch] for g in range(max(groups) + 1)]
         return [rows[g] for g in groups]
@@ -565,7 +577,7 @@ class MorphogeneticModel(nn.Module):
         slots, configurations = self._checked_configurations(configurations)
         split = self._split_points(slots, configurations)
         if not self._runs_tree(len(split)):
-            outputs = self._forward_each(x, slots, configurations)
+            outputs = forward_each_configuration(self, x, slots, configurations)
             return torch.cat(outputs), list(range(len(outputs)))
         stacked, groups, _ = self._forward_tree(x, slots, configurations, split)
         return stacked, groups
@@ -621,14 +633,6 @@ class MorphogeneticModel(nn.Module):
             slot._forward_hooks or slot._forward_pre_hooks or getattr(slot, "_compiled_call_impl", None)
             for slot in self.seed_slots.values()
         )
-
-    def _forward_each(self, x: torch.Tensor, slots, configurations: list[dict]) -> list[torch.Tensor]:
-        """One ordinary forward per configuration, inside its slots' ``force_alpha``."""
-        outputs = []
-        for configuration in configurations:
-            with forced_alphas(slots, configuration):
-                outputs.append(self(x))
-        return outputs
 
     def _forward_tree(self, x: torch.Tensor, slots, configurations: list[dict], split: list[str]):
         """The shared walk: ``(outputs [G * B, ...], group of each configuration, B)``."""

@@ -26,7 +26,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from esper_fast.kasmina.host import forced_alphas
+from esper_fast.kasmina.host import forced_alphas, forward_each_configuration
 from esper_fast.ops.metrics import MetricsAccumulator, MetricsResult, StackedMetricsAccumulator
 from esper_fast.tolaria.attribution import AttributionPlan, SlotAttribution, attribute, plan_attribution
 from esper_fast.tolaria.distributed import process_group, reduce_results
@@ -254,17 +254,13 @@ def _forward_configurations(model, inputs: torch.Tensor, configurations: list[di
     for any other model one forward per configuration with its slots' alphas forced."""
     if callable(getattr(type(model), "forward_configurations_stacked", None)):
         return model.forward_configurations_stacked(inputs, configurations)
-    slots = model.seed_slots
-    outputs = []
-    for configuration in configurations:
-        with forced_alphas(slots, configuration):
-            outputs.append(model(inputs))
+    outputs = forward_each_configuration(model, inputs, model.seed_slots, configurations)
     return torch.cat(outputs), list(range(len(outputs)))
 
 
 class _ConfigurationsPass:
     """One validation pass's metrics of K configurations of the model, from their outputs
-    stacked along the batch; per-class counts (with ``spec.per_class``) for the first.
+    stacked along the batch; per-class counts (with ``spec.per_class``) are read for the first.
 
     With the criterion the kernel computes the stacked logits go to one
     :class:`StackedMetricsAccumulator` (one kernel launch per batch for all K); with a custom
@@ -301,7 +297,7 @@ class _ConfigurationsPass:
         all-reduce in a process group)."""
         if self.stacked:
             accumulators = self.metrics.accumulators if self.metrics is not None else [None] * self.num_configs
-            entries = [(accumulator, self.spec.per_class) for accumulator in accumulators]
+            entries = [(accumulator, self.spec.per_class and k == 0) for k, accumulator in enumerate(accumulators)]
         else:
             entries = [(p.accumulator, p.per_class) for p in self.passes]
         if train is not None:
