@@ -385,9 +385,6 @@ def _mixes_rows(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is None
 
 
-_EMPTY_SLOT_STATE = {"seed_state": None, "alpha_schedule": None}
-
-
 def _allow_missing_slot_states(model: "MorphogeneticModel", incompatible_keys) -> None:
     # A state dict saved before a slot was added has no lifecycle state for it: the slot
     # keeps what it has. Its seed's weights are still required when it holds one.
