@@ -5,6 +5,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+def optional(**kwargs):
+    """A dataclass field that only some runs have: None, and left out of the record
+    (:func:`as_record`) when None, so that the records of runs without it read as before."""
+    return dataclasses.field(default=None, metadata={"optional": True}, **kwargs)
+
+
+def as_record(instance) -> dict:
+    """A dataclass instance's fields in order, as plain data for the log and checkpoints: an
+    :func:`optional` field left out when None."""
+    return {field.name: getattr(instance, field.name) for field in dataclasses.fields(instance)
+            if getattr(instance, field.name) is not None or not field.metadata.get("optional")}
+
+
 # Per task: the seed blueprint, batch size, sequence length and learning rate a run uses
 # when the flag is not given. Tuples are (on CPU, on CUDA).
 TASK_DEFAULTS = {
@@ -46,13 +59,12 @@ class RunConfig:
     keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS
     # Left out of the records when None, so that a run on the default slot records exactly
     # what it recorded before slots could be chosen.
-    slots: list[str] | None = dataclasses.field(default=None, metadata={"optional": True})
+    slots: list[str] | None = optional()
 
     def to_record(self) -> dict:
         """The settings as the log's ``config`` record and a checkpoint hold them (an unset
         optional field left out); ``RunConfig(**record)`` reads them back."""
-        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)
-                if getattr(self, field.name) is not None or not field.metadata.get("optional")}
+        return as_record(self)
 
 
 def resolve(config: RunConfig, block_size: int | None = None) -> RunConfig:

@@ -22,6 +22,7 @@ from typing import Callable, Mapping
 import torch.nn as nn
 
 from esper_fast.leyline import SeedStage
+from esper_fast.train.config import as_record, optional
 
 
 @dataclasses.dataclass
@@ -73,14 +74,12 @@ class SeedRecord:
     decided_epoch: int | None = None
     contribution: float | None = None  # the last measured: the counterfactual, or the Shapley value
     # Runs of several slots only (left out of the log when None):
-    slot: str | None = None                  # the slot the seed grew in
-    contribution_error: float | None = None  # the 95% bound of a sampled Shapley value
-
-    _OPTIONAL = ("slot", "contribution_error")
+    slot: str | None = optional()                # the slot the seed grew in
+    contribution_error: float | None = optional()  # the 95% bound of a sampled Shapley value
 
     def to_log(self) -> dict:
         """The record as the log's summary and a checkpoint hold it; ``SeedRecord(**d)`` reads it back."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None or k not in self._OPTIONAL}
+        return as_record(self)
 
 
 class SeedController:

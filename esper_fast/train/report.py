@@ -6,12 +6,8 @@ import dataclasses
 import math
 from typing import ClassVar, Mapping
 
+from esper_fast.train.config import as_record, optional
 from esper_fast.train.controller import SeedRecord
-
-
-def optional(**kwargs):
-    """A field of :class:`EpochRecord` that only some runs have: left out of the log when None."""
-    return dataclasses.field(default=None, metadata={"optional": True}, **kwargs)
 
 
 @dataclasses.dataclass
@@ -70,12 +66,7 @@ class EpochRecord:
 
     def to_log(self) -> dict:
         """The record as ``metrics.jsonl`` and a checkpoint's log hold it."""
-        record = {"type": self.TYPE}
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if value is not None or not field.metadata.get("optional"):
-                record[field.name] = value
-        return record
+        return {"type": self.TYPE, **as_record(self)}
 
     @classmethod
     def from_log(cls, record: Mapping) -> "EpochRecord":
