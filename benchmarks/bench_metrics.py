@@ -75,8 +75,11 @@ def _logit_bytes(state):
     return sum(x.numel() * x.element_size() + t.numel() * t.element_size() for x, t in state["batches"])
 
 
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
 def _case(name, batches, rows, classes, dtype, per_class, goal):
-    dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    dtype_name = _DTYPE_NAMES[dtype]
     return Case(
         family="metrics",
         name=f"{name} {batches}x[{rows}x{classes}] {dtype_name}{' per-class' if per_class else ''}",
@@ -137,7 +140,7 @@ def stacked_configs_pass(state):
 
 
 def _stacked_case(name, configs, batches, rows, classes, dtype, goal, devices=("cpu", "cuda")):
-    dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    dtype_name = _DTYPE_NAMES[dtype]
     return Case(
         family="metrics",
         name=f"{name} {configs} configs {batches}x[{configs}x{rows}x{classes}] {dtype_name}",

@@ -189,7 +189,6 @@ class LifecycleRun:
         ranks.use_device(device)
         self.spec = spec = get_task_spec(config.task)
         self.task_type = spec.task_type
-        self.blueprint = config.blueprint
         self.blueprints = slot_blueprints(config)   # slot id -> blueprint, host order
         self.num_classes = spec.num_classes or 10
         self.reference = using_reference()
@@ -264,7 +263,7 @@ class LifecycleRun:
         config = self.config
         self.echo(f"data: {self.data.description}")
         if config.slots is None:
-            seeds = f"blueprint {self.blueprint}"
+            seeds = f"blueprint {config.blueprint}"
         else:
             seeds = (f"slot{'s' if self.several else ''} "
                      + ", ".join(f"{slot_id} ({blueprint})" for slot_id, blueprint in self.blueprints.items()))
