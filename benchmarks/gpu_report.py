@@ -98,9 +98,8 @@ def load_cases(bench_dir: str = HERE) -> tuple[list, list[dict]]:
 
     A module that raises on import, or that has no ``CASES`` list, is recorded and skipped.
     """
-    for path in (ROOT, HERE, bench_dir):
-        if path not in sys.path:
-            sys.path.insert(0, path)
+    if bench_dir not in sys.path:  # the modules import their siblings (common, bench_validation...)
+        sys.path.insert(0, bench_dir)
     cases, problems = [], []
     for path in sorted(glob.glob(os.path.join(bench_dir, "bench_*.py"))):
         module_name = os.path.splitext(os.path.basename(path))[0]
