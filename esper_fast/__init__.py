@@ -3,7 +3,13 @@
 Importing the package loads the compiled extension ``esper_fast._C``, which registers the
 ``torch.ops.esper_fast`` operators. There is no pure-Python fallback: if the extension is
 missing the import fails and says how to build it.
+
+Everything else is loaded on first use (module ``__getattr__``): ``import esper_fast.ops``
+loads the operators and no training code, so imports flow one way, ops <- kasmina <- tolaria
+<- train, and none runs back up through this package.
 """
+
+import importlib
 
 import torch
 
@@ -16,12 +22,45 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
         "(or `make build`) against the torch in this environment."
     ) from exc
 
-from esper_fast import ops  # noqa: E402
-from esper_fast.compat import install_as_esper  # noqa: E402
-from esper_fast.tolaria import *  # noqa: E402,F401,F403
-from esper_fast.tolaria import __all__ as _tolaria_all  # noqa: E402
-
 __version__ = "0.1.0"
+
+# esper_fast.tolaria.__all__, re-exported here (checked against it by tests/test_api.py).
+_TOLARIA_NAMES = (
+    "create_model",
+    "train_epoch_normal",
+    "train_epoch_incubator_mode",
+    "train_epoch_blended",
+    "validate_and_get_metrics",
+    "validate_with_attribution",
+    "AttributionResult",
+    "validate_epoch",
+    "EpochValidation",
+    "slot_attribution",
+    "SlotAttribution",
+    "TolariaGovernor",
+    "GovernorReport",
+)
+# name -> the module that defines it, imported at the first access.
+_LAZY = {
+    **dict.fromkeys(_TOLARIA_NAMES, "esper_fast.tolaria"),
+    "install_as_esper": "esper_fast.compat",
+}
+_SUBMODULES = ("ops",)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"esper_fast.{name}")
+    else:
+        raise AttributeError(f"module 'esper_fast' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
 
 
 def kernels_available() -> dict:
@@ -46,4 +85,4 @@ def extension_path() -> str:
     return _C.__file__
 
 
-__all__ = list(_tolaria_all) + ["kernels_available", "extension_path", "ops", "install_as_esper"]
+__all__ = list(_TOLARIA_NAMES) + ["kernels_available", "extension_path", "ops", "install_as_esper"]

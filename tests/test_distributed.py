@@ -5,6 +5,7 @@ One spawn runs every scenario (process start-up dominates on 2 cores); each rank
 it measured to a file and the test compares.
 """
 
+import dataclasses
 import json
 import os
 
@@ -54,6 +55,26 @@ def _measure(train, test):
     }
 
 
+def _reduce_in_place(rank):
+    """MetricsAccumulator.all_reduce: the same reduction, written back into the state."""
+    from esper_fast.ops import MetricsAccumulator, StackedMetricsAccumulator
+
+    g = torch.Generator().manual_seed(rank)
+    acc = MetricsAccumulator(10, "cpu", per_class=True)
+    acc.update(torch.randn(6, 10, generator=g), torch.full((6,), 11 + rank) if rank else torch.arange(6))
+    acc.all_reduce()
+    stacked = StackedMetricsAccumulator(2, 10, "cpu")
+    stacked.update(torch.randn(12, 10, generator=g), torch.arange(6))
+    stacked.all_reduce()
+    try:
+        acc.compute()
+        bad = "no error"
+    except ValueError as exc:
+        bad = str(exc)
+    counts = [dataclasses.astuple(r) for r in stacked.compute()]
+    return {"bad": bad, "state": acc.state[1:5].tolist(), "stacked": counts}
+
+
 def _worker(rank, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
@@ -85,6 +106,7 @@ def _worker(rank, init_file, out_dir):
         except ValueError as exc:
             result["empty"] = str(exc)
         dist.all_reduce = original
+        result["in_place"] = _reduce_in_place(rank)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
         dist.barrier()  # no rank tears the group down while another still uses it
@@ -127,6 +149,14 @@ def test_an_empty_shard_adds_nothing(ranks):
 def test_a_bad_target_on_one_rank_fails_every_rank(ranks):
     for rank in ranks:
         assert "target(s) outside [0, 10)" in rank["bad"] and "e.g. 10" in rank["bad"]
+
+
+def test_the_accumulators_all_reduce_is_the_same_reduction_in_place(ranks):
+    first, second = ranks[0]["in_place"], ranks[1]["in_place"]
+    assert first == second  # every rank holds the sums, and the first flagged rank's value
+    assert first["bad"].endswith("e.g. 12") and "6 target(s)" in first["bad"]
+    assert first["state"][0] == 2 and first["state"][2] == 12  # batches and rows of both ranks
+    assert all(batches == 2 and total == 12 for _, batches, _, total, *_ in first["stacked"])
 
 
 def test_empty_loaders_on_every_rank_raise_on_every_rank(ranks):

@@ -16,7 +16,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from esper_fast import _C
+import esper_fast._C as _C
 
 # The state layout as the extension exports it; csrc/metrics.h defines it, with the order the
 # reductions below rely on (checked there at compile time).
@@ -111,23 +111,6 @@ def _checked_batch(owner: str, logits, targets, num_classes: int, device, config
     return logits.detach(), targets
 
 
-def _all_reduce_sums(state: torch.Tensor, per_class: bool, group) -> None:
-    """Sum the summable slots of ``state`` (one accumulator ``[slots]`` or K stacked ``[K, slots]``)
-    over a torch.distributed group, in place: the loss as float64, the counts, the per-class
-    counts. A no-op when torch.distributed is not initialised."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    spans = [slice(_LOSS_SUM, _LOSS_SUM + 1), slice(_BATCHES, _ERRORS + 1)]
-    if per_class:
-        spans.append(slice(_HEADER, None))
-    for span in spans:
-        view = state[..., span]
-        sums = view if view.is_contiguous() else view.contiguous()
-        dist.all_reduce(sums.view(torch.float64) if span.start == _LOSS_SUM else sums, group=group)
-        if sums is not view:
-            view.copy_(sums)
-
-
 @dataclasses.dataclass
 class MetricsResult:
     """What a pass measured, as Python numbers.
@@ -212,11 +195,11 @@ class MetricsAccumulator:
         metrics_update(logits, targets, loss, self.state, self.ignore_index)
 
     def all_reduce(self, group=None) -> None:
-        """Sum the device sums over a torch.distributed group; a no-op when not initialised.
-
-        The offending-target value is kept per rank (a sum of values would name a wrong one).
-        """
-        _all_reduce_sums(self.state, self.per_class, group)
+        """Sum the sums over a torch.distributed group (default: the world), in place; a
+        no-op when torch.distributed is not initialised. The reduction of
+        :func:`reduce_metrics`: one collective; a bad target on any rank is then counted on
+        every rank, named by the first such rank's value."""
+        _all_reduce_in_place([self], group)
 
     # packed() carries the state's slots before the CUDA ticket, at their state offsets, then the
     # class totals and hits; these name the slots a reduction over ranks reads.
@@ -347,11 +330,93 @@ class StackedMetricsAccumulator:
         metrics_update_stacked(logits, targets, self.state, self.ignore_index)
 
     def all_reduce(self, group=None) -> None:
-        """:meth:`MetricsAccumulator.all_reduce` for every configuration at once: one collective
-        for the losses, one for the counts, one for the per-class counts."""
-        _all_reduce_sums(self.state, self.per_class, group)
+        """:meth:`MetricsAccumulator.all_reduce` for every configuration at once (one collective)."""
+        _all_reduce_in_place(self.accumulators, group)
 
     def compute(self) -> list[MetricsResult]:
         """Every configuration's :class:`MetricsResult`, in order, from one device-to-host read.
         Raises ValueError if a target was outside [0, C)."""
         return MetricsAccumulator.compute_all(self.accumulators)
+
+
+# ---------------------------------------------------------------- the reduction over ranks
+
+
+def _collective_device(group) -> torch.device:
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_reduce_packed(accumulators: "list[MetricsAccumulator | None]", widths: list[int], group) -> list[torch.Tensor]:
+    """Every accumulator's :meth:`MetricsAccumulator.packed` sums (``widths[i]`` per-class
+    counts) summed over the ranks of ``group`` with one all-reduce, as rows on the
+    collective's device. An accumulator that is None on this rank adds zeros. The offending
+    target is not summed: each rank contributes its own (flag, value) pair, and a row's
+    :attr:`MetricsAccumulator.PACKED_BAD_VALUE` is the first flagged rank's value."""
+    device = _collective_device(group)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    head = MetricsAccumulator.PACKED_HEADER
+    rows = []
+    for acc, width in zip(accumulators, widths):
+        row = torch.zeros(head + 2 * width + 2 * world, dtype=torch.float64, device=device)
+        if acc is not None:
+            packed = acc.packed(width).to(device)
+            row[: head + 2 * width] = packed
+            row[head + 2 * width + 2 * rank] = packed[_ERRORS].clamp(max=1.0)
+            row[head + 2 * width + 2 * rank + 1] = packed[_BAD_VALUE]
+        rows.append(row)
+    buffer = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.float64, device=device)
+    dist.all_reduce(buffer, group=group)
+    reduced, offset = [], 0
+    for width in widths:
+        size = head + 2 * width + 2 * world
+        row = buffer[offset : offset + size]
+        offset += size
+        per_rank = row[head + 2 * width :].view(world, 2)
+        flagged = per_rank[:, 0] > 0
+        first = torch.argmax(flagged.to(torch.int8))  # the first flagged rank (0 when none)
+        packed = row[: head + 2 * width].clone()
+        packed[_BAD_VALUE] = torch.where(flagged.any(), per_rank[first, 1], packed[_BAD_VALUE])
+        reduced.append(packed)
+    return reduced
+
+
+def reduce_metrics(
+    accumulators: "list[MetricsAccumulator | None]", widths: list[int], group
+) -> "list[MetricsResult | None]":
+    """Sum each pass's accumulator over the ranks of ``group`` (one all-reduce) and read the
+    sums once. ``widths[i]`` is how many per-class counts pass ``i`` reports (0: none); a
+    pass that saw no batch on this rank (None) adds zeros. Returns None for a pass that saw
+    no batch on any rank. A bad target on any rank raises ValueError on every rank (naming
+    the first rank's offending value), after the collective, so no rank is left waiting."""
+    reduced = _all_reduce_packed(accumulators, widths, group)
+    host = torch.cat(reduced).cpu() if reduced else torch.zeros(0, dtype=torch.float64)  # the one read
+    results, offset = [], 0
+    for acc, width in zip(accumulators, widths):
+        size = MetricsAccumulator.PACKED_HEADER + 2 * width
+        packed = host[offset : offset + size]
+        offset += size
+        results.append(
+            None if packed[_BATCHES] == 0
+            else MetricsAccumulator.result_from_packed(packed, width, acc.num_classes if acc is not None else None)
+        )
+    return results
+
+
+def _all_reduce_in_place(accumulators: "list[MetricsAccumulator]", group) -> None:
+    """The accumulators' states replaced by their sums over ``group`` (default: the world)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    group = group if group is not None else dist.group.WORLD
+    widths = [acc.num_classes if acc.per_class else 0 for acc in accumulators]
+    for acc, width, packed in zip(accumulators, widths, _all_reduce_packed(accumulators, widths, group)):
+        packed = packed.to(acc.device)
+        head = MetricsAccumulator.PACKED_HEADER
+        with torch.no_grad():
+            acc.state[:head] = packed[:head].to(torch.int64)
+            acc.state[_LOSS_SUM : _LOSS_SUM + 1] = packed[_LOSS_SUM : _LOSS_SUM + 1].view(torch.int64)
+            if width:
+                counts = acc.state[_HEADER:].view(2, acc.num_classes)
+                counts[0] = packed[head : head + width].to(torch.int64)
+                counts[1] = packed[head + width : head + 2 * width].to(torch.int64)

@@ -23,7 +23,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
 
-from esper_fast import _C
+import esper_fast._C as _C
 
 __all__ = ["HostSnapshot", "RestoreResult", "snapshot_pack", "snapshot_unpack"]
 
