@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn as nn
 
-from esper_fast.ops.blend import blend, ste
+import esper_fast.ops as ops
 
 __all__ = ["AlphaSchedule", "blend_with_isolation", "ste_forward", "GradientIsolationMonitor"]
 
@@ -59,13 +59,13 @@ def blend_with_isolation(
 
     ``alpha`` is a float or a tensor broadcastable over the batch dimension.
     """
-    return blend(host_features, seed_features, alpha, detach_host)
+    return ops.blend(host_features, seed_features, alpha, detach_host)
 
 
 def ste_forward(host_features: torch.Tensor, seed_features: torch.Tensor) -> torch.Tensor:
     """Straight-through estimator: the value is ``host_features``; the incoming gradient goes
     unchanged to both the host path and the seed output."""
-    return ste(host_features, seed_features)
+    return ops.ste(host_features, seed_features)
 
 
 def _global_norm(grads: list[torch.Tensor]) -> float:

@@ -28,9 +28,16 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 
+from esper_fast.kasmina.configurations import forward_slot_groups, slot_key, straight_through
 from esper_fast.kasmina.gates import QualityGates
 from esper_fast.kasmina.isolation import AlphaSchedule, GradientIsolationMonitor, blend_with_isolation, ste_forward
 from esper_fast.kasmina.stages import InvalidTransitionError
+from esper_fast.kasmina.topologies import (  # noqa: F401  (the probe sizes, also named here)
+    CNN_SHAPE_PROBE_SPATIAL,
+    TOPOLOGIES,
+    TRANSFORMER_SHAPE_PROBE_SEQ_LEN,
+    topology_of,
+)
 from esper_fast.leyline import (
     VALID_TRANSITIONS,
     GateLevel,
@@ -51,26 +58,12 @@ __all__ = ["SeedMetrics", "SeedState", "QualityGates", "SeedSlot"]
 # ESPER_DEBUG_STE=1 asserts that the seed output carries a gradient on the STE path.
 _DEBUG_STE = os.environ.get("ESPER_DEBUG_STE", "").lower() in ("1", "true", "yes")
 
-# Shape probes a seed must preserve at germination (any H/W or sequence length will do).
-CNN_SHAPE_PROBE_SPATIAL = 8
-TRANSFORMER_SHAPE_PROBE_SEQ_LEN = 4
-
 STAGE_HISTORY_LENGTH = 100
 DEFAULT_BLENDING_STEPS = 5
-_TOPOLOGIES = ("cnn", "transformer")
-# Transformer slots keep the host's gradient on the blend's host path in these stages.
-_HOST_GRADIENT_STAGES = frozenset(
-    {SeedStage.BLENDING, SeedStage.SHADOWING, SeedStage.PROBATIONARY, SeedStage.FOSSILIZED}
-)
 
 
 def _utc_now() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def _per_sample(alpha) -> bool:
-    """A forced per-sample alpha (a tensor of several elements), which always blends."""
-    return isinstance(alpha, torch.Tensor) and alpha.numel() > 1
 
 
 def _trainable_params(module: nn.Module) -> int:
@@ -315,11 +308,7 @@ class SeedSlot(nn.Module):
         cached = self._shape_probe_cache.get(topology)
         if cached is not None and cached[0] == self.device:
             return cached[1]
-        if topology == "cnn":
-            shape = (1, self.channels, CNN_SHAPE_PROBE_SPATIAL, CNN_SHAPE_PROBE_SPATIAL)
-        else:
-            shape = (2, TRANSFORMER_SHAPE_PROBE_SEQ_LEN, self.channels)
-        probe = torch.randn(*shape, device=self.device)
+        probe = torch.randn(*TOPOLOGIES[topology].probe_shape(self.channels), device=self.device)
         self._shape_probe_cache[topology] = (self.device, probe)
         return probe
 
@@ -443,7 +432,7 @@ class SeedSlot(nn.Module):
 
     def _topology(self) -> str:
         # Without a task_config the slot is a cnn slot, as in the original.
-        return self.task_config.topology if self.task_config is not None else "cnn"
+        return topology_of(self.task_config)
 
     def germinate(
         self,
@@ -463,7 +452,7 @@ class SeedSlot(nn.Module):
         if self.is_active and not is_failure_stage(self.state.stage):
             raise RuntimeError(f"Slot {self.slot_id} already has active seed")
         topology = self._topology()
-        if topology not in _TOPOLOGIES:
+        if topology not in TOPOLOGIES:
             raise AssertionError(f"Unknown topology '{topology}' for SeedSlot.germinate")
         try:
             seed = BlueprintRegistry.create(topology, blueprint_id, self.channels)
@@ -691,7 +680,7 @@ class SeedSlot(nn.Module):
             return host_features
         seed_features = self._seed_features(host_features)
         # Alpha is read only in TRAINING: a compiled graph of a later stage does not guard on it.
-        if state.stage == SeedStage.TRAINING and not _per_sample(state.alpha) and state.alpha == 0.0:
+        if straight_through(state.stage, state.alpha):
             if _DEBUG_STE:
                 assert seed_features.requires_grad, "STE needs a seed output that requires grad"
             return ste_forward(host_features, seed_features)
@@ -705,87 +694,21 @@ class SeedSlot(nn.Module):
         return self.seed(host_features.detach() if self.isolate_gradients else host_features)
 
     def _detaches_host(self) -> bool:
-        # The blend's host path keeps its gradient only for a transformer from BLENDING on.
-        topology = self.task_config.topology if self.task_config is not None else None
-        return not (topology == "transformer" and self.state.stage in _HOST_GRADIENT_STAGES)
+        # The blend's host path keeps its gradient only in the topology's host-gradient stages
+        # (a transformer from BLENDING on).
+        entry = TOPOLOGIES.get(topology_of(self.task_config))
+        return not (entry is not None and self.state.stage in entry.host_gradient_stages)
 
     def configuration_key(self, alpha=None):
         """What the slot's output is under ``alpha`` (None: the current alpha), as a hashable
-        key: equal keys mean bit-identical outputs for the same input.
-
-        ``"host"`` when the features pass unchanged (no seed in an active stage, or the
-        straight-through estimator: TRAINING at a float alpha of 0); ``("float", a)`` for a
-        blend at scalar ``a`` clamped to [0, 1]; ``("tensor", id(alpha))`` for a per-sample
-        alpha (the same tensor object is the same configuration).
-        """
-        if alpha is None:
-            alpha = self.alpha
-        state = self.state
-        if not self.is_active or not is_active_stage(state.stage):
-            return "host"
-        if isinstance(alpha, torch.Tensor):
-            return ("tensor", id(alpha))
-        if state.stage == SeedStage.TRAINING and alpha == 0.0:
-            return "host"
-        return ("float", max(0.0, min(1.0, alpha)))
-
-    def forward_alpha_configs(self, host_features: torch.Tensor, alphas) -> tuple[torch.Tensor, list[int]]:
-        """The slot's output under each alpha in ``alphas``, the seed run once (eval, no grad).
-
-        Each alpha is a float or a per-sample tensor ``[B]`` (broadcast like ``blend``'s) and
-        gives what :meth:`forward` gives inside ``force_alpha(alpha)``. Returns ``(features,
-        groups)``: the distinct outputs stacked along the batch (``[G * B, ...]``) and, per
-        alpha, the index of its output. Alphas with equal :meth:`configuration_key` share
-        one output: the host features themselves (no live seed, or the straight-through
-        estimator at alpha 0), one fused blend per distinct float alpha (the same scalar
-        kernel as the forward), one per-sample fused blend per tensor alpha.
-        """
-        requests: list = []
-        index: dict = {}
-        groups: list[int] = []
-        for alpha in alphas:
-            key = self.configuration_key(alpha)
-            if key not in index:
-                index[key] = len(requests)
-                requests.append((0, alpha))
-            groups.append(index[key])
-        outputs = self.forward_groups(host_features, 1, requests)
-        return (outputs[0] if len(outputs) == 1 else torch.cat(outputs)), groups
+        key: equal keys mean bit-identical outputs for the same input
+        (:func:`esper_fast.kasmina.configurations.slot_key`)."""
+        return slot_key(self, alpha)
 
     def forward_groups(self, features: torch.Tensor, num_groups: int, requests) -> list[torch.Tensor]:
-        """The slot's outputs for several inputs stacked along the batch (eval, no grad).
-
-        ``features`` holds ``num_groups`` inputs of B rows each (``[num_groups * B, ...]``);
-        each request ``(group, alpha)`` asks for the output on rows ``group * B ..`` under
-        ``alpha`` (None: the current alpha), as :meth:`forward` gives it inside
-        ``force_alpha(alpha)``. The seed runs once, on the stacked inputs of the groups that
-        need it (a view when they are contiguous); a request whose :meth:`configuration_key`
-        is ``"host"`` gets a view of its input rows. Returns one tensor of B rows per request.
-        """
-        batch = features.shape[0] // num_groups if num_groups else 0
-        keys = [self.configuration_key(alpha) for _, alpha in requests]
-        needs_seed = sorted({group for (group, _), key in zip(requests, keys) if key != "host"})
-        seed_rows: dict[int, torch.Tensor] = {}
-        if needs_seed:
-            first, last = needs_seed[0], needs_seed[-1]
-            if last - first + 1 == len(needs_seed):  # contiguous groups: a view, no copy
-                seed_input = features[first * batch : (last + 1) * batch]
-            else:
-                seed_input = torch.cat([features[g * batch : (g + 1) * batch] for g in needs_seed])
-            seed_output = self._seed_features(seed_input)
-            for i, group in enumerate(needs_seed):
-                seed_rows[group] = seed_output[i * batch : (i + 1) * batch]
-        outputs = []
-        for (group, alpha), key in zip(requests, keys):
-            host_rows = features[group * batch : (group + 1) * batch]
-            if key == "host":
-                outputs.append(host_rows)
-            else:
-                alpha = self.alpha if alpha is None else alpha
-                outputs.append(
-                    blend_with_isolation(host_rows, seed_rows[group], alpha, detach_host=self._detaches_host())
-                )
-        return outputs
+        """The slot's outputs for several inputs stacked along the batch (eval, no grad):
+        :func:`esper_fast.kasmina.configurations.forward_slot_groups`."""
+        return forward_slot_groups(self, features, num_groups, requests)
 
     @torch.compiler.disable
     def forward(self, host_features: torch.Tensor) -> torch.Tensor:

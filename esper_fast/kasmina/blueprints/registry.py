@@ -12,10 +12,12 @@ from typing import Callable
 
 import torch.nn as nn
 
+from esper_fast.kasmina import topologies as _topologies
+
 __all__ = ["BlueprintSpec", "BlueprintRegistry", "TOPOLOGIES"]
 
-# The topologies the package's hosts and slots know.
-TOPOLOGIES = ("cnn", "transformer")
+# The topologies the package's hosts and slots know (their entries: kasmina.topologies).
+TOPOLOGIES = tuple(_topologies.TOPOLOGIES)
 
 
 def _invalidate_action_cache(topology: str | None = None) -> None:
