@@ -10,6 +10,14 @@ antithetic permutation samples with a 95% error bound), the leave-one-out contri
 ``f(all) - f(all without i)``, the alone-on contribution ``f({i}) - f({})``, and for every
 pair the interaction ``f({i, j}) - f({i}) - f({j}) + f({})``.
 
+The method in three steps, each a function here: :func:`plan_for_slots` (which subsets of
+a model's live slots to measure: :func:`plan_attribution`), :func:`subset_configurations`
+(the configuration of each subset: the live seeds outside it off), and
+:func:`attribution_of` (the values from the measured metrics: :func:`attribute`). The
+validation engine (:mod:`esper_fast.tolaria.validation`) measures every configuration in
+one pass; a new attribution method is a plan and a value function over the same measured
+subsets.
+
 A live seed that cannot change the model's output (GERMINATED, or TRAINING at alpha 0,
 where the straight-through estimator passes the host's features unchanged) gives the same
 output in every configuration: its Shapley value and contributions are exactly 0, and it is
@@ -25,7 +33,18 @@ from typing import Callable, Mapping
 
 import torch
 
-__all__ = ["MetricAttribution", "SlotAttribution", "AttributionPlan", "plan_attribution", "attribute"]
+from esper_fast.kasmina.configurations import changes_output, configuration_key
+
+__all__ = [
+    "MetricAttribution",
+    "SlotAttribution",
+    "AttributionPlan",
+    "plan_attribution",
+    "attribute",
+    "plan_for_slots",
+    "subset_configurations",
+    "attribution_of",
+]
 
 
 def _student_t_within(t: float, df: int) -> float:
@@ -233,3 +252,40 @@ def attribute(plan: AttributionPlan, accuracy: Mapping[frozenset, float], loss: 
         accuracy=_metric_attribution(plan, accuracy),
         loss=_metric_attribution(plan, loss),
     )
+
+
+def plan_for_slots(slots, exact_max_slots: int = 4, permutations: int = 16, generator=None) -> AttributionPlan | None:
+    """The :func:`plan_attribution` of the live slots of ``slots`` (slot id -> SeedSlot, host
+    order); None without slots or without a live seed. The players are the live seeds whose
+    forced-off output differs from their current one (the others' values are 0)."""
+    if slots is None:
+        return None
+    live = [slot_id for slot_id, slot in slots.items() if slot.is_live]
+    if not live:
+        return None
+    players = [slot_id for slot_id in live if changes_output(slots[slot_id], 0.0)]
+    return plan_attribution(live, players, exact_max_slots=exact_max_slots, permutations=permutations, generator=generator)
+
+
+def subset_configurations(slots, plan: AttributionPlan, configurations: list) -> tuple[dict[frozenset, int], list[dict]]:
+    """Each subset of ``plan`` as a configuration of ``slots`` (the players outside it off),
+    placed after ``configurations`` (those measured already) unless one with the same
+    configuration key is there: ``(position of each subset, the configurations added)``."""
+    keys = [configuration_key(slots, configuration) for configuration in configurations]
+    positions, added = {}, []
+    for subset in plan.subsets:
+        configuration = {p: 0.0 for p in plan.players if p not in subset}
+        key = configuration_key(slots, configuration)
+        if key not in keys:
+            keys.append(key)
+            added.append(configuration)
+        positions[subset] = keys.index(key)
+    return positions, added
+
+
+def attribution_of(plan: AttributionPlan, subsets: Mapping[frozenset, int], results: list) -> SlotAttribution:
+    """:func:`attribute` from the measured results (``results[subsets[T]]`` is ``f(T)``'s
+    :class:`~esper_fast.ops.MetricsResult`)."""
+    accuracy = {subset: float(results[i].accuracy) for subset, i in subsets.items()}
+    loss = {subset: float(results[i].loss) for subset, i in subsets.items()}
+    return attribute(plan, accuracy, loss)
