@@ -18,7 +18,7 @@ from esper_fast.train.interrupts import ForcedStop, StopSignals
 from esper_fast.train.loop import LifecycleRun
 from esper_fast.train.ranks import Ranks
 from esper_fast.train.run_dir import RunDir, RunDirError, RunWriteError, SilentRunDir
-from esper_fast.train.settings import RunConfig, resolve
+from esper_fast.train.settings import RunConfig, SettingsError, check_device, resolve
 
 # Settings a resumed run may change: none of them changes what the run computes on a device.
 RESUME_OVERRIDES = ("device", "progress", "keep_checkpoints")
@@ -77,6 +77,10 @@ def _open(run_dir: RunDir, config, resume, overrides, overwrite, command) -> dic
         payload, path = run_dir.load_checkpoint()
         state = Checkpoint.from_payload(payload, path)
         config = dataclasses.replace(RunConfig(**state.config), out=out, **(overrides or {}))
+        try:
+            check_device(config.device)  # the run's own device, when no --device was given
+        except SettingsError as exc:
+            raise RunDirError(str(exc)) from None
         opened.update(config=config, checkpoint=state, path=path)
     return opened
 
