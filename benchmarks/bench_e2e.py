@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from common import Case, bench_params, run_case
-from esper_fast.train.data import ImageBatches, synthetic_images
+from esper_fast.train.datasets import ImageBatches, synthetic_images
 from esper_fast.kasmina import QualityGates, SeedStage
 from esper_fast.ops import reference_mode
 from esper_fast.tolaria import (

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from esper_fast import train
-from esper_fast.train import cli, data
+from esper_fast.train import cli, datasets
 from esper_fast.train.ranks import Ranks, state_checksum
 from cli_helpers import one_line_error, outcome, read_log, run_cli
 
@@ -202,7 +202,7 @@ def _validate(loaders):
 def _shard_worker(rank, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        loaders = data.cifar10_loaders(rank=rank, world_size=WORLD, **SHARD_DATA)
+        loaders = datasets.cifar10_loaders(rank=rank, world_size=WORLD, **SHARD_DATA)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
             json.dump(_validate(loaders), handle)
         dist.barrier()
@@ -213,7 +213,7 @@ def _shard_worker(rank, init_file, out_dir):
 def test_validation_over_the_ranks_shards_counts_exactly_what_one_process_counts(tmp_path):
     mp.spawn(_shard_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
-    whole = _validate(data.cifar10_loaders(**SHARD_DATA))
+    whole = _validate(datasets.cifar10_loaders(**SHARD_DATA))
     for rank in ranks:
         assert rank["val_accuracy"] == whole["val_accuracy"]  # the exact count over all 101 images
         assert rank["per_class"] == whole["per_class"]
@@ -225,7 +225,7 @@ def test_validation_over_the_ranks_shards_counts_exactly_what_one_process_counts
 def test_shards_hold_every_validation_sample_once_and_equal_training_steps():
     test_shards = [list(data.ShardSampler(range(101), rank, 2)) for rank in range(2)]
     assert sorted(test_shards[0] + test_shards[1]) == list(range(101))
-    bundles = [data.cifar10_loaders(rank=r, world_size=3, **SHARD_DATA) for r in range(3)]
+    bundles = [datasets.cifar10_loaders(rank=r, world_size=3, **SHARD_DATA) for r in range(3)]
     assert len({len(b.trainloader) for b in bundles}) == 1  # DistributedSampler pads: equal steps
     assert [len(b.testloader.sampler.sampler) for b in bundles] == [34, 34, 33]
     assert all(b.shuffle_generator is None for b in bundles)  # the order is the seed and the epoch's

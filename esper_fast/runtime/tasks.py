@@ -17,7 +17,8 @@ __all__ = ["TaskSpec", "get_task_spec"]
 class TaskSpec:
     """Everything a training run needs to know about a task.
 
-    ``model_factory(device)`` builds the :class:`MorphogeneticModel`;
+    ``model_factory(device)`` builds the :class:`MorphogeneticModel` (``model_factory(device,
+    slots=...)`` with seed slots at those injection points, see :meth:`create_model`);
     ``dataloader_factory(**params)`` returns ``(trainloader, testloader)`` and receives
     ``dataloader_defaults`` merged with the overrides given to :meth:`create_dataloaders`.
     ``action_enum`` is the topology's action space, built from the registered blueprints.
@@ -39,9 +40,13 @@ class TaskSpec:
     def __post_init__(self) -> None:
         self.action_enum = build_action_enum(self.topology)
 
-    def create_model(self, device: str = "cuda:0") -> MorphogeneticModel:
-        """The task's model on ``device``."""
-        return self.model_factory(device)
+    def create_model(self, device: str = "cuda:0", slots: list[str] | None = None) -> MorphogeneticModel:
+        """The task's model on ``device``; ``slots``: its seed slots (injection points of the
+        host; the first in the host's order is the main slot), default the task's one slot.
+        The host is drawn from the same random numbers whatever the slots."""
+        if slots is None:
+            return self.model_factory(device)
+        return self.model_factory(device, slots=slots)
 
     def create_dataloaders(self, **overrides):
         """``(trainloader, testloader)`` from the defaults updated with ``overrides``."""
@@ -51,9 +56,10 @@ class TaskSpec:
 def _cifar10_spec() -> TaskSpec:
     config = TaskConfig.for_cifar10()
 
-    def make_model(device: str) -> MorphogeneticModel:
+    def make_model(device: str, slots: list[str] | None = None) -> MorphogeneticModel:
         # A deliberately weak host (8 base channels) leaves seeds room to help.
-        return MorphogeneticModel(CNNHost(num_classes=10, base_channels=8), device=device, task_config=config)
+        return MorphogeneticModel(CNNHost(num_classes=10, base_channels=8), device=device, task_config=config,
+                                  slots=slots)
 
     return TaskSpec(
         name="cifar10",
@@ -72,11 +78,11 @@ def _tinystories_spec() -> TaskSpec:
     config = TaskConfig.for_tinystories()
     vocab_size, block_size = 50257, 256
 
-    def make_model(device: str) -> MorphogeneticModel:
+    def make_model(device: str, slots: list[str] | None = None) -> MorphogeneticModel:
         host = TransformerHost(
             vocab_size=vocab_size, n_embd=384, n_head=6, n_layer=6, block_size=block_size, dropout=0.1
         )
-        return MorphogeneticModel(host, device=device, task_config=config)
+        return MorphogeneticModel(host, device=device, task_config=config, slots=slots)
 
     return TaskSpec(
         name="tinystories",

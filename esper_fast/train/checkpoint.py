@@ -47,8 +47,9 @@ from esper_fast.kasmina import BlueprintRegistry
 from esper_fast.kasmina.isolation import AlphaSchedule
 from esper_fast.kasmina.slot import SeedMetrics, SeedState
 from esper_fast.leyline import SeedStage, SeedTelemetry
-from esper_fast.train.config import RunConfig
+from esper_fast.train.report import ConfigRecord
 from esper_fast.train.run_dir import RunDirError
+from esper_fast.train.settings import RunConfig
 
 FORMAT = "esper-fast-train-checkpoint"
 VERSION = 2          # the newest this version writes; it reads every version up to it
@@ -104,7 +105,7 @@ class EpochProgress:
 class Checkpoint:
     """A run's whole state after ``position["epochs_done"]`` epochs and
     ``position["steps_done"]`` steps of the next: everything a resumed run needs to continue
-    as if it had never stopped (see :mod:`esper_fast.train.loop`). ``version``: the format
+    as if it had never stopped (see :mod:`esper_fast.train.session`). ``version``: the format
     of ``model``, ``optimizers``, ``controller`` and ``progress`` (see the module docstring)."""
 
     version: int
@@ -202,14 +203,14 @@ class Checkpoint:
         if self.world_size != world_size:
             raise ResumeError(f"the run had {self.world_size} process(es), this one has {world_size}; "
                               f"resume it with --nproc {self.world_size}")
-        config_record = self.log[0]
-        if config_record.get("data_fingerprint") != data_fingerprint:
+        started = ConfigRecord.from_log(self.log[0])
+        if started.data_fingerprint != data_fingerprint:
             raise ResumeError(
                 f"the text file {text_path} has changed since the run started; a resumed run must read the same data"
             )
-        if config_record.get("steps_per_epoch") != steps_per_epoch:
+        if started.steps_per_epoch != steps_per_epoch:
             raise ResumeError(f"the data now gives {steps_per_epoch} steps per epoch, the run had "
-                              f"{config_record.get('steps_per_epoch')}; a resumed run must read the same data")
+                              f"{started.steps_per_epoch}; a resumed run must read the same data")
 
     def restore(self, *, model: nn.Module, governor, controllers, host_optimizer,
                 make_seed_optimizer: Callable[[str], torch.optim.Optimizer]) -> dict[str, torch.optim.Optimizer]:

@@ -40,10 +40,20 @@ import esper_fast
 from esper_fast.kasmina import BlueprintRegistry
 from esper_fast.ops.mode import using_reference
 from esper_fast.runtime import get_task_spec
-from esper_fast.train import RESUME_OVERRIDES, check_out, train
-from esper_fast.train.config import DEFAULT_KEEP_CHECKPOINTS, DEFAULT_OUT, TASK_DEFAULTS, TASKS, RunConfig, task_slots
+from esper_fast.train.command import RESUME_OVERRIDES, check_out, train
+from esper_fast.train.settings import (
+    DEFAULT_KEEP_CHECKPOINTS,
+    DEFAULT_OUT,
+    TASK_DEFAULTS,
+    TASKS,
+    RunConfig,
+    SettingsError,
+    check_device,
+    task_slots,
+    with_slots,
+)
 from esper_fast.train.console import pipe_safe_streams
-from esper_fast.train.data import DataError, read_text_bytes
+from esper_fast.train.datasets import DataError, read_text_bytes
 from esper_fast.train.plotting import plot_log
 from esper_fast.train.ranks import launched_rank, launched_world_size
 from esper_fast.train.run_dir import METRICS_FILE, PLOT_FILE, STATUS_FILE, RunDirError
@@ -106,13 +116,6 @@ def _names(text: str) -> list[str]:
     if not all(names):
         raise argparse.ArgumentTypeError(f"expected names separated by commas, got {text!r}")
     return names
-
-
-# What each host's injection points are, for the messages about --slots.
-_INJECTION_POINTS = {
-    "cnn": "CNNHost's injection points, after every block but the first",
-    "transformer": "the transformer's injection points layer_{i}_post_block, after each layer",
-}
 
 
 def _slot_lines() -> list[str]:
@@ -228,16 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_device(device: str) -> None:
     try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        raise CLIError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise CLIError(f"--device {device} asked for CUDA, but CUDA is not available here; use --device cpu")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise CLIError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present")
-    elif parsed.type != "cpu":
-        raise CLIError(f"unsupported device {device!r}; use cpu, cuda or cuda:N")
+        check_device(device)
+    except SettingsError as exc:
+        raise CLIError(str(exc))
 
 
 def _check_world(config_device: str, world: int) -> None:
@@ -263,19 +259,10 @@ def _run_config(given: dict, world: int = 1):
     if config.task not in TASKS:
         raise CLIError(f"unknown task {config.task!r}; choose one of: {', '.join(TASKS)}")
     spec = get_task_spec(config.task)
-    _check_slots(config, spec.topology)
-    choices = BlueprintRegistry.names(spec.topology)
-    if config.blueprint is not None:
-        names = _names_of("--blueprint", config.blueprint)
-        for name in names:
-            if name not in choices:
-                raise CLIError(f"unknown blueprint {name!r} for {config.task} ({spec.topology} host); "
-                               f"choose one of: {', '.join(choices)}")
-        slots = len(given["slots"]) if "slots" in given else 1
-        if len(names) > 1 and len(names) != slots:
-            raise CLIError(f"--blueprint names {len(names)} blueprints for {slots} slot(s); give one for every "
-                           "slot, or one per slot of --slots in its order")
-        config.blueprint = _blueprints_in_host_order(names, given.get("slots"), config.slots)
+    try:
+        config = with_slots(config, spec.topology)
+    except SettingsError as exc:
+        raise CLIError(str(exc))
     only = {"data_root": "cifar10", "text_path": "tinystories", "seq_len": "tinystories"}
     for dest, task in only.items():
         if dest in given and config.task != task:
@@ -303,39 +290,6 @@ def _run_config(given: dict, world: int = 1):
         if getattr(config, dest) is not None:
             setattr(config, dest, os.path.abspath(getattr(config, dest)))
     return config
-
-
-def _names_of(flag: str, text: str) -> list[str]:
-    try:
-        return _names(text)
-    except argparse.ArgumentTypeError as exc:
-        raise CLIError(f"{flag}: {exc}")
-
-
-def _check_slots(config: RunConfig, topology: str) -> None:
-    """Checks ``config.slots`` (as given) against the task's host and puts them in the host's
-    order; the task's default slot alone becomes None (the run it always was)."""
-    if config.slots is None:
-        return
-    points, default = task_slots(config.task)
-    unknown = [slot for slot in config.slots if slot not in points]
-    if unknown:
-        raise CLIError(f"unknown slot {unknown[0]!r} for {config.task} ({_INJECTION_POINTS[topology]}); "
-                       f"choose from: {', '.join(points)}")
-    repeated = sorted({slot for slot in config.slots if config.slots.count(slot) > 1}, key=points.index)
-    if repeated:
-        raise CLIError(f"--slots names {repeated[0]} twice; each slot holds one lifecycle")
-    ordered = [point for point in points if point in config.slots]
-    config.slots = None if ordered == [default] else ordered
-
-
-def _blueprints_in_host_order(names: list[str], given: list[str] | None, ordered: list[str] | None) -> str:
-    """``--blueprint``'s names as the run records them: one name, or one per slot in the host's
-    order (``given``: the slots in the order --slots named them)."""
-    if len(names) == 1:
-        return names[0]
-    by_slot = dict(zip(given, names))
-    return ",".join(by_slot[slot] for slot in ordered)
 
 
 def _recorded_world_size(folder: str) -> int:

@@ -22,7 +22,7 @@ from typing import Callable, Mapping
 import torch.nn as nn
 
 from esper_fast.leyline import SeedStage
-from esper_fast.train.config import as_record, optional
+from esper_fast.train.settings import as_record, optional
 
 
 @dataclasses.dataclass
@@ -318,6 +318,14 @@ class SlotControllers:
 
     def _events(self, slot_id: str, events: list[str]) -> list[str]:
         return [f"{slot_id}: {event}" for event in events] if self.several else events
+
+    def judged(self, contribution: float | None, values: Mapping[str, Mapping]) -> dict[str, tuple]:
+        """What each slot's seed is judged by, for :meth:`end_epoch`: with several slots its
+        Shapley value and bound (``values``: :func:`~esper_fast.train.report.seed_values`), with
+        one the main slot's counterfactual ``contribution``."""
+        if self.several:
+            return {slot_id: (value["shapley"], value.get("shapley_error")) for slot_id, value in values.items()}
+        return {self.main_slot: (contribution, None)}
 
     def end_epoch(self, epoch: int, val_accuracy: float,
                   contributions: Mapping[str, tuple[float | None, float | None]]) -> list[str]:

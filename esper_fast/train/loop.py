@@ -19,17 +19,9 @@ Validation measures every subset of the live seeds in the forward in the same pa
 each slot's controller reads its seed's Shapley value (see
 :class:`~esper_fast.train.controller.SlotControllers`).
 
-Checkpoints and resume. A checkpoint is written when the run starts (epoch 0), after every
-epoch (a rolled-back epoch included: its model is the restored healthy one) and when a stop
-is requested in the middle of an epoch; it holds the position (epochs done, steps done of
-the next), the model, optimizers, controller, governor, every random generator and the log
-so far. A run resumed from it continues exactly where it was: a mid-epoch checkpoint also
-holds the steps' losses, the batch-order generator as the epoch began (the same batches are
-drawn again and the done ones skipped), torch's generator as the stop came (set once the
-skipped batches are drawn), and the governor's snapshot tensors (the model has moved on
-from them). On CPU a resumed run ends with the same records, bit for bit, as one that was
-never stopped. :class:`~esper_fast.train.checkpoint.Checkpoint` is that record; each epoch's
-is a :class:`~esper_fast.train.report.EpochRecord`.
+Checkpoints and resume: :mod:`esper_fast.train.session` (how a run begins, is saved, resumed
+and ends). On CPU a resumed run ends with the same records, bit for bit, as one that was
+never stopped.
 
 Several processes (``torchrun``, see :mod:`esper_fast.train.ranks`). Every rank runs this
 loop on its shard of the data and trains through a DistributedDataParallel wrapper, built
@@ -48,131 +40,44 @@ import dataclasses
 import functools
 import gc
 import math
-import os
-import platform
-import socket
 import time
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
-import esper_fast
-from esper_fast.kasmina.host import MorphogeneticModel, init_gpt_weights
+from esper_fast.kasmina.host import init_gpt_weights
 from esper_fast.leyline import SeedStage
 from esper_fast.ops.mode import using_reference
 from esper_fast.runtime import get_task_spec
 from esper_fast.tolaria import (
     TolariaGovernor,
-    create_model,
     train_epoch_blended,
     train_epoch_incubator_mode,
     train_epoch_normal,
     validate_epoch,
 )
-from esper_fast.train import checkpoint, data
-from esper_fast.train.checkpoint import Checkpoint, EpochProgress
-from esper_fast.train.config import RunConfig, run_slots, slot_blueprints
+from esper_fast.train import checkpoint
+from esper_fast.train.checkpoint import EpochProgress
 from esper_fast.train.console import say
 from esper_fast.train.controller import LifecycleSchedule, SeedRecord, SlotControllers
-from esper_fast.train.plotting import plot_run
+from esper_fast.train.datasets import task_data
+from esper_fast.train.interrupts import StopSignals
+from esper_fast.train.optimizers import RunOptimizers
 from esper_fast.train.ranks import Ranks, RanksDivergedError, norm_statistics, state_checksum
-from esper_fast.train.report import EpochRecord, epoch_line, outcome, seed_interactions, seed_values, summary_lines
-from esper_fast.train.run_dir import METRICS_FILE, PLOT_FILE, STOPPED_BY, RunDir, now_iso
-from esper_fast.train.signals import StopSignals
+from esper_fast.train.report import EpochRecord, SlotRecord, epoch_line, seed_interactions, seed_values
+from esper_fast.train.run_dir import RunDir, now_iso
+from esper_fast.train.session import RunSession
+from esper_fast.train.settings import RunConfig, slot_blueprints
 from esper_fast.train.watch import Batches, KernelTally, LossWatch, Progress
 
-def _make_optimizer(params, task_type: str, lr: float):
-    params = [p for p in params if p.requires_grad]
-    if task_type == "lm":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
 
-
-class SeedOptimizers:
-    """The seeds' optimizers (one per slot) stepped as one: what tolaria's trainer functions
-    take as their ``seed_optimizer``."""
-
-    def __init__(self, optimizers):
-        self.optimizers = list(optimizers)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for optimizer in self.optimizers:
-            optimizer.zero_grad(set_to_none=set_to_none)
-
-    def step(self) -> None:
-        for optimizer in self.optimizers:
-            optimizer.step()
-
-
-def build_model(spec, device: str, slots: tuple[str, ...]) -> nn.Module:
-    """The task's model with a seed slot at each of ``slots`` (host order; the first is the
-    main slot). The host is the task's own, drawn from the same random numbers whatever the
-    slots: the task's model is built, and for other slots than its default one its host is
-    given a new set of slots."""
-    model = create_model(spec, device)
-    if slots == (model.slot_id,):
-        return model
-    host = model.host
-    host.unregister_slot(model.slot_id)
-    return MorphogeneticModel(host, device=device, task_config=spec.task_config, slots=list(slots))
-
-
-def _cosine_lr(base: float, epoch: int, epochs: int) -> float:
-    """Cosine decay over the run (epoch is 1-based), so the last epochs settle."""
-    return base * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / epochs))
-
-
-def load_data(config: RunConfig, spec, ranks: Ranks | None = None):
-    """The task's loaders (see :mod:`esper_fast.train.data`), this rank's shards; ``config`` is resolved."""
-    pin = config.device.startswith("cuda")
-    shard = {} if ranks is None or not ranks.distributed else {"rank": ranks.rank, "world_size": ranks.world_size}
-    if spec.task_type == "lm":
-        if spec.block_size and config.seq_len > spec.block_size:
-            raise data.DataError(f"--seq-len {config.seq_len} exceeds the model's block size {spec.block_size}")
-        return data.tinystories_loaders(
-            text_path=config.text_path,
-            seq_len=config.seq_len,
-            batch_size=config.batch_size,
-            seed=config.seed,
-            pin_memory=pin,
-            vocab_size=spec.vocab_size or data.BYTE_VOCAB_SIZE,
-            **shard,
-        )
-    return data.cifar10_loaders(data_root=config.data_root, batch_size=config.batch_size, seed=config.seed,
-                                pin_memory=pin, **shard)
-
-
-def versions() -> dict:
-    """The versions a result depends on."""
-    found = {
-        "esper_fast": esper_fast.__version__,
-        "torch": str(torch.__version__),  # a str subclass that weights_only loading refuses
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
-    for name in ("torchvision", "numpy"):
-        try:
-            found[name] = str(__import__(name).__version__)
-        except ImportError:
-            found[name] = None
-    return found
-
-
-def device_description(device: str) -> str:
-    if device.startswith("cuda"):
-        props = torch.cuda.get_device_properties(torch.device(device))
-        return f"{device}: {props.name} (sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB)"
-    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads of {os.cpu_count()} cores"
-
-
-class LifecycleRun:
-    """One ``esper-fast train`` run: the model, its data, optimizers, governor and controller,
+class LifecycleRun(RunSession):
+    """One ``esper-fast train`` run: the model, its data, optimizers, governor and controllers,
     the records so far, and the run folder they are written to. Begin it with :meth:`start`
     (a new run) or :meth:`resume_from` (a checkpoint), then :meth:`execute`.
 
-    ``config`` must be resolved (:func:`esper_fast.train.config.resolve`). ``ranks``: this
+    ``config`` must be resolved (:func:`esper_fast.train.settings.resolve`). ``ranks``: this
     process's place in a run of several (default: a single process); ``run_dir`` is then a
     :class:`~esper_fast.train.run_dir.SilentRunDir` on every rank but 0.
     """
@@ -191,11 +96,12 @@ class LifecycleRun:
         self.task_type = spec.task_type
         self.blueprints = slot_blueprints(config)   # slot id -> blueprint, host order
         self.num_classes = spec.num_classes or 10
+        self.chance = None if self.task_type == "lm" else 100.0 / self.num_classes
         self.reference = using_reference()
 
         torch.manual_seed(config.seed)
-        self.data = load_data(dataclasses.replace(config, device=device), spec, ranks)
-        self.model = build_model(spec, device, run_slots(config))
+        self.data = task_data(dataclasses.replace(config, device=device), spec, ranks.rank, ranks.world_size)
+        self.model = spec.create_model(device, slots=config.slots)
         if self.task_type == "lm":
             # GPT-2 initialisation: the tied head starts near ln(vocab) instead of ~220 nats.
             init_gpt_weights(self.model.host)
@@ -208,8 +114,6 @@ class LifecycleRun:
         vocab = spec.vocab_size if self.task_type == "lm" and spec.vocab_size else self.num_classes
         # A rollback culls every live seed; the controllers then expect those slots empty.
         self.governor = TolariaGovernor(self.model, random_guess_loss=math.log(vocab), clear_live_seed_state=True)
-        self.host_optimizer = _make_optimizer(self.model.get_host_parameters(), self.task_type, config.lr)
-        self.seed_optimizers: dict[str, torch.optim.Optimizer] = {}   # slot id -> its seed's, host order
         # What the trainer steps: the model, or (several processes) its DDP wrapper, and the
         # parameters and slots' stages the wrapper was built for.
         self.trained: nn.Module = self.model
@@ -222,6 +126,7 @@ class LifecycleRun:
         self.controllers = SlotControllers(self.model, self.blueprints, self.schedule, config.epochs,
                                            self.steps_per_epoch)
         self.several = self.controllers.several
+        self.optimizers = RunOptimizers(self.model.get_host_parameters(), self.controllers, self.task_type, config.lr)
         self.tally = KernelTally(enabled=not config.compile)
         self.records: list[EpochRecord] = []
         self.log_records: list[dict] = []   # everything in metrics.jsonl, in order, as written
@@ -233,132 +138,6 @@ class LifecycleRun:
         self.checkpoint_path = None
         self._checkpoint_position: tuple[int, int] | None = None
 
-    # ---------------------------------------------------------------- beginning
-    def _config_record(self, command: str) -> dict:
-        found = versions()
-        return {
-            "type": "config",
-            "command": command,
-            "started_at": now_iso(),
-            "host": socket.gethostname(),
-            **self.config.to_record(),
-            "task_type": self.task_type,
-            "chance_accuracy": None if self.task_type == "lm" else 100.0 / self.num_classes,
-            "data_source": self.data.source,
-            "data": self.data.description,
-            "data_fingerprint": self.data.fingerprint,
-            "steps_per_epoch": self.steps_per_epoch,
-            "schedule": dataclasses.asdict(self.schedule),
-            "world_size": self.ranks.world_size,
-            "backend": self.ranks.backend,
-            "device_name": device_description(self.device),
-            "versions": found,
-            "esper_fast": found["esper_fast"],
-            "torch": found["torch"],
-            "python": found["python"],
-            "reference_mode": self.reference,
-        }
-
-    def _announce(self) -> None:
-        config = self.config
-        self.echo(f"data: {self.data.description}")
-        if config.slots is None:
-            seeds = f"blueprint {config.blueprint}"
-        else:
-            seeds = (f"slot{'s' if self.several else ''} "
-                     + ", ".join(f"{slot_id} ({blueprint})" for slot_id, blueprint in self.blueprints.items()))
-        self.echo(
-            f"train: {config.task} ({self.spec.topology} host, {self.task_type}) on {config.device}, {config.epochs} epochs x "
-            f"{self.steps_per_epoch} steps, {seeds}, seed {config.seed}"
-            + (f", {self.ranks.world_size} processes (DDP over {self.ranks.backend}, "
-               f"batch {config.batch_size} per process)" if self.ranks.distributed else "")
-            + (", reference mode (original algorithms)" if self.reference else "")
-        )
-
-    def start(self, command: str) -> None:
-        """A new run: the log's config record, ``run.json`` and the epoch-0 checkpoint."""
-        self._announce()
-        self.log_records = [self._config_record(command)]
-        self.run_dir.start_log(self.log_records)
-        self._write_running_status(command, epochs_done=0, steps_done=0, checkpoint=None)
-        self._checkpoint(0)
-
-    def _write_running_status(self, command: str, **position) -> None:
-        """``run.json`` as this process takes the run on: the run itself (from the log's config
-        record, the same for every session of the run) and where it stands."""
-        self.run_dir.write_status(
-            status="running", command=command, pid=os.getpid(), task=self.config.task, epochs=self.config.epochs,
-            started_at=self.log_records[0]["started_at"], **position, stopped_by=None,
-            world_size=self.ranks.world_size,
-        )
-
-    def resume_from(self, state: Checkpoint, path, command: str, previous_status: dict | None = None) -> None:
-        """Puts the run back where ``state`` (the checkpoint read from ``path``) left it and
-        rewrites the log to what the checkpoint had seen, followed by a ``resume`` record.
-        ``previous_status``: what ``run.json`` said of the session that stopped."""
-        state.check_resumable(world_size=self.ranks.world_size, steps_per_epoch=self.steps_per_epoch,
-                              data_fingerprint=self.data.fingerprint, text_path=self.config.text_path)
-        self.seed_optimizers = state.restore(
-            model=self.model, governor=self.governor, controllers=self.controllers, host_optimizer=self.host_optimizer,
-            make_seed_optimizer=lambda slot_id: _make_optimizer(self.controllers.by_slot[slot_id].seed_parameters(),
-                                                                self.task_type, self.config.lr),
-        )
-        self.log_records = list(state.log)
-        self.records = [EpochRecord.from_log(r) for r in self.log_records if r.get("type") == EpochRecord.TYPE]
-        self.rollbacks = state.rollbacks
-        self.tally.counts.update(state.kernels)
-        self.elapsed_before = state.elapsed_s
-        self.next_epoch = state.epochs_done + 1
-        self.progress = state.progress
-        self._resume_rng = state.rng
-        # Rank 0's generators on every rank: the ranks draw the same numbers (the per-epoch
-        # checksum covers the generators too), so they all had these.
-        checkpoint.restore_rng(state.rng, self.device, self.data.shuffle_generator,
-                               torch_generators=self.progress is None)
-        self.checkpoint_path = path
-        self._checkpoint_position = (state.epochs_done, state.steps_done)
-
-        self._announce()
-        previous = previous_status or {}
-        resume = {
-            "type": "resume",
-            "time": now_iso(),
-            "command": command,
-            "checkpoint": path.name,
-            "epochs_done": state.epochs_done,
-            "steps_done": state.steps_done,
-            "stopped_by": previous.get("stopped_by") or STOPPED_BY.get(previous.get("status")),
-            "stopped_at": previous.get("updated_at"),
-        }
-        self.log_records.append(resume)
-        self.run_dir.start_log(self.log_records)
-        self._write_running_status(command, epochs_done=state.epochs_done, steps_done=state.steps_done,
-                                   checkpoint=str(path))
-        where = f"epoch {self.next_epoch}" + (f", step {state.steps_done + 1}" if state.steps_done else "")
-        self.echo(f"resume: from {path} at {where} of {self.config.epochs} epochs")
-
-    # ---------------------------------------------------------------- checkpoints
-    def _checkpoint(self, epochs_done: int, progress: EpochProgress | None = None) -> None:
-        """Writes the run's state after ``epochs_done`` epochs (and ``progress`` of the next).
-        Rank 0 alone; no collective here, so the ranks may take this call differently."""
-        if not self.ranks.is_writer:
-            return
-        state = Checkpoint.capture(
-            config=self.config, world_size=self.ranks.world_size, epochs_done=epochs_done, progress=progress,
-            model=self.model, host_optimizer=self.host_optimizer, seed_optimizers=self.seed_optimizers,
-            controllers=self.controllers, governor=self.governor, device=self.device,
-            shuffle=self.data.shuffle_generator, log=self.log_records, rollbacks=self.rollbacks,
-            kernels=dict(self.tally.counts), elapsed_s=self.elapsed_before + self._session_time(),
-        )
-        path = self.run_dir.save_checkpoint(state.to_payload(), state.epochs_done, state.steps_done)
-        self.checkpoint_path = path
-        self._checkpoint_position = (state.epochs_done, state.steps_done)
-        self.run_dir.write_status(epochs_done=state.epochs_done, steps_done=state.steps_done, checkpoint=str(path))
-
-    def _session_time(self) -> float:
-        start = getattr(self, "_session_start", None)
-        return 0.0 if start is None else time.perf_counter() - start
-
     # ---------------------------------------------------------------- the loop
     def execute(self) -> dict:
         """Runs the remaining epochs (or until a stop is requested); returns the summary,
@@ -367,7 +146,7 @@ class LifecycleRun:
         status = "finished"
         try:
             for epoch in range(self.next_epoch, self.config.epochs + 1):
-                if self._stop_agreed(self.stop.requested):
+                if self.ranks.agree_to_stop(self.stop, self.stop.requested):
                     status = "interrupted"
                     break
                 record = self.run_epoch(epoch)
@@ -410,7 +189,7 @@ class LifecycleRun:
             stages=stages,
             seeds={slot_id: c.seeds[-1] if stages[slot_id] is not None else None
                    for slot_id, c in controllers.by_slot.items()},
-            lr=self._set_learning_rate(epoch),
+            lr=self.optimizers.set_learning_rate(epoch, config.epochs),
             poisoned_step=poisoned,
             poison=poisoned if self.ranks.rank == config.inject_nan_rank else None,
         )
@@ -456,7 +235,7 @@ class LifecycleRun:
         controllers = self.controllers
         alphas = self._alphas()
         self.ranks.average_norm_statistics(self.model)
-        losses = self._epoch_losses()
+        losses = self.ranks.epoch_losses(self.watch)
 
         where = f" on rank {self.config.inject_nan_rank}" if self.ranks.distributed else ""
         events = [f"NaN injected at step {plan.poisoned_step + 1}{where}"] if plan.poisoned_step is not None else []
@@ -469,26 +248,29 @@ class LifecycleRun:
         contribution = None if attribution is None else float(attribution.seed_contribution)
         values = seed_values(measured.slot_attribution, in_forward) if self.several else {}
         if not rollback:
-            if self.several:
-                judged = {slot_id: (v["shapley"], v.get("shapley_error")) for slot_id, v in values.items()}
-            else:
-                judged = {controllers.main_slot: (contribution, None)}
-            events += controllers.end_epoch(plan.epoch, measured.val_accuracy, judged)
-            for slot_id, controller in controllers.by_slot.items():
-                if controller.stage is None:
-                    self.seed_optimizers.pop(slot_id, None)
+            events += controllers.end_epoch(plan.epoch, measured.val_accuracy, controllers.judged(contribution, values))
+            self.optimizers.drop_empty()
             with self.tally.tracing():
                 self.governor.snapshot()
         epoch_time = begun.train_time_s + time.perf_counter() - start
 
+        # Every slot's part; a run of one slot records its slot's in the epoch's own fields.
+        alpha_starts = begun.alpha_starts or {controllers.main_slot: begun.alpha_start}
+        slots = {slot_id: SlotRecord(
+            stage=_stage_name(plan.stages[slot_id]), stage_after=_stage_name(c.stage),
+            seed_id=None if plan.seeds[slot_id] is None else plan.seeds[slot_id].seed_id,
+            blueprint=None if plan.seeds[slot_id] is None else plan.seeds[slot_id].blueprint,
+            alpha_start=alpha_starts[slot_id], alpha=alphas[slot_id], **values.get(slot_id, {"shapley": None}),
+        ) for slot_id, c in controllers.by_slot.items()}
+        main = slots[controllers.main_slot]
         record = EpochRecord(
             epoch=plan.epoch,
-            stage=plan.stage_name,
-            stage_after=_stage_name(controllers.main.stage),
-            seed_id=plan.seed.seed_id if plan.seed is not None else None,
-            blueprint=plan.seed.blueprint if plan.seed is not None else None,
-            alpha_start=begun.alpha_start,
-            alpha=alphas[controllers.main_slot],
+            stage=main.stage,
+            stage_after=main.stage_after,
+            seed_id=main.seed_id,
+            blueprint=main.blueprint,
+            alpha_start=main.alpha_start,
+            alpha=main.alpha,
             lr=plan.lr,
             train_loss=(sum(losses) / len(losses)) if losses else None,
             train_accuracy=measured.train_accuracy,
@@ -510,10 +292,9 @@ class LifecycleRun:
             epoch_time_s=epoch_time,
             samples_per_s=_samples_per_second(self.train_batches, len(losses) - begun.steps_done,
                                               train_time - begun.train_time_s, self.ranks.world_size),
+            slots={slot_id: slot.to_log() for slot_id, slot in slots.items()} if self.several else None,
+            interactions=seed_interactions(measured.slot_attribution, in_forward),
         )
-        if self.several:
-            record.slots = self._slot_records(plan, begun, alphas, values)
-            record.interactions = seed_interactions(measured.slot_attribution, in_forward)
         if self.ranks.distributed:
             mine = {"rank": self.ranks.rank, "checksum": state_checksum(self.model, self.device),
                     "stage": record.stage_after, "alpha": float(self.model.seed_slot.alpha)}
@@ -526,39 +307,6 @@ class LifecycleRun:
     def _alphas(self) -> dict[str, float]:
         """Every slot's alpha now, host order."""
         return {slot_id: float(c.slot.alpha) for slot_id, c in self.controllers.by_slot.items()}
-
-    def _slot_records(self, plan: _EpochPlan, begun: EpochProgress, alphas: dict, values: dict) -> dict[str, dict]:
-        """The record's ``slots``: each slot's stage, seed, alphas and attribution."""
-        found = {}
-        for slot_id, controller in self.controllers.by_slot.items():
-            seed = plan.seeds[slot_id]
-            found[slot_id] = {
-                "stage": _stage_name(plan.stages[slot_id]),
-                "stage_after": _stage_name(controller.stage),
-                "seed_id": seed.seed_id if seed is not None else None,
-                "blueprint": seed.blueprint if seed is not None else None,
-                "alpha_start": begun.alpha_starts[slot_id],
-                "alpha": alphas[slot_id],
-                **values.get(slot_id, {"shapley": None}),
-            }
-        return found
-
-    def _stop_agreed(self, requested: bool) -> bool:
-        """Whether to stop now. Over several processes the ranks agree (the largest signal
-        number asked of any rank; one all-reduce), so that they all stop at the same step."""
-        if not self.ranks.distributed:
-            return requested
-        signum = self.ranks.max(self.stop.signum or 0)
-        if signum:
-            self.stop.adopt(signum)
-        return bool(signum)
-
-    def _epoch_losses(self) -> list[float]:
-        """Every step's loss of the epoch, read from the device once; over several processes
-        the mean over the ranks (one all-reduce), so that every rank's governor sees the same."""
-        if not self.ranks.distributed:
-            return self.watch.epoch_losses()
-        return self.ranks.mean(self.watch.losses[: self.watch.step]).tolist()
 
     def _check_ranks_agree(self, record: EpochRecord) -> None:
         """Raises :class:`RanksDivergedError` (on every rank: they all see the same list) when
@@ -600,18 +348,6 @@ class LifecycleRun:
             return
         self._checkpoint(epoch - 1, progress)
 
-    def _set_learning_rate(self, epoch: int) -> float:
-        lr = _cosine_lr(self.config.lr, epoch, self.config.epochs)
-        kept, self.seed_optimizers = self.seed_optimizers, {}
-        for slot_id, controller in self.controllers.by_slot.items():  # in the host's order
-            if controller.stage is not None:
-                self.seed_optimizers[slot_id] = kept[slot_id] if slot_id in kept else _make_optimizer(
-                    controller.seed_parameters(), self.task_type, lr)
-        for optimizer in (self.host_optimizer, *self.seed_optimizers.values()):
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-        return lr
-
     def _train(self, plan: _EpochPlan, skip: int = 0, after_skip=None) -> None:
         """One epoch with the trainer function for the slots' stages (that of the most
         advanced seed: every seed is in the forward as its own stage has it, and every
@@ -629,7 +365,7 @@ class LifecycleRun:
 
         batches = Progress(
             Batches(self.train_batches, before_batch=before_batch, skip=skip, after_skip=after_skip,
-                    should_stop=lambda i: self._stop_agreed(self.stop.at_step(epoch, i))),
+                    should_stop=lambda i: self.ranks.agree_to_stop(self.stop, self.stop.at_step(epoch, i))),
             self.watch,
             desc=f"epoch {epoch}/{self.config.epochs} {plan.stage_name.lower()}",
             enabled=self.config.progress and self.ranks.is_writer,
@@ -637,14 +373,14 @@ class LifecycleRun:
         )
         common = (self.device, self.task_type)
         trained = self.trained
-        seeds = SeedOptimizers(self.seed_optimizers.values())
+        host, seeds = self.optimizers.host, self.optimizers.stepped()
         with self.tally.tracing(start=False):
             if stage is None:
-                train_epoch_normal(trained, batches, self.watch, self.host_optimizer, *common)
+                train_epoch_normal(trained, batches, self.watch, host, *common)
             elif stage == SeedStage.TRAINING:
-                train_epoch_incubator_mode(trained, batches, self.watch, self.host_optimizer, seeds, *common)
+                train_epoch_incubator_mode(trained, batches, self.watch, host, seeds, *common)
             else:
-                train_epoch_blended(trained, batches, self.watch, self.host_optimizer, seeds, *common)
+                train_epoch_blended(trained, batches, self.watch, host, seeds, *common)
 
     def _governor_check(self, epoch: int, losses: list[float], events: list[str]) -> bool:
         """Feeds every step's loss to the governor in order; on a panic rolls back. True if it did."""
@@ -654,8 +390,8 @@ class LifecycleRun:
         self.rollbacks += 1
         # The optimizers' momentum is reset with the weights: diverged momentum on restored
         # weights would push them straight back into divergence.
-        report = self.governor.execute_rollback(optimizer=self.host_optimizer)
-        self.seed_optimizers = {}
+        report = self.governor.execute_rollback(optimizer=self.optimizers.host)
+        self.optimizers.seeds = {}
         events.append(f"governor rollback ({report.reason}, loss {panic_loss:.4g}): restored the last healthy epoch")
         events += self.controllers.cull_live(epoch, "governor_rollback")
         return True
@@ -674,56 +410,6 @@ class LifecycleRun:
                 attribution=attribution,
             )
 
-    # ---------------------------------------------------------------- the end
-    def finish(self, status: str) -> dict:
-        """Appends the summary to the log, draws the plot, prints the closing report.
-        ``status``: ``finished`` or ``interrupted`` (a stop was requested)."""
-        records = self.records
-        final = records[-1] if records else None
-        seeds = self.controllers.seeds
-        out = self.run_dir.path
-        summary = {
-            "type": "summary",
-            "status": status,
-            "time": now_iso(),
-            "seeds": [s.to_log() for s in seeds],
-            "seed_outcome": outcome(seeds, list(self.controllers.by_slot) if self.several else None),
-            **({"slots": self.blueprints} if self.several else {}),
-            "final_val_accuracy": final.val_accuracy if final is not None else None,
-            "best_val_accuracy": max((r.val_accuracy for r in records), default=None),
-            "chance_accuracy": None if self.task_type == "lm" else 100.0 / self.num_classes,
-            "final_perplexity": final.perplexity if final is not None else None,
-            "rollbacks": self.rollbacks,
-            "world_size": self.ranks.world_size,
-            "epochs": len(records),
-            "epochs_planned": self.config.epochs,
-            "mean_epoch_time_s": sum(r.epoch_time_s for r in records) / max(len(records), 1),
-            "total_time_s": self.elapsed_before + self._session_time(),
-            "kernels_ran": dict(self.tally.counts) if self.tally.enabled else None,
-            "kernels_compiled": esper_fast.kernels_available(),
-            "reference_mode": self.reference,
-            "metrics": str(out / METRICS_FILE),
-            "plot": str(out / PLOT_FILE),
-        }
-        if status == "interrupted":
-            summary.update(stopped_by=self.stop.name, checkpoint=str(self.checkpoint_path),
-                           resume_command=f"esper-fast train --resume {out}")
-        self.log_records.append(summary)
-        self.run_dir.append(summary)
-        self.draw_plot(summary["seed_outcome"] if status == "finished" else f"stopped after epoch {len(records)}")
-        for line in summary_lines(summary, self.device, self.ranks.backend):
-            self.echo(line)
-        self.run_dir.write_status(status=status, epochs_done=len(records),
-                                  stopped_by=self.stop.name if status == "interrupted" else None)
-        return summary
-
-    def draw_plot(self, what: str) -> None:
-        config = self.config
-        self.run_dir.write_plot(lambda path: plot_run(
-            self.records, path, title=f"{config.task} on {config.device}: {what}",
-            chance=None if self.task_type == "lm" else 100.0 / self.num_classes, task_type=self.task_type,
-        ))
-
 
 @dataclasses.dataclass
 class _EpochPlan:
@@ -738,18 +424,9 @@ class _EpochPlan:
     poison: int | None           # that step, on the rank that poisons it
 
     @property
-    def stage(self) -> SeedStage | None:
-        """The main slot's stage."""
-        return self.stages[self.main_slot]
-
-    @property
-    def seed(self) -> SeedRecord | None:
-        """The seed in the main slot."""
-        return self.seeds[self.main_slot]
-
-    @property
     def stage_name(self) -> str:
-        return _stage_name(self.stage)
+        """The main slot's stage, by name."""
+        return _stage_name(self.stages[self.main_slot])
 
 
 def _stage_name(stage: SeedStage | None) -> str:

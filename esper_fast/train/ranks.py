@@ -134,6 +134,18 @@ class Ranks:
         dist.all_reduce(found, op=dist.ReduceOp.MAX)
         return int(found[0])
 
+    def agree_to_stop(self, stop, requested: bool) -> bool:
+        """Whether to stop now (``stop``: the process's StopSignals, ``requested``: whether it
+        asks to). Over several processes the ranks agree, the largest signal number asked of
+        any rank (one all-reduce), so that they all stop after the same step; a rank that was
+        not signalled itself adopts the stop."""
+        if not self.distributed:
+            return requested
+        signum = self.max(stop.signum or 0)
+        if signum:
+            stop.adopt(signum)
+        return bool(signum)
+
     def broadcast(self, obj):
         """Rank 0's ``obj`` on every rank (pickled; the CPU group)."""
         if not self.distributed:
@@ -164,6 +176,14 @@ class Ranks:
         total = values.clone()
         dist.all_reduce(total, group=self.data_group)
         return total / self.world_size
+
+    def epoch_losses(self, watch) -> list[float]:
+        """Every step's loss of the epoch (``watch``: the run's LossWatch), read from the device
+        once; over several processes the mean over the ranks (one all-reduce), so that every
+        rank's governor sees the same losses."""
+        if not self.distributed:
+            return watch.epoch_losses()
+        return self.mean(watch.losses[: watch.step]).tolist()
 
     def average_norm_statistics(self, model: nn.Module) -> None:
         """Averages the BatchNorm running statistics over the ranks (one all-reduce).

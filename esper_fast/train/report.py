@@ -1,13 +1,26 @@
-"""What a run reports: the epoch record, one line per epoch and the closing report."""
+"""What a run reports: the records of its log, one line per epoch and the closing report.
+
+Each record of ``metrics.jsonl`` has one owner here, a dataclass whose fields are the
+record's keys in order (``to_log``): :class:`ConfigRecord` (the first line),
+:class:`EpochRecord` (one per epoch, with a :class:`SlotRecord` per slot in a run of
+several), :class:`ResumeRecord` (each resumed session) and :class:`SummaryRecord` (the
+last line of a session).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import platform
+import socket
 from typing import ClassVar, Mapping
 
-from esper_fast.train.config import as_record, optional
+import torch
+
 from esper_fast.train.controller import SeedRecord
+from esper_fast.train.run_dir import now_iso
+from esper_fast.train.settings import RunConfig, as_record, optional
 
 
 @dataclasses.dataclass
@@ -74,6 +87,162 @@ class EpochRecord:
         ``metrics.jsonl``); a key the record lacks is None, a key it has that this class does
         not know is ignored."""
         return cls(**{field.name: record.get(field.name) for field in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass
+class SlotRecord:
+    """One slot's part of an epoch of a run of several slots (``EpochRecord.slots[slot_id]``):
+    its stage as the epoch trained and after the decision, its seed, its alpha as the epoch
+    began and ended, and its seed's accuracy attribution in points (:func:`seed_values`):
+    ``shapley`` None when not measured (no seed, or not in the forward), the others then
+    left out; ``shapley_error`` only when the value was sampled."""
+
+    stage: str
+    stage_after: str
+    seed_id: str | None
+    blueprint: str | None
+    alpha_start: float
+    alpha: float
+    shapley: float | None
+    shapley_error: float | None = optional()
+    leave_one_out: float | None = optional()
+    alone_on: float | None = optional()
+
+    def to_log(self) -> dict:
+        return as_record(self)
+
+
+def versions() -> dict:
+    """The versions a result depends on."""
+    import esper_fast
+
+    found = {
+        "esper_fast": esper_fast.__version__,
+        "torch": str(torch.__version__),  # a str subclass that weights_only loading refuses
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    for name in ("torchvision", "numpy"):
+        try:
+            found[name] = str(__import__(name).__version__)
+        except ImportError:
+            found[name] = None
+    return found
+
+
+def device_description(device: str) -> str:
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(torch.device(device))
+        return f"{device}: {props.name} (sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB)"
+    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads of {os.cpu_count()} cores"
+
+
+@dataclasses.dataclass
+class ConfigRecord:
+    """The log's first record (``"type": "config"``): the command, the settings
+    (:meth:`RunConfig.to_record`, flattened in), and what the run found as it started: the
+    task, its data, the schedule, the processes, the device and the versions."""
+
+    command: str
+    started_at: str
+    host: str
+    settings: RunConfig
+    task_type: str
+    chance_accuracy: float | None
+    data_source: str
+    data: str
+    data_fingerprint: str | None
+    steps_per_epoch: int
+    schedule: dict
+    world_size: int
+    backend: str | None
+    device_name: str
+    versions: dict
+    reference_mode: bool
+
+    TYPE: ClassVar[str] = "config"
+
+    @classmethod
+    def now(cls, **fields) -> "ConfigRecord":
+        """The record of a run starting now, on this host, with these versions."""
+        return cls(started_at=now_iso(), host=socket.gethostname(), versions=versions(), **fields)
+
+    def to_log(self) -> dict:
+        return {
+            "type": self.TYPE, "command": self.command, "started_at": self.started_at, "host": self.host,
+            **self.settings.to_record(),
+            **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.name not in ("command", "started_at", "host", "settings", "versions", "reference_mode")},
+            "versions": self.versions,
+            "esper_fast": self.versions["esper_fast"],
+            "torch": self.versions["torch"],
+            "python": self.versions["python"],
+            "reference_mode": self.reference_mode,
+        }
+
+    @classmethod
+    def from_log(cls, record: Mapping) -> "ConfigRecord":
+        """The config record of a log; a key it lacks (an older log) is None."""
+        settings = {f.name: record[f.name] for f in dataclasses.fields(RunConfig) if f.name in record}
+        return cls(settings=RunConfig(**settings), **{f.name: record.get(f.name) for f in dataclasses.fields(cls)
+                                                       if f.name != "settings"})
+
+
+@dataclasses.dataclass
+class ResumeRecord:
+    """The record a resumed session begins with (``"type": "resume"``): the checkpoint it
+    continues from, where that stood, and what had stopped the session before."""
+
+    time: str
+    command: str
+    checkpoint: str              # its file name
+    epochs_done: int
+    steps_done: int
+    stopped_by: str | None       # a signal's name, "a crash" or "an error"
+    stopped_at: str | None       # when the session before last updated run.json
+
+    TYPE: ClassVar[str] = "resume"
+
+    def to_log(self) -> dict:
+        return {"type": self.TYPE, **as_record(self)}
+
+
+@dataclasses.dataclass(kw_only=True)
+class SummaryRecord:
+    """The last record of a session (``"type": "summary"``): how it ended, the seeds'
+    fates, accuracy or perplexity, time and kernels, and where the log and plot are; a run
+    of several slots also has ``slots`` (slot id -> blueprint), an interrupted one
+    ``stopped_by``, ``checkpoint`` and ``resume_command``."""
+
+    status: str                  # finished | interrupted
+    time: str
+    seeds: list[dict]            # SeedRecord.to_log() of every seed, in the order they germinated
+    seed_outcome: str
+    slots: dict[str, str] | None = optional()
+    final_val_accuracy: float | None
+    best_val_accuracy: float | None
+    chance_accuracy: float | None
+    final_perplexity: float | None
+    rollbacks: int
+    world_size: int
+    epochs: int                  # epochs done
+    epochs_planned: int
+    mean_epoch_time_s: float
+    total_time_s: float
+    kernels_ran: dict | None     # None under --compile (not traced)
+    kernels_compiled: dict
+    reference_mode: bool
+    metrics: str
+    plot: str
+    stopped_by: str | None = optional()
+    checkpoint: str | None = optional()
+    resume_command: str | None = optional()
+
+    TYPE: ClassVar[str] = "summary"
+
+    def to_log(self) -> dict:
+        return {"type": self.TYPE, **as_record(self)}
 
 
 def seed_values(attribution, in_forward) -> dict[str, dict]:

@@ -386,3 +386,24 @@ def tinystories_loaders(
     trainloader = batch_loader(train, batch_size, shuffle=True, seed=seed, pin_memory=pin_memory, **shard)
     testloader = batch_loader(test, batch_size, shuffle=False, seed=seed, pin_memory=pin_memory, **shard)
     return DataBundle(trainloader, testloader, source, description, fingerprint=fingerprint)
+
+
+def task_data(config, spec, rank: int = 0, world_size: int = 1) -> DataBundle:
+    """The loaders of ``spec``'s task for a run of ``config`` (resolved), this rank's shards
+    when ``world_size`` > 1."""
+    pin = config.device.startswith("cuda")
+    shard = {} if world_size == 1 else {"rank": rank, "world_size": world_size}
+    if spec.task_type == "lm":
+        if spec.block_size and config.seq_len > spec.block_size:
+            raise DataError(f"--seq-len {config.seq_len} exceeds the model's block size {spec.block_size}")
+        return tinystories_loaders(
+            text_path=config.text_path,
+            seq_len=config.seq_len,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            pin_memory=pin,
+            vocab_size=spec.vocab_size or BYTE_VOCAB_SIZE,
+            **shard,
+        )
+    return cifar10_loaders(data_root=config.data_root, batch_size=config.batch_size, seed=config.seed,
+                           pin_memory=pin, **shard)

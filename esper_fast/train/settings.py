@@ -1,4 +1,5 @@
-"""What a run is given: :class:`RunConfig`, and the defaults that depend on the task."""
+"""What a run is given: :class:`RunConfig`, the defaults that depend on the task, and the
+rules its slots and blueprints follow (:func:`with_slots`)."""
 
 from __future__ import annotations
 
@@ -115,3 +116,75 @@ def slot_blueprints(config: RunConfig) -> dict[str, str]:
     if len(names) != len(slots):
         raise ValueError(f"blueprint {config.blueprint!r} names {len(names)} blueprints for {len(slots)} slots")
     return dict(zip(slots, names))
+
+
+class SettingsError(ValueError):
+    """Settings a run cannot have; the message is the whole explanation, in one line."""
+
+
+# What each host's injection points are, for the messages about slots.
+INJECTION_POINTS = {
+    "cnn": "CNNHost's injection points, after every block but the first",
+    "transformer": "the transformer's injection points layer_{i}_post_block, after each layer",
+}
+
+
+def with_slots(config: RunConfig, topology: str) -> RunConfig:
+    """``config`` with its slots and blueprints as a run records them, checked against the
+    task's host (:class:`SettingsError` for an unknown or repeated slot, an unknown blueprint,
+    or a blueprint list of another length than the slots): the slots in the host's order,
+    the task's default slot alone becoming None (the run it always was), and a blueprint
+    list (one per slot, in the order the slots were given) in the host's order too."""
+    from esper_fast.kasmina import BlueprintRegistry
+
+    given = config.slots
+    ordered = None
+    if given is not None:
+        points, default = task_slots(config.task)
+        unknown = [slot for slot in given if slot not in points]
+        if unknown:
+            raise SettingsError(f"unknown slot {unknown[0]!r} for {config.task} ({INJECTION_POINTS[topology]}); "
+                                f"choose from: {', '.join(points)}")
+        repeated = sorted({slot for slot in given if given.count(slot) > 1}, key=points.index)
+        if repeated:
+            raise SettingsError(f"--slots names {repeated[0]} twice; each slot holds one lifecycle")
+        ordered = [point for point in points if point in given]
+    blueprint = config.blueprint
+    if blueprint is not None:
+        names = [name.strip() for name in blueprint.split(",")]
+        if not all(names):
+            raise SettingsError(f"--blueprint: expected names separated by commas, got {blueprint!r}")
+        choices = BlueprintRegistry.names(topology)
+        for name in names:
+            if name not in choices:
+                raise SettingsError(f"unknown blueprint {name!r} for {config.task} ({topology} host); "
+                                    f"choose one of: {', '.join(choices)}")
+        count = len(given) if given is not None else 1
+        if len(names) > 1 and len(names) != count:
+            raise SettingsError(f"--blueprint names {len(names)} blueprints for {count} slot(s); give one for every "
+                                "slot, or one per slot of --slots in its order")
+        if len(names) == 1:
+            blueprint = names[0]
+        else:
+            by_slot = dict(zip(given, names))
+            blueprint = ",".join(by_slot[slot] for slot in ordered)
+    if ordered is not None and ordered == [default]:
+        ordered = None
+    return dataclasses.replace(config, slots=ordered, blueprint=blueprint)
+
+
+def check_device(device: str) -> None:
+    """:class:`SettingsError` unless ``device`` is cpu, or a CUDA device present here."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise SettingsError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SettingsError(f"--device {device} asked for CUDA, but CUDA is not available here; use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise SettingsError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present")
+    elif parsed.type != "cpu":
+        raise SettingsError(f"unsupported device {device!r}; use cpu, cuda or cuda:N")

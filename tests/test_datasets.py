@@ -4,13 +4,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from esper_fast.train import data
+from esper_fast.train import datasets
 
 
 def test_synthetic_images_are_deterministic_and_balanced():
-    images, labels = data.synthetic_images(200, seed=3)
-    again_images, again_labels = data.synthetic_images(200, seed=3)
-    other_images, _ = data.synthetic_images(200, seed=4)
+    images, labels = datasets.synthetic_images(200, seed=3)
+    again_images, again_labels = datasets.synthetic_images(200, seed=3)
+    other_images, _ = datasets.synthetic_images(200, seed=4)
     assert images.dtype == torch.uint8 and images.shape == (200, 3, 32, 32)
     assert labels.dtype == torch.int64 and labels.shape == (200,)
     assert torch.equal(images, again_images) and torch.equal(labels, again_labels)
@@ -22,15 +22,15 @@ def test_synthetic_images_are_deterministic_and_balanced():
 
 def test_synthetic_images_are_learnable_by_a_tiny_model():
     torch.manual_seed(0)
-    train = data.ImageBatches(*data.synthetic_images(1500, seed=1))
-    test = data.ImageBatches(*data.synthetic_images(500, seed=2))
+    train = datasets.ImageBatches(*datasets.synthetic_images(1500, seed=1))
+    test = datasets.ImageBatches(*datasets.synthetic_images(500, seed=2))
 
     def block(cin, cout):
         return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2))
 
     model = nn.Sequential(block(3, 8), block(8, 16), block(16, 16), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    loader = data.batch_loader(train, batch_size=50, shuffle=True, seed=0, pin_memory=False)
+    loader = datasets.batch_loader(train, batch_size=50, shuffle=True, seed=0, pin_memory=False)
     for _ in range(3):
         for x, y in loader:
             optimizer.zero_grad()
@@ -46,24 +46,24 @@ def test_synthetic_images_are_learnable_by_a_tiny_model():
 
 
 def test_image_batches_normalise_and_index_by_list():
-    images, labels = data.synthetic_images(20, seed=0)
-    dataset = data.ImageBatches(images, labels)
+    images, labels = datasets.synthetic_images(20, seed=0)
+    dataset = datasets.ImageBatches(images, labels)
     x, y = dataset[[3, 5, 7]]
     assert x.dtype == torch.float32 and x.shape == (3, 3, 32, 32)
     assert torch.equal(y, labels[[3, 5, 7]])
-    mean, std = torch.tensor(data.CIFAR10_MEAN).view(3, 1, 1), torch.tensor(data.CIFAR10_STD).view(3, 1, 1)
+    mean, std = torch.tensor(datasets.CIFAR10_MEAN).view(3, 1, 1), torch.tensor(datasets.CIFAR10_STD).view(3, 1, 1)
     torch.testing.assert_close(x[0], (images[3].float() / 255 - mean) / std)
     single_x, single_y = dataset[4]
     assert single_x.shape == (3, 32, 32) and single_y == labels[4]
     with pytest.raises(ValueError, match="uint8"):
-        data.ImageBatches(images.float(), labels)
+        datasets.ImageBatches(images.float(), labels)
 
 
 def test_batch_loader_shuffles_reproducibly_and_keeps_the_tail():
-    dataset = data.ImageBatches(*data.synthetic_images(70, seed=0))
-    first = [y for _, y in data.batch_loader(dataset, 32, shuffle=True, seed=5, pin_memory=False)]
-    second = [y for _, y in data.batch_loader(dataset, 32, shuffle=True, seed=5, pin_memory=False)]
-    loader = data.batch_loader(dataset, 32, shuffle=False, seed=5, pin_memory=False)
+    dataset = datasets.ImageBatches(*datasets.synthetic_images(70, seed=0))
+    first = [y for _, y in datasets.batch_loader(dataset, 32, shuffle=True, seed=5, pin_memory=False)]
+    second = [y for _, y in datasets.batch_loader(dataset, 32, shuffle=True, seed=5, pin_memory=False)]
+    loader = datasets.batch_loader(dataset, 32, shuffle=False, seed=5, pin_memory=False)
     assert len(loader) == 3 and [len(y) for y in first] == [32, 32, 6]
     assert all(torch.equal(a, b) for a, b in zip(first, second))
     assert torch.equal(torch.cat([y for _, y in loader]), dataset.labels)
@@ -72,7 +72,7 @@ def test_batch_loader_shuffles_reproducibly_and_keeps_the_tail():
 
 def test_cifar10_loaders_fall_back_to_the_generated_set(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no ./data here
-    bundle = data.cifar10_loaders(batch_size=64, synthetic_train=200, synthetic_test=100)
+    bundle = datasets.cifar10_loaders(batch_size=64, synthetic_train=200, synthetic_test=100)
     assert bundle.source == "synthetic-cifar10" and "generated offline set" in bundle.description
     x, y = next(iter(bundle.trainloader))
     assert x.shape == (64, 3, 32, 32) and y.max() < 10
@@ -80,29 +80,29 @@ def test_cifar10_loaders_fall_back_to_the_generated_set(tmp_path, monkeypatch):
 
 
 def test_cifar10_loaders_with_a_missing_data_root_say_where_they_looked(tmp_path):
-    with pytest.raises(data.DataError, match="CIFAR-10 not found under --data-root .*cifar-10-batches-py"):
-        data.cifar10_loaders(data_root=str(tmp_path / "nowhere"))
+    with pytest.raises(datasets.DataError, match="CIFAR-10 not found under --data-root .*cifar-10-batches-py"):
+        datasets.cifar10_loaders(data_root=str(tmp_path / "nowhere"))
 
 
 def test_cifar10_loaders_with_a_corrupted_data_root_fail_clearly(tmp_path):
     pytest.importorskip("torchvision")
-    folder = tmp_path / data.CIFAR10_FOLDER
+    folder = tmp_path / datasets.CIFAR10_FOLDER
     folder.mkdir()
     (folder / "batches.meta").write_bytes(b"not a pickle")
-    with pytest.raises(data.DataError, match="incomplete or corrupted"):
-        data.cifar10_loaders(data_root=str(tmp_path))
+    with pytest.raises(datasets.DataError, match="incomplete or corrupted"):
+        datasets.cifar10_loaders(data_root=str(tmp_path))
 
 
 def test_byte_tokens_round_trip_and_fit_the_vocabulary():
     text = "Once upon a time, Lily said \"hé\".\n"
-    tokens = data.encode_bytes(text)
-    assert tokens.dtype == torch.int64 and int(tokens.max()) < data.BYTE_VOCAB_SIZE
-    assert data.decode_bytes(tokens) == text
+    tokens = datasets.encode_bytes(text)
+    assert tokens.dtype == torch.int64 and int(tokens.max()) < datasets.BYTE_VOCAB_SIZE
+    assert datasets.decode_bytes(tokens) == text
 
 
 def test_token_blocks_shift_targets_by_one():
     tokens = torch.arange(23)
-    blocks = data.TokenBlocks(tokens, seq_len=5)
+    blocks = datasets.TokenBlocks(tokens, seq_len=5)
     assert len(blocks) == 4
     x, y = blocks[[0, 3]]
     assert torch.equal(x[1], torch.arange(15, 20)) and torch.equal(y[1], torch.arange(16, 21))
@@ -112,31 +112,31 @@ def test_token_blocks_shift_targets_by_one():
 
 def test_tinystories_loaders_from_a_file_and_from_the_generated_corpus(tmp_path):
     path = tmp_path / "story.txt"
-    path.write_text(data.synthetic_stories(40, seed=0), encoding="utf-8")
-    bundle = data.tinystories_loaders(text_path=str(path), seq_len=32, batch_size=4)
+    path.write_text(datasets.synthetic_stories(40, seed=0), encoding="utf-8")
+    bundle = datasets.tinystories_loaders(text_path=str(path), seq_len=32, batch_size=4)
     x, y = next(iter(bundle.trainloader))
     assert bundle.source == "text-file" and x.shape == (4, 32) and torch.equal(x[:, 1:], y[:, :-1])
-    generated = data.tinystories_loaders(seq_len=64, batch_size=8, synthetic_stories_count=50)
+    generated = datasets.tinystories_loaders(seq_len=64, batch_size=8, synthetic_stories_count=50)
     assert generated.source == "synthetic-text" and len(generated.testloader) >= 1
-    assert data.synthetic_stories(5, seed=2) == data.synthetic_stories(5, seed=2)
+    assert datasets.synthetic_stories(5, seed=2) == datasets.synthetic_stories(5, seed=2)
 
 
 def test_tinystories_loaders_reject_missing_or_too_short_text(tmp_path):
-    with pytest.raises(data.DataError, match="text file not found"):
-        data.tinystories_loaders(text_path=str(tmp_path / "missing.txt"))
+    with pytest.raises(datasets.DataError, match="text file not found"):
+        datasets.tinystories_loaders(text_path=str(tmp_path / "missing.txt"))
     short = tmp_path / "short.txt"
     short.write_text("tiny", encoding="utf-8")
-    with pytest.raises(data.DataError, match="too short"):
-        data.tinystories_loaders(text_path=str(short), seq_len=64)
-    with pytest.raises(data.DataError, match="vocabulary of at least 256"):
-        data.tinystories_loaders(vocab_size=100)
+    with pytest.raises(datasets.DataError, match="too short"):
+        datasets.tinystories_loaders(text_path=str(short), seq_len=64)
+    with pytest.raises(datasets.DataError, match="vocabulary of at least 256"):
+        datasets.tinystories_loaders(vocab_size=100)
 
 
 def test_a_text_file_is_read_as_bytes_one_token_each(tmp_path):
     path = tmp_path / "binary.bin"
     payload = bytes(range(256)) * 40  # not UTF-8: decoding would replace bytes
     path.write_bytes(payload)
-    bundle = data.tinystories_loaders(text_path=str(path), seq_len=16, batch_size=4)
+    bundle = datasets.tinystories_loaders(text_path=str(path), seq_len=16, batch_size=4)
     dataset = bundle.trainloader.dataset
     assert torch.equal(dataset.tokens, torch.tensor(list(payload[: int(len(payload) * 0.9)])))
     import hashlib
@@ -147,17 +147,17 @@ def test_a_text_file_is_read_as_bytes_one_token_each(tmp_path):
 def test_an_empty_text_file_is_a_data_error(tmp_path):
     path = tmp_path / "empty.txt"
     path.write_bytes(b"")
-    with pytest.raises(data.DataError, match="is empty"):
-        data.tinystories_loaders(text_path=str(path))
-    assert data.encode_bytes(b"").shape == (0,)
+    with pytest.raises(datasets.DataError, match="is empty"):
+        datasets.tinystories_loaders(text_path=str(path))
+    assert datasets.encode_bytes(b"").shape == (0,)
 
 
 def test_the_shuffle_generator_is_the_batch_order():
-    dataset = data.ImageBatches(*data.synthetic_images(40, seed=0))
-    loader = data.batch_loader(dataset, 8, shuffle=True, seed=3, pin_memory=False)
-    generator = data.shuffle_generator(loader)
+    dataset = datasets.ImageBatches(*datasets.synthetic_images(40, seed=0))
+    loader = datasets.batch_loader(dataset, 8, shuffle=True, seed=3, pin_memory=False)
+    generator = datasets.shuffle_generator(loader)
     state = generator.get_state()
     first = [y for _, y in loader]
     generator.set_state(state)
     assert all(torch.equal(a, b) for a, b in zip(first, [y for _, y in loader]))
-    assert data.shuffle_generator(data.batch_loader(dataset, 8, shuffle=False, seed=3, pin_memory=False)) is None
+    assert datasets.shuffle_generator(datasets.batch_loader(dataset, 8, shuffle=False, seed=3, pin_memory=False)) is None
