@@ -311,9 +311,10 @@ def measure(
     mappings slot id -> forced alpha over ``model.seed_slots``. One pass over ``testloader``
     and one device read for all of them; configurations with equal keys are measured once.
     Under ``reference_mode()``: the original loops, one pass per configuration with the
-    slots' alphas forced; ``original_passes`` (the configurations are the original's, as is
-    and main slot off) gives each its own pass, as the original. The train iterator is made
-    first, then the test passes run, then the train pass.
+    slots' alphas forced. ``original_passes``: the configurations are the original's (as is,
+    main slot off), measured as the original does, each by its own accumulator (under
+    ``reference_mode()`` by its own pass); otherwise they share one stacked accumulator.
+    The train iterator is made first, then the test passes run, then the train pass.
     """
     train_batches = None if trainloader is None else itertools.islice(trainloader, TRAIN_METRIC_BATCHES)
     keyed, slots = _slots_of(model)
@@ -332,7 +333,9 @@ def measure(
         train = None if train_batches is None else run_reference_pass(model, train_batches, spec, False)
     else:
         as_is_alone = requested == [{}]  # what was asked, not what equal keys left: the model's own forward
-        configured = run_configurations_pass(model, testloader, spec, None if as_is_alone else measured, slots)
+        configured = run_configurations_pass(
+            model, testloader, spec, None if as_is_alone else measured, slots, stack=not original_passes
+        )
         train_pass = None if train_batches is None else run_fused_pass(model, train_batches, spec, False)
         results, train = configured.read(train_pass, spec.num_classes or 0)
     return [results[i] for i in position], train
