@@ -35,7 +35,6 @@ from esper_fast.tolaria.passes import (
     ValidationSpec,
     evaluating,
     per_class_accuracy,
-    read_accumulators,
     run_configurations_pass,
     run_fused_pass,
     run_reference_pass,
@@ -148,7 +147,7 @@ def validate_with_attribution(
     The real forward (current alpha) against the host-only baseline (alpha forced to 0), in
     one pass over ``testloader`` with one device-to-host read. For esper_fast's
     MorphogeneticModel on a host that splits at its slots (CNNHost, TransformerHost, or a
-    custom host that opts in, see :func:`esper_fast.kasmina.host.splits_at_slots`) each
+    custom host that opts in, see :func:`esper_fast.kasmina.segments.splits_at_slots`) each
     batch runs the host up to the slot once, the seed once and the rest of the host on both
     configurations batched together (2B rows; one forward when they coincide). Any other
     model (any ``seed_slot`` with a ``force_alpha(value)`` context manager works) runs the
