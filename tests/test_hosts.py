@@ -104,3 +104,36 @@ def test_the_straight_through_rule_and_the_configuration_keys():
     assert slot_key(blending) == ("float", 0.5) and slot_key(blending, 2.0) == ("float", 1.0)
     assert not changes_output(training, 0.0) and changes_output(blending, 0.0)
     assert configuration_key(model.seed_slots, {"block3_post": 0.0}) == (HOST, ("float", 0.0))
+
+
+# ---------------------------------------------------------------- a new attribution method is one file
+
+
+def leave_one_out(model, testloader, criterion, device, task_type="classification"):
+    """A minimal attribution method on the validation engine: per live slot, the accuracy
+    of the model as is minus the accuracy with that seed off, all measured in one pass."""
+    from esper_fast.tolaria.passes import ValidationSpec, evaluating
+    from esper_fast.tolaria.validation import measure
+
+    live = list(model.live_slots)
+    configurations = [{}] + [{slot_id: 0.0} for slot_id in live]
+    spec = ValidationSpec(criterion, device, task_type, per_class=False, num_classes=None)
+    with evaluating(model):
+        results, _ = measure(model, testloader, spec, configurations=configurations, original_passes=False)
+    return {slot_id: results[0].accuracy - results[k + 1].accuracy for k, slot_id in enumerate(live)}
+
+
+def test_a_new_attribution_method_on_the_engine_agrees_with_slot_attribution():
+    from esper_fast.tolaria import slot_attribution
+
+    torch.manual_seed(0)
+    model = MorphogeneticModel(CNNHost(base_channels=8, n_blocks=4), slots=["block2_post", "block3_post", "block4_post"],
+                               task_config=TaskConfig.for_cifar10())
+    grow(model, "block2_post", "conv_light", SeedStage.BLENDING, 0.5)
+    grow(model, "block3_post", "conv_light", SeedStage.TRAINING, 0.0)  # cannot change the output
+    grow(model, "block4_post", "conv_light", SeedStage.SHADOWING, 1.0)
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(3)]
+    ours = leave_one_out(model, data, nn.CrossEntropyLoss(), "cpu")
+    theirs = slot_attribution(model, data, nn.CrossEntropyLoss(), "cpu").accuracy.leave_one_out
+    assert ours == theirs and ours["block3_post"] == 0.0

@@ -351,15 +351,11 @@ class MorphogeneticModel(nn.Module):
         see :mod:`esper_fast.kasmina.configurations`), as if ``self(x)`` ran once per
         configuration with those alphas forced (eval, no grad).
 
-        Where the walk is exactly the forward (no hook or compiled wrapper on the model, a
-        slot or the host; a host that keeps the segment contract, see
-        :func:`~esper_fast.kasmina.segments.splits_at_slots`; no module that mixes the samples
-        of a batch: eval mode, BatchNorm with running statistics) this is one walk over the
-        host (:func:`~esper_fast.kasmina.configurations.forward_tree`): each segment between
-        slots runs once on every distinct configuration of the slots above it, stacked along
-        the batch; configurations that coincide share one output tensor, and the outputs are
-        views of one stacked tensor. Otherwise: one ordinary forward per configuration. See
-        docs/SLOTS.md.
+        Where the walk is exactly the forward (see :meth:`_runs_tree`) this is one walk over
+        the host (:func:`~esper_fast.kasmina.configurations.forward_tree`): each segment runs
+        once on every distinct configuration of the slots above it, stacked along the batch,
+        and the outputs are views of one stacked tensor (configurations that coincide share
+        one). Otherwise: one ordinary forward per configuration. See docs/SLOTS.md.
         """
         slots, configurations, split = self._walk_plan(configurations)
         if not self._runs_tree(len(split)):
@@ -399,6 +395,8 @@ class MorphogeneticModel(nn.Module):
         return slots, configurations, _configurations.split_points(slots, configurations)
 
     def _runs_tree(self, split_count: int) -> bool:
+        """The walk is exact: :meth:`_splits`, and no module mixes the rows of a batch (eval
+        mode, BatchNorm with running statistics)."""
         return self._splits(split_count) and not any(_configurations.mixes_rows(m) for m in self.modules())
 
     def _splits(self, split_count: int = 1) -> bool:

@@ -375,7 +375,7 @@ def _all_reduce_packed(accumulators: "list[MetricsAccumulator | None]", widths: 
         offset += size
         per_rank = row[head + 2 * width :].view(world, 2)
         flagged = per_rank[:, 0] > 0
-        first = torch.argmax(flagged.to(torch.int8))  # the first flagged rank (0 when none)
+        first = torch.argmax(flagged.to(torch.int32))  # the first flagged rank (0 when none)
         packed = row[: head + 2 * width].clone()
         packed[_BAD_VALUE] = torch.where(flagged.any(), per_rank[first, 1], packed[_BAD_VALUE])
         reduced.append(packed)

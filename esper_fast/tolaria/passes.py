@@ -117,15 +117,15 @@ class ConfigurationsPass:
     """One validation pass's metrics of K configurations of the model, from their outputs
     stacked along the batch; per-class counts (with ``spec.per_class``) are read for the first.
 
-    With the criterion the kernel computes and K > 1 the stacked logits go to one
-    :class:`StackedMetricsAccumulator` (one kernel launch per batch for all K); with a custom
-    criterion, or one configuration, each configuration has its own :class:`FusedPass`.
+    With ``stack`` and the criterion the kernel computes, the stacked logits go to one
+    :class:`StackedMetricsAccumulator` (one kernel launch per batch for all K); otherwise
+    each configuration has its own :class:`FusedPass` (which evaluates a custom criterion).
     """
 
-    def __init__(self, spec: ValidationSpec, num_configs: int):
+    def __init__(self, spec: ValidationSpec, num_configs: int, stack: bool = True):
         self.spec = spec
         self.num_configs = num_configs
-        self.stacked = kernel_computes_loss(spec.criterion) and num_configs > 1
+        self.stacked = stack and kernel_computes_loss(spec.criterion)
         self.metrics: StackedMetricsAccumulator | None = None
         self.passes = [] if self.stacked else [
             FusedPass(spec.criterion, spec.task_type, per_class=spec.per_class and k == 0) for k in range(num_configs)
@@ -161,10 +161,13 @@ class ConfigurationsPass:
         return results[: self.num_configs], (results[-1] if train is not None else None)
 
 
-def run_configurations_pass(model, loader, spec: ValidationSpec, configurations: list[dict] | None, slots) -> ConfigurationsPass:
+def run_configurations_pass(
+    model, loader, spec: ValidationSpec, configurations: list[dict] | None, slots, stack: bool = True
+) -> ConfigurationsPass:
     """The metrics of each configuration (slot id -> forced alpha over ``slots``) over
-    ``loader``; ``configurations`` None: of the model as it is, by its own forward."""
-    configured = ConfigurationsPass(spec, 1 if configurations is None else len(configurations))
+    ``loader`` (see :class:`ConfigurationsPass` for ``stack``); ``configurations`` None: of
+    the model as it is, by its own forward."""
+    configured = ConfigurationsPass(spec, 1 if configurations is None else len(configurations), stack)
     for batch in loader:
         inputs, labels = to_device(batch, spec.device)
         outputs, groups = forward_configurations(model, inputs, configurations, slots)

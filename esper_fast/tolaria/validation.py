@@ -35,7 +35,6 @@ from esper_fast.tolaria.passes import (
     ValidationSpec,
     evaluating,
     per_class_accuracy,
-    read_accumulators,
     run_configurations_pass,
     run_fused_pass,
     run_reference_pass,
@@ -148,7 +147,7 @@ def validate_with_attribution(
     The real forward (current alpha) against the host-only baseline (alpha forced to 0), in
     one pass over ``testloader`` with one device-to-host read. For esper_fast's
     MorphogeneticModel on a host that splits at its slots (CNNHost, TransformerHost, or a
-    custom host that opts in, see :func:`esper_fast.kasmina.host.splits_at_slots`) each
+    custom host that opts in, see :func:`esper_fast.kasmina.segments.splits_at_slots`) each
     batch runs the host up to the slot once, the seed once and the rest of the host on both
     configurations batched together (2B rows; one forward when they coincide). Any other
     model (any ``seed_slot`` with a ``force_alpha(value)`` context manager works) runs the
@@ -311,9 +310,10 @@ def measure(
     mappings slot id -> forced alpha over ``model.seed_slots``. One pass over ``testloader``
     and one device read for all of them; configurations with equal keys are measured once.
     Under ``reference_mode()``: the original loops, one pass per configuration with the
-    slots' alphas forced; ``original_passes`` (the configurations are the original's, as is
-    and main slot off) gives each its own pass, as the original. The train iterator is made
-    first, then the test passes run, then the train pass.
+    slots' alphas forced. ``original_passes``: the configurations are the original's (as is,
+    main slot off), measured as the original does, each by its own accumulator (under
+    ``reference_mode()`` by its own pass); otherwise they share one stacked accumulator.
+    The train iterator is made first, then the test passes run, then the train pass.
     """
     train_batches = None if trainloader is None else itertools.islice(trainloader, TRAIN_METRIC_BATCHES)
     keyed, slots = _slots_of(model)
@@ -332,7 +332,9 @@ def measure(
         train = None if train_batches is None else run_reference_pass(model, train_batches, spec, False)
     else:
         as_is_alone = requested == [{}]  # what was asked, not what equal keys left: the model's own forward
-        configured = run_configurations_pass(model, testloader, spec, None if as_is_alone else measured, slots)
+        configured = run_configurations_pass(
+            model, testloader, spec, None if as_is_alone else measured, slots, stack=not original_passes
+        )
         train_pass = None if train_batches is None else run_fused_pass(model, train_batches, spec, False)
         results, train = configured.read(train_pass, spec.num_classes or 0)
     return [results[i] for i in position], train
