@@ -215,3 +215,44 @@ def test_the_seed_state_survives_the_plain_data_round_trip():
     assert [schedule(s) for s in range(8)] == [extra["alpha_schedule"](s) for s in range(8)]
     with pytest.raises(TypeError, match="cannot hold"):
         checkpoint.encode(object())
+
+
+def test_a_checkpoint_of_another_run_is_refused_and_the_run_s_own_resumed(workdir, capsys, monkeypatch):
+    """A checkpoint knows its run (its log's config record: the start, the settings, the
+    data); resume skips a stranger for the run's own older checkpoint, and refuses in one line
+    a folder with none of its own."""
+    monkeypatch.delenv("ESPER_FAST_REFERENCE", raising=False)
+    tiny = ["--epochs", "4", "--max-batches", "2", "--batch-size", "8", "--no-progress"]
+    other, own = workdir / "stranger-one-slot", workdir / "stranger-two-slots"
+    assert run_cli(capsys, "train", *tiny, "--out", other)[0] == 0
+    monkeypatch.setenv("ESPER_FAST_SELF_SIGNAL", "SIGTERM@3:0")
+    assert run_cli(capsys, "train", *tiny, "--slots", "block2_post,block3_post", "--out", own)[0] == 143
+    monkeypatch.delenv("ESPER_FAST_SELF_SIGNAL")
+    stranger = own / train.CHECKPOINT_DIR / "epoch-0004.pt"
+    shutil.copy(other / train.CHECKPOINT_DIR / "epoch-0004.pt", stranger)
+
+    # With nothing of its own, the folder is refused as it is.
+    alone = workdir / "stranger-alone"
+    shutil.copytree(own, alone)
+    for path in (alone / train.CHECKPOINT_DIR).iterdir():
+        if path.name != stranger.name:
+            path.unlink()
+    log_before = (alone / train.METRICS_FILE).read_bytes()
+    code, _, err = run_cli(capsys, "train", "--resume", alone)
+    one_line_error(code, err, f"{alone / train.CHECKPOINT_DIR / stranger.name} is a checkpoint of another run "
+                              "(one started at ")
+    assert "holds no checkpoint of its own run to resume from" in err
+    assert (alone / train.METRICS_FILE).read_bytes() == log_before
+
+    # With its own, the run resumes from its newest, saying once which it skipped.
+    code, stdout, err = run_cli(capsys, "train", "--resume", own)
+    assert code == 0, err
+    assert err.strip().splitlines() == [
+        f"warning: {stranger} is a checkpoint of another run (one started at "
+        f"{read_log(other / train.METRICS_FILE)[0]['started_at']}, this folder's at "
+        f"{read_log(own / train.METRICS_FILE)[0]['started_at']}): skipped it, resuming from "
+        f"{own / train.CHECKPOINT_DIR / 'epoch-0002.pt'}"]
+    assert f"resume: from {own / train.CHECKPOINT_DIR / 'epoch-0002.pt'} at epoch 3 of 4 epochs" in stdout
+    summary = read_log(own / train.METRICS_FILE)[-1]
+    assert summary["status"] == "finished" and summary["slots"] == {"block2_post": "conv_light",
+                                                                     "block3_post": "conv_light"}

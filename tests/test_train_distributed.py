@@ -1,6 +1,7 @@
 """esper-fast train over several processes (CPU, gloo, 2 ranks): the lifecycle in lockstep
 (the same stages on both ranks, matching checksums after every epoch), a NaN on rank 1 only
-rolling both back, a stop and resume that ends bit for bit as the run never stopped, both
+rolling both back, a stop and resume that ends bit for bit as the run never stopped (resumed
+by the command it prints), stops and failures that show the one line of one process, both
 command lines (``--nproc`` and ``torchrun`` by hand), validation over the ranks' shards
 counting exactly what one process counts, and the one-line errors of the new flags.
 
@@ -10,6 +11,7 @@ each is run once per module and several tests read it.
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -19,7 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from esper_fast import train
-from esper_fast.train import cli, datasets
+from esper_fast.train import cli, datasets, launch
 from esper_fast.train.ranks import Ranks, state_checksum
 from cli_helpers import one_line_error, outcome, read_log, run_cli
 
@@ -30,13 +32,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIFECYCLE = ["--epochs", "6", "--max-batches", "3", "--batch-size", "32", "--no-progress"]
 
 
-def child(command, cwd, signal_at=None):
+def child(command, cwd, signal_at=None, **kwargs):
     env = {k: v for k, v in os.environ.items()
            if k not in ("ESPER_FAST_REFERENCE", "ESPER_FAST_SELF_SIGNAL", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     if signal_at:
         env["ESPER_FAST_SELF_SIGNAL"] = signal_at
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300, **kwargs)
 
 
 def esper_fast(*argv):
@@ -167,19 +169,79 @@ def test_a_stopped_two_rank_run_resumes_to_the_same_records(workdir, lifecycle, 
     out = workdir / "stopped"
     stopped = child(esper_fast("train", "--nproc", 2, *LIFECYCLE, "--out", out), workdir, signal_at="SIGTERM@3:1")
     assert stopped.returncode == 143, stopped.stderr
-    assert "esper-fast: stopped by SIGTERM after 2 of 6 epochs" in stopped.stderr
+    # Exactly what one process shows: one line that says how to continue; torchrun's report
+    # of the ranks' exit statuses goes to the run folder's process log.
+    resume_command = f"esper-fast train --resume {out}"
+    assert stopped.stderr.splitlines() == [
+        f"esper-fast: stopped by SIGTERM after 2 of 6 epochs (checkpoint {out / 'checkpoints'}/epoch-0002-step-0001.pt);"
+        f" continue with: {resume_command}"]
+    assert "ChildFailedError" in (out / launch.PROCESS_LOG).read_text()
+    assert read_log(out / train.METRICS_FILE)[-1]["resume_command"] == resume_command
     status = json.loads((out / train.STATUS_FILE).read_text())
     assert status["status"] == "interrupted" and (status["epochs_done"], status["steps_done"]) == (2, 1)
 
-    code, _, err = run_cli(capsys, "train", "--resume", out)
-    one_line_error(code, err, f"the run in {out} was started with 2 process(es); resume it with --nproc 2")
-
-    resumed = child(esper_fast("train", "--resume", out, "--nproc", 2), workdir)
+    # The command shown is the whole command: --resume takes the run's own number of processes;
+    # --nproc, if given, must be it.
+    code, _, err = run_cli(capsys, "train", "--resume", out, "--nproc", 3)
+    one_line_error(code, err, f"the run in {out} was started with 2 process(es); resume it with --nproc 2, "
+                              "or leave --nproc out")
+    resumed = child(esper_fast(*resume_command.split()[1:]), workdir)  # python -m esper_fast train --resume OUT
     assert resumed.returncode == 0, resumed.stderr
     assert "at epoch 3, step 2 of 6 epochs" in resumed.stdout
+    assert "2 processes (DDP over gloo" in resumed.stdout
     assert outcome(out) == outcome(lifecycle[0])
-    # run.json keeps the world size across sessions: a second stop resumes with --nproc 2 again.
+    # run.json keeps the world size across sessions: a second stop resumes on 2 processes again.
     assert json.loads((out / train.STATUS_FILE).read_text())["world_size"] == 2
+
+
+def test_resume_lists_nproc_among_the_flags_it_allows(capsys):
+    code, stdout, _ = run_cli(capsys, "train", "--help")
+    assert code == 0
+    allowed = " ".join(stdout.split("\n  --resume DIR", 1)[1].split("\n  --seed", 1)[0].split())
+    assert "as many processes as it started with" in allowed and "--nproc, which must be the run's" in allowed
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_a_launched_run_stops_it_with_one_line(workdir, sig):
+    """SIGTERM or SIGINT to ``esper-fast train --nproc 2`` (as a terminal or a scheduler sends
+    it): the ranks stop after the same step and the user sees the one line of one process."""
+    out = workdir / f"signalled-{sig.name}"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("ESPER_FAST_REFERENCE", "ESPER_FAST_SELF_SIGNAL", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    launched = subprocess.Popen(esper_fast("train", "--nproc", 2, *LIFECYCLE, "--out", out), cwd=workdir, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in launched.stdout:
+            if line.startswith("epoch  1/6"):
+                launched.send_signal(sig)
+                break
+        stdout, stderr = launched.communicate(timeout=300)
+    finally:
+        launched.kill()
+    assert launched.returncode == 128 + sig, stderr
+    assert len(stderr.splitlines()) == 1, stderr
+    assert stderr.startswith(f"esper-fast: stopped by {sig.name} after ") and stderr.rstrip().endswith(
+        f"continue with: esper-fast train --resume {out}")
+    assert json.loads((out / train.STATUS_FILE).read_text())["status"] == "interrupted"
+    assert (out / launch.PROCESS_LOG).stat().st_size > 0
+
+
+def test_a_write_failure_of_a_launched_run_is_one_line(workdir):
+    """A file the run needs that cannot be written (here a file-size limit, as a full disk):
+    exit 1 and the one error line of one process; the ranks' tracebacks go to the log."""
+    import resource
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (30_000, 30_000))  # the first checkpoint is about 60 kB
+
+    out = workdir / "unwritable"
+    result = child(esper_fast("train", "--nproc", 2, *LIFECYCLE, "--out", out), workdir, preexec_fn=small_files)
+    assert result.returncode == 1, result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith(f"esper-fast: error: could not write {out / 'checkpoints'}/epoch-0000.pt (")
+    assert result.stderr.rstrip().endswith("with no checkpoint to resume from; start it again with --overwrite")
+    assert (out / launch.PROCESS_LOG).stat().st_size > 0
 
 
 # ---------------------------------------------------------------- validation over shards
@@ -281,6 +343,6 @@ def test_nproc_checks_the_folder_before_it_launches(capsys, lifecycle):
 
 
 def test_the_launched_processes_get_the_arguments_but_nproc():
-    command = cli.torchrun_command(2, ["train", "--nproc", "2", "--epochs", "3", "--npro=2", "--out", "x"])
+    command = launch.torchrun_command(2, ["train", "--nproc", "2", "--epochs", "3", "--npro=2", "--out", "x"])
     assert command[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m"]
     assert command[6:] == ["esper_fast", "train", "--epochs", "3", "--out", "x"]

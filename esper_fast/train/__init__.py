@@ -7,9 +7,12 @@ kernels) know nothing of it. Where things are:
   train, plot, bench, info; it turns flags into settings and user mistakes into one line;
 - :mod:`~esper_fast.train.command` is ``esper-fast train`` as a function (:func:`train`):
   the folder's lock and checks, start or resume, the exit status;
+- :mod:`~esper_fast.train.launch` runs it on several processes (``--nproc``, torchrun),
+  showing the user what one process shows;
 - :mod:`~esper_fast.train.settings` holds what a run is given (:class:`RunConfig`), the
   task defaults and the slot and blueprint rules;
-- :mod:`~esper_fast.train.loop` trains (the epoch loop, checkpoints and resume);
+- :mod:`~esper_fast.train.loop` trains (the epoch loop), :mod:`~esper_fast.train.session`
+  begins, saves, resumes and ends a run (its records, checkpoints, summary and plot);
 - :mod:`~esper_fast.train.controller` decides (germinate, advance, fossilize or cull), a
   controller per seed slot;
 - :mod:`~esper_fast.train.optimizers` holds the host's and the seeds' optimizers and their

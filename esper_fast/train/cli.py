@@ -16,18 +16,19 @@ file) ends the command with one ``esper-fast: error: ...`` line on stderr and ex
 2, never a traceback. A run stopped by SIGINT or SIGTERM exits 130 or 143 after saving
 everything, with a line saying how to resume it. A run that cannot write a checkpoint,
 run.json or metrics.jsonl (a full disk, a read-only folder) exits 1 after one such line
-naming the file, the cause and how to resume it. Under torchrun only rank 0 prints.
+naming the file, the cause and how to resume it. Under torchrun only rank 0 prints; under
+``--nproc`` (:mod:`esper_fast.train.launch`) that is all the user sees, the same lines and exit
+status as one process, and ``esper-fast train --resume DIR`` resumes any run, on as many
+processes as it started with.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
 import shlex
-import signal
 import subprocess
 import sys
 import textwrap
@@ -54,13 +55,12 @@ from esper_fast.train.settings import (
 )
 from esper_fast.train.console import pipe_safe_streams
 from esper_fast.train.datasets import DataError, read_text_bytes
+from esper_fast.train.launch import LAUNCH_COMMAND_ENV, attach_console, launch
 from esper_fast.train.plotting import plot_log
 from esper_fast.train.ranks import launched_rank, launched_world_size
-from esper_fast.train.run_dir import METRICS_FILE, PLOT_FILE, STATUS_FILE, RunDirError
+from esper_fast.train.run_dir import METRICS_FILE, PLOT_FILE, RunDirError, read_status
 
 EXIT_USAGE = 2
-# How `esper-fast train --nproc N` tells the processes it launches the command it was given.
-LAUNCH_COMMAND_ENV = "ESPER_FAST_LAUNCH_COMMAND"
 MAX_SEED = 2**64 - 1  # torch's generators take seeds in [0, 2**64)
 # The source checkout this package sits in (where ``bench`` finds benchmarks/).
 SOURCE_ROOT = Path(__file__).resolve().parents[2]
@@ -162,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Several processes: --nproc N launches `torchrun --standalone --nproc-per-node N` on this machine",
         "(or start `torchrun ... -m esper_fast train ...` yourself): DistributedDataParallel, gloo on cpu,",
         "NCCL on cuda (one GPU per process), --batch-size per process, each rank on its shard of the data,",
-        "every lifecycle and governor decision the same on every rank; rank 0 alone prints and writes --out.",
+        "every lifecycle and governor decision the same on every rank; rank 0 alone prints and writes --out",
+        "(what torchrun and the other ranks print goes to --out/processes.log). --resume DIR runs on as many",
+        "processes as the run started with.",
     ])
     train_parser = commands.add_parser(
         "train", help="run a full seed lifecycle (offline data, progress, log, plot, checkpoints)",
@@ -188,8 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--out", type=_folder, metavar="DIR", help=f"the run folder (default: {DEFAULT_OUT})")
     train_parser.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     train_parser.add_argument("--resume", type=_folder, metavar="DIR",
-                              help="continue the run in DIR from its last checkpoint, with its own settings "
-                                   "(only --device, --no-progress and --keep-checkpoints may be given with it)")
+                              help="continue the run in DIR from its last checkpoint, with its own settings and "
+                                   "as many processes as it started with (only --device, --no-progress, "
+                                   "--keep-checkpoints and --nproc, which must be the run's, may be given with it)")
     train_parser.add_argument("--seed", type=_seed, help=f"random seed for initialisation and batch order, 0 to 2**64-1 (default: {d.seed})")
     train_parser.add_argument("--max-batches", type=_positive_int, metavar="N",
                               help="at most N train and validation batches per epoch (default: all)")
@@ -292,13 +295,13 @@ def _run_config(given: dict, world: int = 1):
     return config
 
 
-def _recorded_world_size(folder: str) -> int:
-    """The number of processes the run in ``folder`` was started with (its run.json; 1 when unknown)."""
+def _recorded_world_size(folder: str) -> int | None:
+    """The number of processes the run in ``folder`` was started with (its run.json; None
+    when there is no readable run.json)."""
     try:
-        with open(os.path.join(folder, STATUS_FILE), encoding="utf-8") as handle:
-            return int(json.load(handle).get("world_size", 1))
-    except (OSError, ValueError, TypeError, AttributeError):
-        return 1
+        return int((read_status(folder) or {})["world_size"])
+    except (KeyError, ValueError, TypeError):
+        return None
 
 
 def _train(args, argv: list[str]) -> int:
@@ -314,6 +317,8 @@ def _train(args, argv: list[str]) -> int:
         raise CLIError(f"--nproc {nproc} but torchrun started {launched} processes; under torchrun leave --nproc out")
     world = launched if under_torchrun else (nproc or 1)
     if resume is not None:
+        # A resumed run takes as many processes as it started with: `--resume DIR` is the
+        # whole command, whatever the run's world size (--nproc, if given, must agree).
         extra = [_flag(k) for k in given if k not in RESUME_OVERRIDES]
         if overwrite:
             extra.insert(0, "--overwrite")
@@ -322,9 +327,14 @@ def _train(args, argv: list[str]) -> int:
         if "device" in given:
             _check_device(given["device"])
         recorded = _recorded_world_size(resume)
-        if os.path.isdir(resume) and recorded != world:
-            how = f"with --nproc {recorded}" if recorded > 1 else "without --nproc (one process)"
+        if recorded is not None and (under_torchrun or nproc is not None) and recorded != world:
+            if under_torchrun:
+                how = f"with torchrun --nproc-per-node {recorded}" if recorded > 1 else "in one process, without torchrun"
+            else:
+                how = f"with --nproc {recorded}, or leave --nproc out"
             raise CLIError(f"the run in {resume} was started with {recorded} process(es); resume it {how}")
+        if recorded is not None and not under_torchrun:
+            world = nproc = recorded
         config = None
     else:
         config = _run_config(given, world)
@@ -332,7 +342,9 @@ def _train(args, argv: list[str]) -> int:
         if world > 1 and not under_torchrun:
             out = resume or config.out
             check_out(out, resume=resume is not None, overwrite=overwrite)
-            return _launch(nproc, argv, out)
+            if not dist.is_available():
+                raise CLIError("--nproc needs torch.distributed, which this torch build lacks")
+            return launch(nproc, argv, out)
         return train(config, resume=resume, overrides=given if resume else None, overwrite=overwrite, command=command)
     except (DataError, RunDirError) as exc:
         raise CLIError(str(exc))
@@ -340,68 +352,6 @@ def _train(args, argv: list[str]) -> int:
         if "CUDA" in str(exc) and "not available" in str(exc):
             raise CLIError(str(exc).splitlines()[0])
         raise
-
-
-def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
-    """The torchrun command ``esper-fast train --nproc N ...`` runs: N processes on this machine
-    (``--standalone``: a local rendezvous, no network set-up), each ``python -m esper_fast``
-    with the same arguments but --nproc (torchrun would take it for an abbreviation of its own
-    --nproc-per-node)."""
-    workers, value_next = [], False
-    for token in argv:
-        if value_next:
-            value_next = False
-            continue
-        name = token.split("=", 1)[0]
-        if len(name) > 3 and "--nproc".startswith(name):  # --nproc, or a prefix argparse took for it
-            value_next = "=" not in token
-            continue
-        workers.append(token)
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "esper_fast", *workers]
-
-
-def _launch(nproc: int, argv: list[str], out: str) -> int:
-    """Runs :func:`torchrun_command` and returns its exit status. SIGINT and SIGTERM are passed
-    on to torchrun once (it passes them to every rank, which stop after the same step). A run
-    that stopped cleanly exits 128 + the signal number, as one process does (torchrun itself
-    reports the ranks' exit statuses 130/143 as failures, and exits 1)."""
-    if not dist.is_available():
-        raise CLIError("--nproc needs torch.distributed, which this torch build lacks")
-    env = dict(os.environ)
-    env[LAUNCH_COMMAND_ENV] = shlex.join(["esper-fast", *argv])
-    # One process per core share, as torchrun would set (and warn about) otherwise.
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    # torchrun in its own session: a terminal's Ctrl-C reaches it once, through us.
-    child = subprocess.Popen(torchrun_command(nproc, argv), env=env, start_new_session=True)
-    forwarded: list[int] = []
-
-    def forward(signum, frame):
-        if not forwarded:
-            forwarded.append(signum)
-            child.send_signal(signum)
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        code = child.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if forwarded:
-        return 128 + forwarded[0]
-    return _stopped_by_signal(out) or code
-
-
-def _stopped_by_signal(out: str) -> int | None:
-    """128 + the signal that stopped the run in ``out`` cleanly (its run.json), else None."""
-    try:
-        with open(os.path.join(out, STATUS_FILE), encoding="utf-8") as handle:
-            status = json.load(handle)
-        if status.get("status") == "interrupted":
-            return 128 + int(getattr(signal, status["stopped_by"]))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        pass
-    return None
 
 
 # ---------------------------------------------------------------- plot
@@ -485,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     """Runs one command; returns the process exit status. A closed stdout or stderr (a pipe
     into ``head``) never ends the command."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    attach_console()
     with pipe_safe_streams():
         try:
             parser = build_parser()

@@ -17,7 +17,17 @@ from esper_fast.train.console import say, warn
 from esper_fast.train.interrupts import ForcedStop, StopSignals
 from esper_fast.train.loop import LifecycleRun
 from esper_fast.train.ranks import Ranks
-from esper_fast.train.run_dir import RunDir, RunDirError, RunWriteError, SilentRunDir
+from esper_fast.train.report import ConfigRecord
+from esper_fast.train.run_dir import (
+    METRICS_FILE,
+    RunDir,
+    RunDirError,
+    RunWriteError,
+    SilentRunDir,
+    read_log,
+    read_status,
+    resume_command,
+)
 from esper_fast.train.settings import RunConfig, SettingsError, check_device, resolve
 
 # Settings a resumed run may change: none of them changes what the run computes on a device.
@@ -29,7 +39,7 @@ EXIT_WRITE_FAILED = 1
 def _refusal(out: str, contents) -> str:
     described = contents.describe()
     if contents.kind == "unfinished":
-        return (f"--out {out} holds {described}; continue it with `esper-fast train --resume {out}`, "
+        return (f"--out {out} holds {described}; continue it with `{resume_command(out)}`, "
                 "or give --overwrite to replace it")
     return f"--out {out} already holds {described}; choose another --out, or give --overwrite to replace it"
 
@@ -74,7 +84,7 @@ def _open(run_dir: RunDir, config, resume, overrides, overwrite, command) -> dic
     if resume is not None:
         run_dir.remove_stale_temporaries()
         run_dir.continue_status(contents.status)
-        payload, path = run_dir.load_checkpoint()
+        payload, path = run_dir.load_checkpoint(stranger=_stranger_to(_folder_identity(run_dir)))
         state = Checkpoint.from_payload(payload, path)
         config = dataclasses.replace(RunConfig(**state.config), out=out, **(overrides or {}))
         try:
@@ -83,6 +93,39 @@ def _open(run_dir: RunDir, config, resume, overrides, overwrite, command) -> dic
             raise RunDirError(str(exc)) from None
         opened.update(config=config, checkpoint=state, path=path)
     return opened
+
+
+def _folder_identity(run_dir: RunDir) -> dict | None:
+    """The identity of the run a folder holds (:meth:`ConfigRecord.identity`) from its log's
+    first record, or, without a readable log, the start in its ``run.json``; None when
+    neither says."""
+    try:
+        first = read_log(run_dir.path / METRICS_FILE)[:1]
+    except OSError:
+        first = []
+    if first and first[0].get("type") == ConfigRecord.TYPE:
+        return ConfigRecord.from_log(first[0]).identity()
+    started = (read_status(run_dir.path) or {}).get("started_at")
+    return {"started_at": started} if started else None
+
+
+def _stranger_to(own: dict | None):
+    """For :meth:`RunDir.load_checkpoint`: why a checkpoint's payload is not of the run whose
+    identity is ``own`` (its log's config record says who it is), or None."""
+
+    def stranger(payload) -> str | None:
+        try:
+            theirs = ConfigRecord.from_log(payload["log"][0]).identity()
+        except (TypeError, KeyError, IndexError, AttributeError):
+            return None  # not a checkpoint at all: Checkpoint.from_payload says so
+        differ = [key for key in own if own[key] != theirs[key]] if own is not None else []
+        if not differ:
+            return None
+        if "started_at" in differ:
+            return f"one started at {theirs['started_at']}, this folder's at {own['started_at']}"
+        return f"the same start, another {'settings' if 'settings' in differ else 'data'}"
+
+    return stranger
 
 
 def _open_on_every_rank(ranks: Ranks, run_dir, config, resume, overrides, overwrite, command) -> dict:
@@ -165,6 +208,11 @@ def train(
                     run_dir.clear()
                 run.start(command)
             summary = run.execute()
+            if summary["status"] == "interrupted" and writer:
+                # Said before the ranks part: once rank 0 is done, torchrun ends the others.
+                warn(f"esper-fast: stopped by {stop.name} after {summary['epochs']} of {config.epochs} epochs"
+                     + (f" (checkpoint {run.checkpoint_path})" if run.checkpoint_path else "")
+                     + f"; continue with: {resume_command(out)}")
         clean = True
     except ForcedStop as stopped:
         if run is not None:
@@ -172,13 +220,13 @@ def train(
         last = run.checkpoint_path if run is not None else None
         if writer:
             warn(f"esper-fast: stopped at once by a second {stopped}; "
-                 + (f"the last checkpoint is {last}; continue with: esper-fast train --resume {out}" if last else "nothing was saved"))
+                 + (f"the last checkpoint is {last}; continue with: {resume_command(out)}" if last else "nothing was saved"))
         return 128 + stopped.signum
     except RunWriteError as exc:
         _write_status_if_possible(run_dir, status="failed", error=f"{type(exc).__name__}: {exc}")
         last = run.checkpoint_path if run is not None else None
         warn(f"esper-fast: error: {exc}; the run stopped, "
-             + (f"its last checkpoint is {last}; continue with: esper-fast train --resume {out}" if last
+             + (f"its last checkpoint is {last}; continue with: {resume_command(out)}" if last
                 else "with no checkpoint to resume from; start it again with --overwrite"))
         return EXIT_WRITE_FAILED
     except BaseException as exc:
@@ -188,10 +236,4 @@ def train(
     finally:
         run_dir.release()
         ranks.close(clean)
-    if summary["status"] == "interrupted":
-        if writer:
-            warn(f"esper-fast: stopped by {stop.name} after {summary['epochs']} of {config.epochs} epochs"
-                 + (f" (checkpoint {run.checkpoint_path})" if run.checkpoint_path else "")
-                 + f"; continue with: esper-fast train --resume {out}")
-        return stop.exit_code
-    return 0
+    return stop.exit_code if summary["status"] == "interrupted" else 0

@@ -246,7 +246,7 @@ class LifecycleRun(RunSession):
         measured = self._validate(attribution=bool(in_forward))
         attribution = measured.attribution if controllers.main_slot in in_forward else None
         contribution = None if attribution is None else float(attribution.seed_contribution)
-        values = seed_values(measured.slot_attribution, in_forward) if self.several else {}
+        values = seed_values(measured.slot_attribution, in_forward)
         if not rollback:
             events += controllers.end_epoch(plan.epoch, measured.val_accuracy, controllers.judged(contribution, values))
             self.optimizers.drop_empty()

@@ -181,6 +181,13 @@ class ConfigRecord:
             "reference_mode": self.reference_mode,
         }
 
+    def identity(self) -> dict:
+        """What tells this run from every other: when it started, its settings (but the folder,
+        which may move) and its data's fingerprint."""
+        settings = self.settings.to_record()
+        settings.pop("out")
+        return {"started_at": self.started_at, "settings": settings, "data_fingerprint": self.data_fingerprint}
+
     @classmethod
     def from_log(cls, record: Mapping) -> "ConfigRecord":
         """The config record of a log; a key it lacks (an older log) is None."""

@@ -5,6 +5,8 @@
       run.json         status: running | interrupted | finished | failed, and where it stands
       metrics.jsonl    one JSON record per line: config, epoch..., resume/stop, summary
       metrics.png      the plot
+      processes.log    a run of several processes: what torchrun and ranks other than 0 printed
+                       (kept only when they printed something)
       checkpoints/     epoch-0003.pt (3 epochs done), epoch-0003-step-0002.pt (and 2 steps
                        of the 4th); the newest ``keep`` are kept
 
@@ -105,6 +107,22 @@ def read_log(path: str | Path) -> list[dict]:
             if isinstance(record, dict):
                 records.append(record)
     return records
+
+
+def resume_command(folder: str | Path) -> str:
+    """The command that continues the run in ``folder``, whatever its number of processes
+    (``--resume`` takes as many as the run started with): what every message and the
+    summary show."""
+    return f"esper-fast train --resume {folder}"
+
+
+def read_status(folder: str | Path) -> dict | None:
+    """The ``run.json`` of the run in ``folder``; None when there is none or it is not whole JSON."""
+    try:
+        status = json.loads((Path(folder) / STATUS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return status if isinstance(status, dict) else None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -213,11 +231,7 @@ class RunDir:
     # ---------------------------------------------------------------- what is there
     def contents(self) -> Contents:
         checkpoints = self.checkpoints()
-        status = None
-        try:
-            status = json.loads((self.path / STATUS_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            pass
+        status = read_status(self.path)
         names = {p.name for p in self.path.iterdir()} if self.path.is_dir() else set()
         if status is not None and status.get("status") == "finished":
             kind = "finished"
@@ -249,17 +263,32 @@ class RunDir:
             elif target.exists():
                 target.unlink()
 
-    def load_checkpoint(self) -> tuple[dict, Path]:
-        """The newest checkpoint that loads (``weights_only``); an unreadable one is reported
-        and the one before it tried."""
+    def load_checkpoint(self, stranger: Callable[[dict], str | None] | None = None) -> tuple[dict, Path]:
+        """The newest checkpoint that loads (``weights_only``) and is the folder's own; an
+        unreadable one is reported and the one before it tried. ``stranger(payload)``: why
+        a checkpoint belongs to another run (None: it is this folder's). A stranger is left
+        as it is and skipped (said once, when an older checkpoint of the run's own is
+        found); with nothing of its own, :class:`RunDirError` says so in one line."""
         import torch
 
+        skipped = None
         for path in reversed(self.checkpoints()):
             try:
-                return torch.load(path, map_location="cpu", weights_only=True), path
+                payload = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as exc:  # a damaged file: fall back to the previous checkpoint
                 reason = (str(exc).strip().splitlines() or [""])[0]
                 self.warn(f"warning: checkpoint {path} cannot be read ({type(exc).__name__}: {reason}); trying the one before")
+                continue
+            why = stranger(payload) if stranger is not None else None
+            if why is None:
+                if skipped is not None:
+                    self.warn(f"warning: {skipped[0]} is a checkpoint of another run ({skipped[1]}): skipped it, "
+                              f"resuming from {path}")
+                return payload, path
+            skipped = skipped or (path, why)
+        if skipped is not None:
+            raise RunDirError(f"{skipped[0]} is a checkpoint of another run ({skipped[1]}), and {self.path} holds "
+                              "no checkpoint of its own run to resume from")
         raise RunDirError(f"no readable checkpoint in {self.path / CHECKPOINT_DIR}")
 
     # ---------------------------------------------------------------- writing

@@ -34,7 +34,7 @@ from esper_fast.train.report import (
     outcome,
     summary_lines,
 )
-from esper_fast.train.run_dir import METRICS_FILE, PLOT_FILE, STOPPED_BY, now_iso
+from esper_fast.train.run_dir import METRICS_FILE, PLOT_FILE, STOPPED_BY, now_iso, resume_command
 
 
 class RunSession:
@@ -179,7 +179,7 @@ class RunSession:
             plot=str(out / PLOT_FILE),
             stopped_by=self.stop.name if interrupted else None,
             checkpoint=str(self.checkpoint_path) if interrupted else None,
-            resume_command=f"esper-fast train --resume {out}" if interrupted else None,
+            resume_command=resume_command(out) if interrupted else None,
         ).to_log()
         self.log_records.append(summary)
         self.run_dir.append(summary)
