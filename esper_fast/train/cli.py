@@ -50,6 +50,7 @@ from esper_fast.train.settings import (
     RunConfig,
     SettingsError,
     check_device,
+    check_trainable,
     task_slots,
     with_slots,
 )
@@ -288,6 +289,10 @@ def _run_config(given: dict, world: int = 1):
                            f"ranks 0 to {world - 1}")
     _check_device(config.device)
     _check_world(config.device, world)
+    try:
+        check_trainable(config, spec.topology)
+    except SettingsError as exc:
+        raise CLIError(str(exc))
     # Data paths are recorded absolute, so that --resume works from any folder.
     for dest in ("data_root", "text_path"):
         if getattr(config, dest) is not None:

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import os
 
+from esper_fast.runtime import get_task_spec
 from esper_fast.train.checkpoint import Checkpoint
 from esper_fast.train.console import say, warn
 from esper_fast.train.interrupts import ForcedStop, StopSignals
@@ -28,7 +29,7 @@ from esper_fast.train.run_dir import (
     read_status,
     resume_command,
 )
-from esper_fast.train.settings import RunConfig, SettingsError, check_device, resolve
+from esper_fast.train.settings import RunConfig, SettingsError, check_device, check_trainable, resolve
 
 # Settings a resumed run may change: none of them changes what the run computes on a device.
 RESUME_OVERRIDES = ("device", "progress", "keep_checkpoints")
@@ -89,6 +90,7 @@ def _open(run_dir: RunDir, config, resume, overrides, overwrite, command) -> dic
         config = dataclasses.replace(RunConfig(**state.config), out=out, **(overrides or {}))
         try:
             check_device(config.device)  # the run's own device, when no --device was given
+            check_trainable(config, get_task_spec(config.task).topology)
         except SettingsError as exc:
             raise RunDirError(str(exc)) from None
         opened.update(config=config, checkpoint=state, path=path)
@@ -184,8 +186,6 @@ def train(
     data-parallel run (see :mod:`esper_fast.train.loop`), rank 0 writes and prints, the
     other ranks are silent (their stdout goes to ``/dev/null``; errors still reach stderr).
     """
-    from esper_fast.runtime import get_task_spec
-
     out = resume if resume is not None else config.out
     ranks = Ranks.from_env()
     writer = ranks.is_writer

@@ -173,6 +173,19 @@ def with_slots(config: RunConfig, topology: str) -> RunConfig:
     return dataclasses.replace(config, slots=ordered, blueprint=blueprint)
 
 
+def check_trainable(config: RunConfig, topology: str) -> None:
+    """:class:`SettingsError` when a blueprint of the run (``config`` with its slots) cannot
+    train on the run's device, found by a probe at start-up rather than epochs later."""
+    from esper_fast.kasmina.blueprints import training_failure
+
+    names = dict.fromkeys((config.blueprint or TASK_DEFAULTS[config.task]["blueprint"]).split(","))
+    for name in names:
+        failure = training_failure(topology, name, config.device)
+        if failure is not None:
+            raise SettingsError(f"--blueprint {name} cannot train on {config.device} ({failure}); "
+                                "choose another blueprint or device")
+
+
 def check_device(device: str) -> None:
     """:class:`SettingsError` unless ``device`` is cpu, or a CUDA device present here."""
     import torch
