@@ -38,7 +38,7 @@ import os
 
 from esper_fast.train.checkpoint import Checkpoint, ResumeError
 from esper_fast.train.config import DEFAULT_KEEP_CHECKPOINTS, DEFAULT_OUT, TASK_DEFAULTS, TASKS, RunConfig, resolve
-from esper_fast.train.console import say, warn
+from esper_fast.train.console import say, warn, where_stopped
 from esper_fast.train.controller import LifecycleSchedule, SeedController, SeedRecord
 from esper_fast.train.loop import LifecycleRun
 from esper_fast.train.ranks import Ranks, RanksDivergedError
@@ -232,7 +232,8 @@ def train(
         ranks.close(clean)
     if summary["status"] == "interrupted":
         if writer:
-            warn(f"esper-fast: stopped by {stop.name} after {summary['epochs']} of {config.epochs} epochs"
+            warn(f"esper-fast: stopped by {stop.name} "
+                 + where_stopped(*run.stopped_at, config.epochs, run.steps_per_epoch)
                  + (f" (checkpoint {run.checkpoint_path})" if run.checkpoint_path else "")
                  + f"; continue with: esper-fast train --resume {out}")
         return stop.exit_code

@@ -73,11 +73,11 @@ from esper_fast.tolaria import (
 from esper_fast.train import checkpoint, data
 from esper_fast.train.checkpoint import Checkpoint, EpochProgress
 from esper_fast.train.config import RunConfig, run_slots, slot_blueprints
-from esper_fast.train.console import say
+from esper_fast.train.console import epoch_lines, say
 from esper_fast.train.controller import LifecycleSchedule, SeedRecord, SlotControllers
 from esper_fast.train.plotting import plot_run
 from esper_fast.train.ranks import Ranks, RanksDivergedError, norm_statistics, state_checksum
-from esper_fast.train.report import EpochRecord, epoch_line, outcome, seed_interactions, seed_values, summary_lines
+from esper_fast.train.report import EpochRecord, outcome, seed_interactions, seed_values, summary_lines
 from esper_fast.train.run_dir import METRICS_FILE, PLOT_FILE, STOPPED_BY, RunDir, now_iso
 from esper_fast.train.signals import StopSignals
 from esper_fast.train.watch import Batches, KernelTally, LossWatch, Progress
@@ -355,6 +355,12 @@ class LifecycleRun:
         self._checkpoint_position = (state.epochs_done, state.steps_done)
         self.run_dir.write_status(epochs_done=state.epochs_done, steps_done=state.steps_done, checkpoint=str(path))
 
+    @property
+    def stopped_at(self) -> tuple[int, int]:
+        """(epochs done, steps done of the next) as the last checkpoint holds them: where a
+        stopped run stands, and where a resume goes on from (on the writing rank)."""
+        return self._checkpoint_position
+
     def _session_time(self) -> float:
         start = getattr(self, "_session_start", None)
         return 0.0 if start is None else time.perf_counter() - start
@@ -377,9 +383,15 @@ class LifecycleRun:
                 self.records.append(record)
                 self.log_records.append(record.to_log())
                 self._check_ranks_agree(record)
-                self._checkpoint(epoch)
-                self.run_dir.append(self.log_records[-1])
-                self.echo(epoch_line(record, self.config.epochs, self.task_type))
+                try:
+                    self._checkpoint(epoch)
+                    self.run_dir.append(self.log_records[-1])
+                finally:
+                    # Printed once the checkpoint holds the epoch, even if a write after it
+                    # failed: a resume goes on after this epoch and would never print it.
+                    if self._checkpoint_position == (epoch, 0):
+                        for line in epoch_lines(record, self.config.epochs, self.task_type):
+                            self.echo(line)
         finally:
             self.tally.stop()
         return self.finish(status)
