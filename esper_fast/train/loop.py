@@ -75,7 +75,7 @@ from esper_fast.train.checkpoint import Checkpoint, EpochProgress
 from esper_fast.train.config import RunConfig, run_slots, slot_blueprints
 from esper_fast.train.console import epoch_lines, say
 from esper_fast.train.controller import LifecycleSchedule, SeedRecord, SlotControllers
-from esper_fast.train.plotting import plot_run
+from esper_fast.train.plotting import plot_run, run_title
 from esper_fast.train.ranks import Ranks, RanksDivergedError, norm_statistics, state_checksum
 from esper_fast.train.report import EpochRecord, outcome, seed_interactions, seed_values, summary_lines
 from esper_fast.train.run_dir import METRICS_FILE, PLOT_FILE, STOPPED_BY, RunDir, now_iso
@@ -722,17 +722,18 @@ class LifecycleRun:
                            resume_command=f"esper-fast train --resume {out}")
         self.log_records.append(summary)
         self.run_dir.append(summary)
-        self.draw_plot(summary["seed_outcome"] if status == "finished" else f"stopped after epoch {len(records)}")
+        # The config record with the device this session ran on (--resume may change it).
+        self.draw_plot(run_title({**self.log_records[0], "device": self.config.device}, records, summary,
+                                 position=self.stopped_at))
         for line in summary_lines(summary, self.device, self.ranks.backend):
             self.echo(line)
         self.run_dir.write_status(status=status, epochs_done=len(records),
                                   stopped_by=self.stop.name if status == "interrupted" else None)
         return summary
 
-    def draw_plot(self, what: str) -> None:
-        config = self.config
+    def draw_plot(self, title: str) -> None:
         self.run_dir.write_plot(lambda path: plot_run(
-            self.records, path, title=f"{config.task} on {config.device}: {what}",
+            self.records, path, title=title,
             chance=None if self.task_type == "lm" else 100.0 / self.num_classes, task_type=self.task_type,
         ))
 
