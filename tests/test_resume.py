@@ -69,6 +69,8 @@ def test_sigterm_in_the_middle_of_an_epoch_then_resume_ends_as_if_never_stopped(
     assert stopped.returncode == 143, stopped.stderr
     # One line saying how to continue; the summary and the plot were written on the way out.
     assert stopped.stderr.strip().splitlines()[-1].endswith(f"continue with: esper-fast train --resume {out}")
+    # It says where it stopped: inside epoch 3, after its first step (3 steps an epoch).
+    assert "stopped by SIGTERM after 2 of 6 epochs and 1 of 3 steps of epoch 3 (checkpoint " in stopped.stderr
     log = read_log(out / train.METRICS_FILE)
     assert [r["epoch"] for r in log if r["type"] == "epoch"] == [1, 2]
     assert log[-1]["type"] == "summary" and log[-1]["status"] == "interrupted" and log[-1]["stopped_by"] == "SIGTERM"

@@ -329,8 +329,12 @@ def test_a_failed_write_stops_the_run_with_one_line_and_it_resumes(workdir, caps
     out = workdir / "full"
     with pytest.MonkeyPatch.context() as patch:
         failed_file, cause, last_epoch = fail(patch, out)
-        code, _, err = run_cli(capsys, "train", *FAILING, "--out", out)
+        code, stdout, err = run_cli(capsys, "train", *FAILING, "--out", out)
     _assert_stopped_by_a_failed_write(code, err, out, failed_file, cause, last_epoch)
+    # Every epoch the last checkpoint holds was printed, that of a write failing after it
+    # too: the resume goes on after it.
+    assert [line[:10] for line in stdout.splitlines() if line.startswith("epoch ")] == [
+        f"epoch  {epoch}/3" for epoch in range(1, last_epoch + 1)]
     _assert_resumes_to_the_end(capsys, out)
 
 

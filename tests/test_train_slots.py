@@ -16,9 +16,10 @@ from esper_fast.kasmina import SeedStage
 from esper_fast.tolaria import create_model
 from esper_fast.tolaria.attribution import plan_attribution, attribute
 from esper_fast.train import checkpoint, cli
+from esper_fast.train.console import epoch_lines
 from esper_fast.train.controller import LifecycleSchedule, SlotControllers
 from esper_fast.train.plotting import plot_run
-from esper_fast.train.report import EpochRecord, epoch_line, seed_interactions, seed_values
+from esper_fast.train.report import EpochRecord, seed_interactions, seed_values
 from cli_helpers import CLOCK, one_line_error, outcome, read_log, run_cli
 
 TINY = ["--max-batches", "3", "--batch-size", "32", "--no-progress"]
@@ -195,8 +196,16 @@ def test_the_console_shows_every_slot(workdir, capsys):
                                 "--out", out)
     assert code == 0, err
     assert "slots block2_post (conv_light), block3_post (conv_light)" in stdout
-    line = next(line for line in stdout.splitlines() if line.startswith("epoch  3/4"))
-    assert "| block2_post BLENDING     1.00 (" in line and "| block3_post BLENDING     1.00 (" in line
+    lines = stdout.splitlines()
+    # Under the epoch's head line, a line per slot saying what each number is (its events
+    # indented under it).
+    at = next(i for i, line in enumerate(lines) if line.startswith("epoch  3/4 | "))
+    end = next(i for i, line in enumerate(lines) if line.startswith("epoch  4/4 | "))
+    slot_lines = [line for line in lines[at + 1:end] if not line.startswith("      ")]
+    assert len(slot_lines) == 2
+    assert slot_lines[0].startswith("  block2_post  seed-1  BLENDING      alpha 1.00  Shapley value ")
+    assert slot_lines[1].startswith("  block3_post  seed-2  BLENDING      alpha 1.00  Shapley value ")
+    assert all(len(line) <= 100 for line in lines if line.startswith(("epoch ", "  ")))  # the epochs' lines
     assert "seed outcomes: block2_post: seed-1 (conv_light) still live; block3_post: seed-2 (conv_light) still live" in stdout
 
 
@@ -370,8 +379,9 @@ def test_sampled_shapley_values_are_logged_with_their_bound_and_shown_on_the_lin
         "slots": {"layer_0": slot("BLENDING", {"shapley": 5.0, "shapley_error": 0.25}),
                   "layer_1": slot("TRAINING", {"shapley": None})},
     })
-    line = epoch_line(record, 6, "lm")
-    assert "| layer_0 BLENDING     1.00 (+5.00 +/- 0.25) | layer_1 TRAINING     1.00 (-) |" in line
+    lines = epoch_lines(record, 6, "lm")
+    assert lines[1:] == ["  layer_0  seed-1  BLENDING      alpha 1.00  Shapley value  +5.00 +/- 0.25 points",
+                         "  layer_1  seed-1  TRAINING      alpha 1.00"]
     assert seed_interactions(sampled, list(slots[:4]))["layer_0+layer_1"] == pytest.approx(0.0)
     assert "layer_0+layer_4" not in seed_interactions(sampled, list(slots[:4]))
     path = plot_run([record, dataclasses.replace(record, epoch=5)], tmp_path / "p.png", title="t", task_type="lm")

@@ -14,7 +14,7 @@ import os
 
 from esper_fast.runtime import get_task_spec
 from esper_fast.train.checkpoint import Checkpoint
-from esper_fast.train.console import say, warn
+from esper_fast.train.console import say, warn, where_stopped
 from esper_fast.train.interrupts import ForcedStop, StopSignals
 from esper_fast.train.loop import LifecycleRun
 from esper_fast.train.ranks import Ranks
@@ -210,7 +210,8 @@ def train(
             summary = run.execute()
             if summary["status"] == "interrupted" and writer:
                 # Said before the ranks part: once rank 0 is done, torchrun ends the others.
-                warn(f"esper-fast: stopped by {stop.name} after {summary['epochs']} of {config.epochs} epochs"
+                warn(f"esper-fast: stopped by {stop.name} "
+                     + where_stopped(*run.stopped_at, config.epochs, run.steps_per_epoch)
                      + (f" (checkpoint {run.checkpoint_path})" if run.checkpoint_path else "")
                      + f"; continue with: {resume_command(out)}")
         clean = True

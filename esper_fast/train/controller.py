@@ -250,6 +250,8 @@ class SeedController:
             return [f"{before.name} -> {target.name}"]
         self.gate_holds += 1
         failed = getattr(result, "checks_failed", None) or getattr(result, "message", None) or result
+        if isinstance(failed, (list, tuple)):
+            failed = ", ".join(map(str, failed))
         events = [f"gate held {before.name} -> {target.name} ({failed})"]
         if self.gate_holds > self.schedule.gate_patience:
             events += self.cull(epoch, "gate_timeout", f"held {self.gate_holds} epochs before {target.name}")

@@ -59,13 +59,13 @@ from esper_fast.tolaria import (
 )
 from esper_fast.train import checkpoint
 from esper_fast.train.checkpoint import EpochProgress
-from esper_fast.train.console import say
+from esper_fast.train.console import epoch_lines, say
 from esper_fast.train.controller import LifecycleSchedule, SeedRecord, SlotControllers
 from esper_fast.train.datasets import task_data
 from esper_fast.train.interrupts import StopSignals
 from esper_fast.train.optimizers import RunOptimizers
 from esper_fast.train.ranks import Ranks, RanksDivergedError, norm_statistics, state_checksum
-from esper_fast.train.report import EpochRecord, SlotRecord, epoch_line, seed_interactions, seed_values
+from esper_fast.train.report import EpochRecord, SlotRecord, seed_interactions, seed_values
 from esper_fast.train.run_dir import RunDir, now_iso
 from esper_fast.train.session import RunSession
 from esper_fast.train.settings import RunConfig, slot_blueprints
@@ -156,9 +156,15 @@ class LifecycleRun(RunSession):
                 self.records.append(record)
                 self.log_records.append(record.to_log())
                 self._check_ranks_agree(record)
-                self._checkpoint(epoch)
-                self.run_dir.append(self.log_records[-1])
-                self.echo(epoch_line(record, self.config.epochs, self.task_type))
+                try:
+                    self._checkpoint(epoch)
+                    self.run_dir.append(self.log_records[-1])
+                finally:
+                    # Printed once the checkpoint holds the epoch, even if a write after it
+                    # failed: a resume goes on after this epoch and would never print it.
+                    if self._checkpoint_position == (epoch, 0):
+                        for line in epoch_lines(record, self.config.epochs, self.task_type):
+                            self.echo(line)
         finally:
             self.tally.stop()
         return self.finish(status)

@@ -1,23 +1,29 @@
 """The run plot: accuracy, loss (perplexity for a language model), alpha and the seed's
-contribution per epoch, over coloured lifecycle bands, with germinations and rollbacks marked.
-A run of several slots gets a lane of stages per slot, each slot's alpha and each seed's
-Shapley value instead.
+contribution per epoch, over coloured lifecycle bands, with germinations, culls,
+fossilizations and rollbacks marked. A run of several slots gets a lane of stages per slot
+(each seed named in its lane, its germination, cull or fossilization marked there), each
+slot's alpha and each seed's Shapley value instead. Legends sit to the right of their
+panel, clear of the curves; the title says how the run stands in at most three lines.
 
 Reads the epoch records a run writes to ``metrics.jsonl`` (see
 :class:`~esper_fast.train.report.EpochRecord`), so ``esper-fast plot DIR`` redraws a run's
-plot from its log alone.
+plot from its log alone (and, for its title, ``run.json`` and whether a process holds the
+run's lock).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import textwrap
+from collections import Counter
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from esper_fast.train.console import where_stopped
 from esper_fast.train.report import EpochRecord
-from esper_fast.train.run_dir import read_log
+from esper_fast.train.run_dir import LOCK_FILE, STATUS_FILE, read_log
 
 # Band colours per lifecycle stage; stages not listed (no seed) get no band.
 STAGE_COLOURS = {
@@ -30,8 +36,22 @@ STAGE_COLOURS = {
 }
 GERMINATION_COLOUR = "#2ca02c"
 ROLLBACK_COLOUR = "#d62728"
-# One colour per slot (alpha lines and Shapley bars), in the host's order.
+# How a seed's end is marked (at the end of the epoch that decided it): matplotlib marker,
+# colour, size.
+FATE_MARKERS = {"culled": ("X", "#d62728", 9), "fossilized": ("*", "#006d2c", 13)}
+# One colour, dash pattern and marker per slot (alpha lines and Shapley bars), in the host's
+# order: slots whose alpha curves are equal stay told apart.
 SLOT_COLOURS = ("#ff7f0e", "#1f77b4", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+SLOT_DASHES = ("-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)), (0, (8, 2)))
+SLOT_MARKERS = ("o", "s", "^", "D", "v", "P")
+# Each slot's alpha line is drawn this much above the one before (centred on the true value),
+# so that equal curves lie side by side instead of on top of each other.
+ALPHA_OFFSET = 0.02
+# And each slot's markers (at the end of each epoch) this many epochs after the one before.
+MARKER_STAGGER = 0.07
+# The title: lines of at most this many characters, at most this many lines.
+TITLE_WIDTH = 100
+TITLE_LINES = 3
 # What the contribution panel measures, said on the plot so that nobody reads it as the gain
 # over a host trained without the seed.
 CONTRIBUTION_NOTE = (
@@ -40,7 +60,8 @@ CONTRIBUTION_NOTE = (
 )
 SHAPLEY_NOTE = (
     "Shapley value = the seed's mean gain in validation accuracy over every subset of the live seeds in the "
-    "forward (the others' alpha forced to 0), on the host it co-adapted with; bars: 95% bound when sampled"
+    "forward (the others' alpha forced to 0), on the host it co-adapted with; bars: 95% bound when sampled. "
+    f"Alpha lines are shifted {ALPHA_OFFSET:g} apart per slot so that equal curves stay visible."
 )
 
 
@@ -79,6 +100,136 @@ def _slot_ids(records: list[EpochRecord]) -> list[str]:
     return list(found)
 
 
+def _has_seed(stage) -> bool:
+    return stage not in (None, "NONE")
+
+
+def _fate(stage, stage_after) -> str | None:
+    """What the end of an epoch did to a slot's seed: ``germinated``, ``culled``,
+    ``fossilized`` or None (from the stage it trained in and the stage after the decision)."""
+    if not _has_seed(stage):
+        return "germinated" if _has_seed(stage_after) else None
+    if not _has_seed(stage_after):
+        return "culled"
+    if stage_after == "FOSSILIZED" and stage != "FOSSILIZED":
+        return "fossilized"
+    return None
+
+
+def fates(records: Sequence[EpochRecord]) -> list[tuple[str | None, int, str]]:
+    """(slot id, epoch, what) for every germination, cull and fossilization of the run, in
+    order (slot id None in a run of one slot); each happened at the end of that epoch."""
+    found = []
+    slots = _slot_ids(list(records))
+    for record in records:
+        if not slots:
+            what = _fate(record.stage, record.stage_after)
+            if what:
+                found.append((None, record.epoch, what))
+        for slot_id in slots:
+            slot = (record.slots or {}).get(slot_id)
+            what = slot and _fate(slot.get("stage"), slot.get("stage_after"))
+            if what:
+                found.append((slot_id, record.epoch, what))
+    return found
+
+
+# ---------------------------------------------------------------- the title
+
+def run_title(config: Mapping, records: Sequence[EpochRecord], summary: Mapping | None = None, *,
+              position: tuple[int, int] | None = None, status: Mapping | None = None,
+              running: bool | None = None) -> str:
+    """The plot's title, at most :data:`TITLE_LINES` lines: the run (task, device, its number
+    of slots when several) and how it stands, then the seed's outcome (one slot) or the
+    seeds' fates counted (several: each seed's fate is marked in its lane).
+
+    ``config``: the log's config record (``task``, ``device``, ``epochs``,
+    ``steps_per_epoch``); ``summary``: the log's closing record, None when it has none;
+    ``position``: (epochs done, steps done of the next) that the last checkpoint holds, else
+    ``status`` (``run.json``) gives it; ``running``: whether a process holds the run (None:
+    not known). A log without a summary is a run in progress only while a process holds it;
+    otherwise it ended without one (killed, or crashed) or failed, as ``run.json`` says.
+    """
+    records = list(records)
+    slots = _slot_ids(records)
+    status = status or {}
+    epochs = config.get("epochs") or (summary or {}).get("epochs_planned") or status.get("epochs") or "?"
+    logged = records[-1].epoch if records else 0
+    if position is None:
+        position = (status.get("epochs_done") or logged, status.get("steps_done") or 0)
+    where = where_stopped(*position, epochs, config.get("steps_per_epoch", "?"))
+    extra = None
+    if summary is not None and summary.get("status", "finished") == "finished":
+        state = f"finished, {len(records)} epochs"
+    elif summary is not None:
+        state = f"stopped by {summary.get('stopped_by') or 'a signal'} {where}"
+    elif status.get("status") == "failed":
+        state = f"failed {where}"
+        extra = status.get("error")
+    elif status.get("status") == "interrupted":  # a second signal: stopped at once, no summary
+        state = f"stopped at once by {status.get('stopped_by') or 'a signal'} {where}"
+    elif running:
+        state = f"in progress, {logged} of {epochs} epochs done"
+    elif running is None:
+        state = f"no summary yet: {logged} of {epochs} epochs logged (in progress, or ended without one)"
+    else:
+        state = f"unfinished at {logged} of {epochs} epochs: no summary, and no process runs it (killed or crashed)"
+    head = f"{config.get('task', '?')} on {config.get('device', '?')}"
+    if slots:
+        head += f", {len(slots)} slots"
+    lines = [f"{head}: {state}"]
+    if extra:
+        lines.append(extra)
+    if slots:
+        counted = Counter(what for _, _, what in fates(records))
+        counted["still live"] = counted["germinated"] - counted["culled"] - counted["fossilized"]
+        if counted["germinated"]:
+            lines.append("seeds: " + ", ".join(f"{counted[what]} {what}" for what in
+                                               ("germinated", "fossilized", "culled", "still live") if counted[what])
+                         + " (see the stage lanes)")
+    elif summary is not None and summary.get("seed_outcome"):
+        lines.append(summary["seed_outcome"])
+    return _fit_title(lines)
+
+
+def _fit_title(lines: list[str]) -> str:
+    """``lines`` wrapped to :data:`TITLE_WIDTH`, cut to :data:`TITLE_LINES` (the last kept
+    line ending in ``...`` when something was cut)."""
+    wrapped = [part for line in lines for part in textwrap.wrap(line, TITLE_WIDTH) or [""]]
+    if len(wrapped) > TITLE_LINES:
+        wrapped = wrapped[:TITLE_LINES]
+        wrapped[-1] = wrapped[-1][:TITLE_WIDTH - 3].rstrip() + "..."
+    return "\n".join(wrapped)
+
+
+def _held(folder: Path) -> bool | None:
+    """Whether a process holds the lock of the run in ``folder`` (runs it now); None when
+    there is no lock file to ask. The probe takes a shared lock for an instant."""
+    import fcntl
+
+    try:
+        fd = os.open(folder / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------- the panels
+
+def _outside_legend(ax, **kwargs):
+    """A legend to the right of ``ax``, clear of what it draws."""
+    return ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=8,
+                     framealpha=0.9, **kwargs)
+
+
 def _accuracy_panel(ax, records: list[EpochRecord], chance: float | None, baseline: bool) -> None:
     epochs = [r.epoch for r in records]
     ax.plot(epochs, [_number(r.val_accuracy) for r in records], "o-", color="#1f77b4", label="validation")
@@ -109,7 +260,7 @@ def _loss_panel(ax, records: list[EpochRecord], task_type: str) -> None:
         ax.plot(epochs, train_loss, "s--", color="#7f7f7f", ms=4, label="train (mean of steps)")
         ax.plot(epochs, val_loss, "o-", color="#1f77b4", label="validation")
         ax.set_ylabel("loss")
-    ax.legend(loc="best", fontsize=8, framealpha=0.85)
+    _outside_legend(ax)
 
 
 def _alpha_path(epochs: list[int], starts: list, ends: list) -> tuple[list[float], list[float]]:
@@ -129,21 +280,59 @@ def _mark_rollbacks(axes, records: list[EpochRecord]) -> None:
                 ax.axvline(record.epoch, color=ROLLBACK_COLOUR, ls="--", lw=1.5)
 
 
+def _fate_handles(found: list[tuple[str | None, int, str]], records: list[EpochRecord]) -> list:
+    """Legend entries for the marks the plot carries: germination, cull, fossilization,
+    rollback (only those that happened)."""
+    from matplotlib.lines import Line2D
+
+    kinds = {what for _, _, what in found}
+    handles = []
+    if "germinated" in kinds:
+        handles.append(Line2D([], [], color=GERMINATION_COLOUR, ls=":", lw=2, label="germination"))
+    for what in ("culled", "fossilized"):
+        if what in kinds:
+            marker, colour, size = FATE_MARKERS[what]
+            handles.append(Line2D([], [], ls="", marker=marker, color=colour, ms=size * 0.8, label=what))
+    if any(r.rollback for r in records):
+        handles.append(Line2D([], [], color=ROLLBACK_COLOUR, ls="--", label="governor rollback"))
+    return handles
+
+
 def plot_run(records: Sequence[EpochRecord | Mapping], path: str | Path, title: str = "",
              chance: float | None = None, task_type: str = "classification") -> Path:
-    """Draws the run to a PNG at ``path``: panels sharing the epoch axis. ``records`` are
-    :class:`EpochRecord` objects or the epoch dicts of a log (a missing value is not drawn).
+    """Draws the run (see :func:`draw_run`) to a PNG at ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = draw_run(records, title, chance, task_type)
+    try:
+        path = Path(path)
+        fig.savefig(path, dpi=110, format="png")
+    finally:
+        plt.close(fig)
+    return path
+
+
+def draw_run(records: Sequence[EpochRecord | Mapping], title: str = "", chance: float | None = None,
+             task_type: str = "classification"):
+    """The run's figure (matplotlib, Agg; the caller closes it): panels sharing the epoch
+    axis. ``records`` are :class:`EpochRecord` objects or the epoch dicts of a log (a missing
+    value is not drawn); ``title``: see :func:`run_title` (wrapped and cut to
+    :data:`TITLE_LINES` lines), above the panels.
 
     1. validation / train accuracy (and the alpha=0 baseline where attribution ran),
     2. train and validation loss; for ``task_type="lm"`` their perplexity, log scale,
-    3. the blend alpha over each epoch (start to end),
+    3. the blend alpha over each epoch (start to end), the seed's cull or fossilization
+       marked on it,
     4. the counterfactual seed contribution (percentage points), with what it measures.
     Every panel carries the stage bands; germinations are green dotted lines (between the
     epoch that germinated and the first the seed trained in), rollbacks red dashed lines.
 
     Records of several slots (their ``slots``) get five panels instead: accuracy, loss, a
-    lane of stages per slot (each seed's germination marked in its lane), every slot's alpha,
-    and every live seed's Shapley value per epoch (bars, with the 95% bound when sampled).
+    lane of stages per slot (each seed named in its lane, its germination, cull and
+    fossilization marked there), every slot's alpha (a colour, dash and marker per slot,
+    the lines shifted apart so that equal ones stay visible), and every live seed's Shapley
+    value per epoch (bars, with the 95% bound when sampled). Legends sit right of their
+    panels.
     """
     import matplotlib
 
@@ -153,31 +342,34 @@ def plot_run(records: Sequence[EpochRecord | Mapping], path: str | Path, title: 
     records = [r if isinstance(r, EpochRecord) else EpochRecord.from_log(r) for r in records]
     slots = _slot_ids(records)
     if slots:
-        fig, axes = plt.subplots(5, 1, figsize=(9, 12.5), sharex=True,
-                                 gridspec_kw={"height_ratios": [3, 2, 0.45 * len(slots) + 0.6, 1.2, 1.8]})
+        fig, axes = plt.subplots(5, 1, figsize=(11.5, 12.5 + 0.3 * len(slots)), sharex=True, layout="constrained",
+                                 gridspec_kw={"height_ratios": [3, 2, 0.45 * len(slots) + 0.6, 1.6, 1.8]})
         draw, note = _draw_slots, SHAPLEY_NOTE
     else:
-        fig, axes = plt.subplots(4, 1, figsize=(9, 10.5), sharex=True, gridspec_kw={"height_ratios": [3, 2, 1.2, 1.5]})
+        fig, axes = plt.subplots(4, 1, figsize=(11, 10.5), sharex=True, layout="constrained",
+                                 gridspec_kw={"height_ratios": [3, 2, 1.2, 1.5]})
         draw, note = _draw_one_slot, CONTRIBUTION_NOTE
     try:
         draw(axes, records, slots, chance, task_type)
-        if slots:  # the outcome of every slot: a long title
-            axes[0].set_title("\n".join(textwrap.wrap(title or "esper-fast run", 110)), fontsize=9)
-        else:
-            axes[0].set_title(title or "esper-fast run")
+        fig.suptitle(_fit_title((title or "esper-fast run").splitlines()), fontsize=10)
         axes[-1].set_xlabel("epoch")
-        axes[-1].set_xticks([r.epoch for r in records])
-        fig.tight_layout(rect=(0, 0.035, 1, 1))
-        fig.text(0.01, 0.008, note, fontsize=7, color="#444444", wrap=True)
-        path = Path(path)
-        fig.savefig(path, dpi=110, format="png")
-    finally:
+        epochs = [r.epoch for r in records]
+        if len(epochs) <= 25:
+            axes[-1].set_xticks(epochs)
+        else:
+            from matplotlib.ticker import MaxNLocator
+
+            axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
+        # The note goes under the panels, in a strip the layout leaves free.
+        fig.get_layout_engine().set(rect=(0, 0.03, 1, 0.97))
+        fig.text(0.01, 0.004, "\n".join(textwrap.wrap(note, 190)), fontsize=7, color="#444444")
+    except BaseException:
         plt.close(fig)
-    return path
+        raise
+    return fig
 
 
 def _draw_one_slot(axes, records: list[EpochRecord], slots, chance: float | None, task_type: str) -> None:
-    from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     ax_acc, ax_loss, ax_alpha, ax_contrib = axes
@@ -199,18 +391,23 @@ def _draw_one_slot(axes, records: list[EpochRecord], slots, chance: float | None
                         xytext=(3, -12), textcoords="offset points", fontsize=8, color=GERMINATION_COLOUR)
 
     _accuracy_panel(ax_acc, records, chance, baseline=True)
+    found = fates(records)
     handles, _ = ax_acc.get_legend_handles_labels()
     handles += [Patch(color=STAGE_COLOURS[s], alpha=0.55, label=s.lower()) for s in stages_seen]
-    if germinations:
-        handles.append(Line2D([], [], color=GERMINATION_COLOUR, ls=":", lw=2, label="germination"))
-    if any(r.rollback for r in records):
-        handles.append(Line2D([], [], color=ROLLBACK_COLOUR, ls="--", label="governor rollback"))
-    ax_acc.legend(handles=handles, loc="best", fontsize=8, ncol=2, framealpha=0.85)
+    handles += _fate_handles(found, records)
+    _outside_legend(ax_acc, handles=handles)
 
     _loss_panel(ax_loss, records, task_type)
 
     ax_alpha.plot(*_alpha_path(epochs, [r.alpha_start for r in records], [r.alpha for r in records]), color="#ff7f0e")
-    ax_alpha.set_ylim(-0.05, 1.05)
+    alpha_at = {r.epoch: _number(r.alpha) for r in records}
+    for _, epoch, what in found:
+        if what in FATE_MARKERS:
+            marker, colour, size = FATE_MARKERS[what]
+            y = alpha_at[epoch] if math.isfinite(alpha_at[epoch]) else 0.5
+            ax_alpha.plot([epoch + 0.5], [y], ls="", marker=marker, color=colour, ms=size, mec="white", mew=0.8,
+                          zorder=5, clip_on=False)
+    ax_alpha.set_ylim(-0.08, 1.08)
     ax_alpha.set_ylabel("alpha")
 
     contrib = [_number(r.seed_contribution) for r in records]
@@ -220,22 +417,40 @@ def _draw_one_slot(axes, records: list[EpochRecord], slots, chance: float | None
     ax_contrib.set_ylabel("seed contribution\n(points)")
 
 
+def _seed_spans(records: list[EpochRecord], slot_id: str) -> list[tuple[str, int, int]]:
+    """(seed id, first epoch, last epoch) of every seed the slot held, in order."""
+    spans: list[list] = []
+    for record in records:
+        slot = (record.slots or {}).get(slot_id) or {}
+        seed_id = slot.get("seed_id") if _has_seed(slot.get("stage")) else None
+        if seed_id is None:
+            continue
+        if spans and spans[-1][0] == seed_id and spans[-1][2] == record.epoch - 1:
+            spans[-1][2] = record.epoch
+        else:
+            spans.append([seed_id, record.epoch, record.epoch])
+    return [tuple(span) for span in spans]
+
+
 def _draw_slots(axes, records: list[EpochRecord], slots: list[str], chance: float | None, task_type: str) -> None:
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     ax_acc, ax_loss, ax_stages, ax_alpha, ax_shapley = axes
     epochs = [r.epoch for r in records]
-    colour_of = {slot_id: SLOT_COLOURS[i % len(SLOT_COLOURS)] for i, slot_id in enumerate(slots)}
+    style = {slot_id: (SLOT_COLOURS[i % len(SLOT_COLOURS)], SLOT_DASHES[i % len(SLOT_DASHES)],
+                       SLOT_MARKERS[i % len(SLOT_MARKERS)]) for i, slot_id in enumerate(slots)}
 
     def slot_field(record: EpochRecord, slot_id: str, key: str):
         return (record.slots or {}).get(slot_id, {}).get(key)
 
-    # Stage lanes: one row per slot, host order from the top; a seed's germination is marked
-    # in its lane between the epoch that germinated it and the first it trained in.
+    # Stage lanes: one row per slot, host order from the top; each seed named where its bar
+    # begins; a germination is a dotted line between the epoch that germinated the seed and
+    # the first it trained in, a cull or fossilization a mark at the end of the deciding epoch.
     stages_seen = []
-    for row, slot_id in enumerate(slots):
-        y = len(slots) - 1 - row
+    lane = {slot_id: len(slots) - 1 - row for row, slot_id in enumerate(slots)}
+    for slot_id in slots:
+        y = lane[slot_id]
         for record in records:
             stage = slot_field(record, slot_id, "stage")
             colour = STAGE_COLOURS.get(stage or "")
@@ -243,29 +458,51 @@ def _draw_slots(axes, records: list[EpochRecord], slots: list[str], chance: floa
                 ax_stages.broken_barh([(record.epoch - 0.5, 1.0)], (y - 0.4, 0.8), color=colour, lw=0)
                 if stage not in stages_seen:
                     stages_seen.append(stage)
-            if slot_field(record, slot_id, "stage_after") not in (None, "NONE") and stage == "NONE":
-                ax_stages.plot([record.epoch + 0.5] * 2, [y - 0.45, y + 0.45], color=GERMINATION_COLOUR, ls=":", lw=2)
+        for seed_id, first, _ in _seed_spans(records, slot_id):
+            ax_stages.text(first - 0.45, y, seed_id, fontsize=7, va="center", ha="left", color="#333333",
+                           clip_on=True)
+    found = fates(records)
+    for slot_id, epoch, what in found:
+        y = lane[slot_id]
+        if what == "germinated":
+            ax_stages.plot([epoch + 0.5] * 2, [y - 0.45, y + 0.45], color=GERMINATION_COLOUR, ls=":", lw=2)
+        else:
+            marker, colour, size = FATE_MARKERS[what]
+            ax_stages.plot([epoch + 0.5], [y], ls="", marker=marker, color=colour, ms=size, mec="white", mew=0.8,
+                           zorder=5, clip_on=False)
     ax_stages.set_yticks(range(len(slots)), list(reversed(slots)), fontsize=8)
     ax_stages.set_ylim(-0.6, len(slots) - 0.4)
     ax_stages.set_ylabel("stage")
     _mark_rollbacks(axes, records)
+    stage_handles = [Patch(color=STAGE_COLOURS[s], label=s.lower()) for s in stages_seen]
+    stage_handles += _fate_handles(found, records)
+    if stage_handles:
+        _outside_legend(ax_stages, handles=stage_handles)
 
     _accuracy_panel(ax_acc, records, chance, baseline=False)
-    handles, _ = ax_acc.get_legend_handles_labels()
-    handles += [Patch(color=STAGE_COLOURS[s], label=s.lower()) for s in stages_seen]
-    if any(r.rollback for r in records):
-        handles.append(Line2D([], [], color=ROLLBACK_COLOUR, ls="--", label="governor rollback"))
-    ax_acc.legend(handles=handles, loc="best", fontsize=8, ncol=2, framealpha=0.85)
+    _outside_legend(ax_acc)
 
     _loss_panel(ax_loss, records, task_type)
 
-    for slot_id in slots:
+    centre = (len(slots) - 1) / 2
+    slot_handles = []
+    for i, slot_id in enumerate(slots):
+        colour, dash, marker = style[slot_id]
         xs, ys = _alpha_path(epochs, [slot_field(r, slot_id, "alpha_start") for r in records],
                              [slot_field(r, slot_id, "alpha") for r in records])
-        ax_alpha.plot(xs, ys, color=colour_of[slot_id], label=slot_id)
-    ax_alpha.set_ylim(-0.05, 1.05)
+        shift = (i - centre) * ALPHA_OFFSET
+        ys = [y + shift for y in ys]
+        ax_alpha.plot(xs, ys, color=colour, ls=dash, lw=1.6)
+        # A marker on each epoch's line, the slots' markers staggered towards the epoch's end
+        # so that those of equal curves sit side by side.
+        back = (len(slots) - 1 - i) * MARKER_STAGGER
+        ax_alpha.plot([end - back for end in xs[1::2]],
+                      [y1 - (y1 - y0) * back for y0, y1 in zip(ys[0::2], ys[1::2])],
+                      ls="", marker=marker, ms=5, color=colour, mec="white", mew=0.5)
+        slot_handles.append(Line2D([], [], color=colour, ls=dash, marker=marker, ms=5, label=slot_id))
+    ax_alpha.set_ylim(-0.05 - ALPHA_OFFSET * centre, 1.05 + ALPHA_OFFSET * centre)
     ax_alpha.set_ylabel("alpha")
-    ax_alpha.legend(loc="best", fontsize=7, ncol=min(len(slots), 3), framealpha=0.85)
+    _outside_legend(ax_alpha, handles=slot_handles, title="slots", title_fontsize=8)
 
     width = 0.8 / len(slots)
     for i, slot_id in enumerate(slots):
@@ -275,35 +512,40 @@ def _draw_slots(axes, records: list[EpochRecord], slots: list[str], chance: floa
         drawn = [(x, v, 0.0 if math.isnan(e) else e) for x, v, e in zip(offsets, values, errors) if not math.isnan(v)]
         if drawn:
             xs, vs, es = zip(*drawn)
-            ax_shapley.bar(xs, vs, width=width, color=colour_of[slot_id], label=slot_id,
+            ax_shapley.bar(xs, vs, width=width, color=style[slot_id][0], label=slot_id,
                            yerr=es if any(es) else None, capsize=2)
     ax_shapley.axhline(0, color="black", lw=0.8)
     ax_shapley.set_ylabel("Shapley value\n(points)")
     if ax_shapley.get_legend_handles_labels()[0]:
-        ax_shapley.legend(loc="best", fontsize=7, ncol=min(len(slots), 3), framealpha=0.85)
+        _outside_legend(ax_shapley)
+    else:
+        ax_shapley.text(0.5, 0.5, "no Shapley value measured: no seed was blended into the forward",
+                        transform=ax_shapley.transAxes, ha="center", va="center", fontsize=9, color="#666666")
 
 
 def plot_log(log_path: str | Path, png_path: str | Path) -> Path:
     """Redraws a run's plot from its ``metrics.jsonl`` into ``png_path`` (written to a
-    temporary file, then renamed: a reader never sees half a PNG). ValueError when the log
-    holds no epoch."""
+    temporary file, then renamed: a reader never sees half a PNG), titled by
+    :func:`run_title` from the log, the run's ``run.json`` beside it and whether a process
+    holds the run. ValueError when the log holds no epoch."""
+    log_path = Path(log_path)
     log = read_log(log_path)
     records = read_epoch_records(log_path)
     if not records:
         raise ValueError(f"{log_path} holds no epoch record yet")
     config = next((r for r in log if r.get("type") == "config"), {})
-    summary = next((r for r in reversed(log) if r.get("type") == "summary"), None)
-    if summary is None:
-        what = f"in progress, {len(records)} epochs"
-    elif summary.get("status", "finished") == "finished":
-        what = summary.get("seed_outcome", "")
-    else:
-        what = f"stopped after epoch {records[-1].epoch}"
+    # A resume rewrites the log up to its checkpoint: only a last record speaks of the end.
+    summary = log[-1] if log[-1].get("type") == "summary" else None
+    try:
+        status = json.loads((log_path.parent / STATUS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        status = None
+    title = run_title(config, records, summary, status=status, running=_held(log_path.parent))
     png_path = Path(png_path)
     temporary = png_path.with_name(f".{png_path.name}.{os.getpid()}.tmp")
     try:
-        plot_run(records, temporary, title=f"{config.get('task', '?')} on {config.get('device', '?')}: {what}",
-                 chance=config.get("chance_accuracy"), task_type=config.get("task_type", "classification"))
+        plot_run(records, temporary, title=title, chance=config.get("chance_accuracy"),
+                 task_type=config.get("task_type", "classification"))
         os.replace(temporary, png_path)
     finally:
         if temporary.exists():

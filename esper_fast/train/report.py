@@ -1,4 +1,5 @@
-"""What a run reports: the records of its log, one line per epoch and the closing report.
+"""What a run reports: the records of its log and the closing report (an epoch's console lines:
+:func:`esper_fast.train.console.epoch_lines`).
 
 Each record of ``metrics.jsonl`` has one owner here, a dataclass whose fields are the
 record's keys in order (``to_log``): :class:`ConfigRecord` (the first line),
@@ -283,33 +284,6 @@ def seed_interactions(attribution, in_forward) -> dict[str, float] | None:
 
 def _fmt(value, spec: str, missing: str = "-") -> str:
     return missing if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
-
-
-def epoch_line(record: EpochRecord, epochs: int, task_type: str) -> str:
-    """The epoch's console line. With several slots, each slot's part reads ``SLOT STAGE
-    alpha (Shapley value)``: the stage the epoch trained in, the alpha at its end and the
-    seed's accuracy Shapley value in points (``+/-`` its bound when sampled; ``-``: not
-    measured)."""
-    quality = f"ppl {_fmt(record.perplexity, '.2f')}" if task_type == "lm" else f"val {_fmt(record.val_accuracy, '5.1f')}%"
-    if record.slots is None:
-        seeds = (f"stage {record.stage:<12} | alpha {record.alpha:.2f} | "
-                 f"contribution {_fmt(record.seed_contribution, '+.2f'):>6}")
-    else:
-        seeds = " | ".join(_slot_part(slot_id, slot) for slot_id, slot in record.slots.items())
-    line = (
-        f"epoch {record.epoch:>2}/{epochs} | loss {_fmt(record.train_loss, '.4f', 'nan')} | {quality} "
-        f"(train {_fmt(record.train_accuracy, '5.1f')}%) | {seeds} | {record.epoch_time_s:.1f}s"
-    )
-    if record.events:
-        line += " | " + "; ".join(record.events)
-    return line
-
-
-def _slot_part(slot_id: str, slot: Mapping) -> str:
-    value = _fmt(slot.get("shapley"), "+.2f")
-    if slot.get("shapley_error") is not None:
-        value += f" +/- {slot['shapley_error']:.2f}"
-    return f"{slot_id} {slot['stage']:<12} {slot['alpha']:.2f} ({value})"
 
 
 def outcome(seeds: list[SeedRecord], slots: list[str] | None = None) -> str:

@@ -24,7 +24,7 @@ import time
 import esper_fast
 from esper_fast.train import checkpoint
 from esper_fast.train.checkpoint import Checkpoint, EpochProgress
-from esper_fast.train.plotting import plot_run
+from esper_fast.train.plotting import plot_run, run_title
 from esper_fast.train.report import (
     ConfigRecord,
     EpochRecord,
@@ -143,6 +143,12 @@ class RunSession:
         self._checkpoint_position = (state.epochs_done, state.steps_done)
         self.run_dir.write_status(epochs_done=state.epochs_done, steps_done=state.steps_done, checkpoint=str(path))
 
+    @property
+    def stopped_at(self) -> tuple[int, int]:
+        """(epochs done, steps done of the next) as the last checkpoint holds them: where a
+        stopped run stands, and where a resume goes on from (on the writing rank)."""
+        return self._checkpoint_position
+
     def _session_time(self) -> float:
         start = getattr(self, "_session_start", None)
         return 0.0 if start is None else time.perf_counter() - start
@@ -183,17 +189,18 @@ class RunSession:
         ).to_log()
         self.log_records.append(summary)
         self.run_dir.append(summary)
-        self.draw_plot(summary["seed_outcome"] if status == "finished" else f"stopped after epoch {len(records)}")
+        # The config record with the device this session ran on (--resume may change it).
+        self.draw_plot(run_title({**self.log_records[0], "device": self.config.device}, records, summary,
+                                 position=self.stopped_at))
         for line in summary_lines(summary, self.device, self.ranks.backend):
             self.echo(line)
         self.run_dir.write_status(status=status, epochs_done=len(records),
                                   stopped_by=self.stop.name if status == "interrupted" else None)
         return summary
 
-    def draw_plot(self, what: str) -> None:
-        config = self.config
+    def draw_plot(self, title: str) -> None:
         self.run_dir.write_plot(lambda path: plot_run(
-            self.records, path, title=f"{config.task} on {config.device}: {what}",
+            self.records, path, title=title,
             chance=self.chance, task_type=self.task_type,
         ))
 
