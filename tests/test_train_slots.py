@@ -165,7 +165,9 @@ def test_two_slots_run_a_lifecycle_each_judged_by_its_shapley_value(two_slots, c
         assert a["shapley"] + b["shapley"] == pytest.approx(a["leave_one_out"] + b["alone_on"], abs=1e-9)
         assert a["shapley"] + b["shapley"] == pytest.approx(b["leave_one_out"] + a["alone_on"], abs=1e-9)
         # The main slot's single counterfactual is its leave-one-out, measured another way.
-        assert record["seed_contribution"] == pytest.approx(a["leave_one_out"], abs=1e-9)
+        assert record["real_accuracy"] - record["baseline_accuracy"] == pytest.approx(a["leave_one_out"], abs=1e-9)
+        # The record's contribution is the value the main slot's seed is judged by.
+        assert record["seed_contribution"] == a["shapley"]
         pair = record["interactions"]["block2_post+block3_post"]
         assert pair == pytest.approx(a["leave_one_out"] - a["alone_on"], abs=1e-9)
 
@@ -379,7 +381,7 @@ def test_sampled_shapley_values_are_logged_with_their_bound_and_shown_on_the_lin
         "slots": {"layer_0": slot("BLENDING", {"shapley": 5.0, "shapley_error": 0.25}),
                   "layer_1": slot("TRAINING", {"shapley": None})},
     })
-    lines = epoch_lines(record, 6, "lm")
+    lines = epoch_lines(record, 6, "classification")
     assert lines[1:] == ["  layer_0  seed-1  BLENDING      alpha 1.00  Shapley value  +5.00 +/- 0.25 points",
                          "  layer_1  seed-1  TRAINING      alpha 1.00"]
     assert seed_interactions(sampled, list(slots[:4]))["layer_0+layer_1"] == pytest.approx(0.0)

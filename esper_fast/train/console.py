@@ -118,13 +118,14 @@ def epoch_lines(record: "EpochRecord", epochs: int, task_type: str) -> list[str]
     """The epoch's console lines.
 
     One slot: one line, ``epoch | loss | val (train) | stage | alpha | contribution | time``
-    and the epoch's events after it.
+    (for ``lm``: ``ppl`` for ``val`` and ``loss drop V nats`` for the contribution) and the
+    epoch's events after it.
 
     Several slots: the head line ``epoch | loss | val (train) | time``; the events that
     belong to no slot (a governor rollback) indented under it; then per slot, in the host's
     order, ``SLOT  SEED  STAGE  alpha A  Shapley value V points`` (the stage the epoch
     trained in, alpha at its end, the seed's accuracy Shapley value with ``+/-`` its 95%
-    bound when sampled, left out when not measured: a TRAINING seed or a fossil is not in
+    bound when sampled; for ``lm`` the Shapley value of the loss it removes, in nats, left out when not measured: a TRAINING seed or a fossil is not in
     the counterfactuals; ``SLOT  no seed`` for an empty slot), and that slot's events (their
     ``SLOT: `` prefix dropped) indented under it; the empty slots to which nothing happened
     are named together on a last line, ``no seed in SLOT, SLOT``.
@@ -133,8 +134,12 @@ def epoch_lines(record: "EpochRecord", epochs: int, task_type: str) -> list[str]
     head = f"epoch {record.epoch:>2}/{epochs} | loss {_fmt(record.train_loss, '.4f', 'nan')} | {quality} " \
            f"(train {_fmt(record.train_accuracy, '5.1f')}%) | "
     if record.slots is None:
+        if task_type == "lm":
+            judged = f"loss drop {_fmt(record.seed_contribution, '+.4f'):>7} nats"
+        else:
+            judged = f"contribution {_fmt(record.seed_contribution, '+.2f'):>6}"
         line = (head + f"stage {record.stage:<12} | alpha {record.alpha:.2f} | "
-                f"contribution {_fmt(record.seed_contribution, '+.2f'):>6} | {record.epoch_time_s:.1f}s")
+                f"{judged} | {record.epoch_time_s:.1f}s")
         if record.events:
             line += " | " + "; ".join(record.events)
         return [line]
@@ -156,7 +161,7 @@ def epoch_lines(record: "EpochRecord", epochs: int, task_type: str) -> list[str]
     id_width = max((len(slot_id) for slot_id in shown), default=0)
     seed_width = max(len(slots[slot_id].get("seed_id") or "") for slot_id in shown) if shown else 0
     for slot_id in shown:
-        lines.append(SLOT_INDENT + _slot_detail(slot_id.ljust(id_width), slots[slot_id], seed_width))
+        lines.append(SLOT_INDENT + _slot_detail(slot_id.ljust(id_width), slots[slot_id], seed_width, task_type))
         lines += _event_lines(by_slot[slot_id], EVENT_INDENT)
     if idle:
         lines += textwrap.wrap("no seed in " + ", ".join(idle), COLUMNS, initial_indent=SLOT_INDENT,
@@ -168,17 +173,26 @@ def _holds_seed(slot: Mapping) -> bool:
     return slot.get("seed_id") is not None and slot.get("stage") not in (None, "NONE")
 
 
-def _slot_detail(slot_id: str, slot: Mapping, seed_width: int) -> str:
-    """``SLOT  SEED  STAGE  alpha A  Shapley value V points`` (``SLOT  no seed`` when empty)."""
+# Per task type, the value a slot's seed is judged by: its record key, name, formats and unit.
+_SLOT_VALUE = {
+    "classification": ("shapley", "Shapley value", "+6.2f", ".2f", "points"),
+    "lm": ("loss_shapley", "loss Shapley value", "+.4f", ".4f", "nats"),
+}
+
+
+def _slot_detail(slot_id: str, slot: Mapping, seed_width: int, task_type: str = "classification") -> str:
+    """``SLOT  SEED  STAGE  alpha A  Shapley value V points`` (``SLOT  no seed`` when empty);
+    for ``lm`` the value its seed is judged by, ``loss Shapley value V nats``."""
     if not _holds_seed(slot):
         return f"{slot_id}  no seed"
     detail = f"{slot_id}  {slot['seed_id']:<{seed_width}}  {slot['stage']:<12}  alpha {slot['alpha']:.2f}"
-    value = slot.get("shapley")
+    key, what, spec, error_spec, unit = _SLOT_VALUE[task_type]
+    value = slot.get(key)
     if value is not None:
-        detail += f"  Shapley value {value:+6.2f}"
-        if slot.get("shapley_error") is not None:
-            detail += f" +/- {slot['shapley_error']:.2f}"
-        detail += " points"
+        detail += f"  {what} {value:{spec}}"
+        if slot.get(f"{key}_error") is not None:
+            detail += f" +/- {slot[key + '_error']:{error_spec}}"
+        detail += f" {unit}"
     return detail
 
 

@@ -25,6 +25,16 @@ from esper_fast.leyline import SeedStage
 from esper_fast.train.settings import as_record, optional
 
 
+# What a seed's value measures, per task type: its name in words, its unit and its format.
+# A classifier's seed is judged by accuracy points; a language model's by the validation
+# loss it removes (nats per token; positive helps): its accuracy, the share of tokens whose
+# most likely next token is right, may not move at all while the model learns.
+JUDGED_BY = {
+    "classification": ("", "points", "+.2f"),
+    "lm": ("loss ", "nats", "+.4f"),
+}
+
+
 @dataclasses.dataclass
 class LifecycleSchedule:
     """How long the controller holds each stage, in epochs."""
@@ -88,11 +98,14 @@ class SeedController:
     ``slot_id``: the slot it drives (None: the model's main slot, and the seed records name
     no slot). ``name_seed()`` names each new seed (default ``seed-N``, N counting this
     controller's seeds). ``shapley``: the contribution it is given is the seed's Shapley
-    value (a run of several slots), which the events and reasons say.
+    value (a run of several slots), which the events and reasons say. ``task_type``: what the
+    contribution measures (:data:`JUDGED_BY`): accuracy points, or for ``lm`` the validation
+    loss the seed removes. A contribution of exactly 0 is culled as ``no_measurable_effect``.
     """
 
     def __init__(self, model: nn.Module, blueprint: str, schedule: LifecycleSchedule, epochs: int, steps_per_epoch: int,
-                 *, slot_id: str | None = None, name_seed: Callable[[], str] | None = None, shapley: bool = False):
+                 *, slot_id: str | None = None, name_seed: Callable[[], str] | None = None, shapley: bool = False,
+                 task_type: str = "classification"):
         from esper_fast.kasmina import QualityGates
 
         self.model = model
@@ -100,6 +113,7 @@ class SeedController:
         self.slot = model.slot(slot_id)
         self.name_seed = name_seed
         self.shapley = shapley
+        self.judged_by = JUDGED_BY[task_type]
         # The gates' dwell times follow this controller's schedule; the quality checks keep
         # their defaults (G2's accuracy gain, G3's alpha, G5's positive contribution).
         # G2's seed-gradient check needs a ratio this controller does not measure.
@@ -208,12 +222,16 @@ class SeedController:
 
     def _measured(self, contribution: float | None, error: float | None) -> str:
         """The contribution the decision read, in words."""
-        shown = "n/a" if contribution is None else f"{contribution:+.2f}"
+        metric, unit, spec = self.judged_by
+        shown = "n/a" if contribution is None else format(contribution, spec)
         if error:
-            shown += f" +/- {error:.2f}"
-        return f"{'Shapley value' if self.shapley else 'contribution'} {shown} points"
+            shown += f" +/- {format(error, spec.lstrip('+'))}"
+        what = "Shapley value" if self.shapley else ("drop" if metric else "contribution")
+        return f"{metric}{what} {shown} {unit}"
 
     def _cull_reason(self, contribution: float | None) -> str:
+        if contribution == 0:
+            return "no_measurable_effect"
         if not self.shapley:
             return "negative_counterfactual"
         # A positive sampled value whose 95% bound reaches 0 is not shown to help.
@@ -280,18 +298,20 @@ class SlotControllers:
     main slot. With one slot this is that slot's controller, as a run of one slot always had
     it. With several, the seeds are named ``seed-N`` in the order they germinate (in the host's
     order within an epoch), each slot's events are prefixed with its id, and each seed is
-    judged by its Shapley value (:meth:`end_epoch`).
+    judged by its Shapley value (:meth:`end_epoch`). ``task_type``: what the values measure
+    (:data:`JUDGED_BY`).
     """
 
     def __init__(self, model: nn.Module, blueprints: Mapping[str, str], schedule: LifecycleSchedule, epochs: int,
-                 steps_per_epoch: int):
+                 steps_per_epoch: int, task_type: str = "classification"):
         self.several = len(blueprints) > 1
+        self.task_type = task_type
         self.by_slot: dict[str, SeedController] = {
             slot_id: SeedController(
                 model, blueprint, schedule, epochs, steps_per_epoch,
                 slot_id=slot_id if self.several else None,
                 name_seed=self._next_seed_id if self.several else None,
-                shapley=self.several,
+                shapley=self.several, task_type=task_type,
             )
             for slot_id, blueprint in blueprints.items()
         }
@@ -323,10 +343,12 @@ class SlotControllers:
 
     def judged(self, contribution: float | None, values: Mapping[str, Mapping]) -> dict[str, tuple]:
         """What each slot's seed is judged by, for :meth:`end_epoch`: with several slots its
-        Shapley value and bound (``values``: :func:`~esper_fast.train.report.seed_values`), with
-        one the main slot's counterfactual ``contribution``."""
+        Shapley value and bound (``values``: :func:`~esper_fast.train.report.seed_values`; for
+        ``lm`` those of the loss it removes), with one the main slot's counterfactual
+        ``contribution`` (in the task's measure too)."""
         if self.several:
-            return {slot_id: (value["shapley"], value.get("shapley_error")) for slot_id, value in values.items()}
+            key = "loss_shapley" if self.task_type == "lm" else "shapley"
+            return {slot_id: (value[key], value.get(f"{key}_error")) for slot_id, value in values.items()}
         return {self.main_slot: (contribution, None)}
 
     def end_epoch(self, epoch: int, val_accuracy: float,

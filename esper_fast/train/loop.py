@@ -124,7 +124,7 @@ class LifecycleRun(RunSession):
         self.steps_per_epoch = len(self.train_batches)
         self.schedule = LifecycleSchedule.for_epochs(config.epochs)
         self.controllers = SlotControllers(self.model, self.blueprints, self.schedule, config.epochs,
-                                           self.steps_per_epoch)
+                                           self.steps_per_epoch, self.task_type)
         self.several = self.controllers.several
         self.optimizers = RunOptimizers(self.model.get_host_parameters(), self.controllers, self.task_type, config.lr)
         self.tally = KernelTally(enabled=not config.compile)
@@ -251,10 +251,13 @@ class LifecycleRun(RunSession):
                       if c.stage is not None and c.slot.alpha > 0]
         measured = self._validate(attribution=bool(in_forward))
         attribution = measured.attribution if controllers.main_slot in in_forward else None
-        contribution = None if attribution is None else float(attribution.seed_contribution)
-        values = seed_values(measured.slot_attribution, in_forward)
+        contribution = None if attribution is None else _contribution(attribution, self.task_type)
+        values = seed_values(measured.slot_attribution, in_forward, self.task_type)
+        judged = controllers.judged(contribution, values)
+        # The main slot's seed as the decision reads it (with several slots, its Shapley value).
+        contribution = judged.get(controllers.main_slot, (None,))[0]
         if not rollback:
-            events += controllers.end_epoch(plan.epoch, measured.val_accuracy, controllers.judged(contribution, values))
+            events += controllers.end_epoch(plan.epoch, measured.val_accuracy, judged)
             self.optimizers.drop_empty()
             with self.tally.tracing():
                 self.governor.snapshot()
@@ -433,6 +436,14 @@ class _EpochPlan:
     def stage_name(self) -> str:
         """The main slot's stage, by name."""
         return _stage_name(self.stages[self.main_slot])
+
+
+def _contribution(attribution, task_type: str) -> float:
+    """The main slot's counterfactual in the task's measure: accuracy points, or for ``lm``
+    the validation loss its seed removes (positive helps)."""
+    if task_type == "lm":
+        return float(attribution.baseline_loss - attribution.real_loss)
+    return float(attribution.seed_contribution)
 
 
 def _stage_name(stage: SeedStage | None) -> str:

@@ -323,7 +323,8 @@ def draw_run(records: Sequence[EpochRecord | Mapping], title: str = "", chance: 
     2. train and validation loss; for ``task_type="lm"`` their perplexity, log scale,
     3. the blend alpha over each epoch (start to end), the seed's cull or fossilization
        marked on it,
-    4. the counterfactual seed contribution (percentage points), with what it measures.
+    4. the counterfactual seed contribution (percentage points; for ``lm`` the validation loss
+       the seed removes, nats), with what it measures.
     Every panel carries the stage bands; germinations are green dotted lines (between the
     epoch that germinated and the first the seed trained in), rollbacks red dashed lines.
 
@@ -414,7 +415,7 @@ def _draw_one_slot(axes, records: list[EpochRecord], slots, chance: float | None
     colours = ["#2ca02c" if c >= 0 else "#d62728" for c in contrib]
     ax_contrib.bar(epochs, [0.0 if math.isnan(c) else c for c in contrib], color=colours, width=0.6)
     ax_contrib.axhline(0, color="black", lw=0.8)
-    ax_contrib.set_ylabel("seed contribution\n(points)")
+    ax_contrib.set_ylabel("seed loss drop\n(nats)" if task_type == "lm" else "seed contribution\n(points)")
 
 
 def _seed_spans(records: list[EpochRecord], slot_id: str) -> list[tuple[str, int, int]]:
@@ -504,18 +505,21 @@ def _draw_slots(axes, records: list[EpochRecord], slots: list[str], chance: floa
     ax_alpha.set_ylabel("alpha")
     _outside_legend(ax_alpha, handles=slot_handles, title="slots", title_fontsize=8)
 
+    # A language model's seeds are judged by the loss they remove (nats), a classifier's by
+    # accuracy points.
+    judged = "loss_shapley" if task_type == "lm" else "shapley"
     width = 0.8 / len(slots)
     for i, slot_id in enumerate(slots):
         offsets = [e - 0.4 + width * (i + 0.5) for e in epochs]
-        values = [_number(slot_field(r, slot_id, "shapley")) for r in records]
-        errors = [_number(slot_field(r, slot_id, "shapley_error")) for r in records]
+        values = [_number(slot_field(r, slot_id, judged)) for r in records]
+        errors = [_number(slot_field(r, slot_id, f"{judged}_error")) for r in records]
         drawn = [(x, v, 0.0 if math.isnan(e) else e) for x, v, e in zip(offsets, values, errors) if not math.isnan(v)]
         if drawn:
             xs, vs, es = zip(*drawn)
             ax_shapley.bar(xs, vs, width=width, color=style[slot_id][0], label=slot_id,
                            yerr=es if any(es) else None, capsize=2)
     ax_shapley.axhline(0, color="black", lw=0.8)
-    ax_shapley.set_ylabel("Shapley value\n(points)")
+    ax_shapley.set_ylabel("loss Shapley value\n(nats)" if task_type == "lm" else "Shapley value\n(points)")
     if ax_shapley.get_legend_handles_labels()[0]:
         _outside_legend(ax_shapley)
     else:

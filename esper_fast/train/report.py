@@ -52,7 +52,10 @@ class EpochRecord:
     val_accuracy: float | None
     perplexity: float | None
     per_class_accuracy: dict | None
-    seed_contribution: float | None  # accuracy with the seed minus with alpha forced to 0
+    # The value the main slot's seed is judged by: accuracy with the seed minus with alpha
+    # forced to 0 (for lm: the validation loss the seed removes, nats); with several slots
+    # the seed's Shapley value in the same measure.
+    seed_contribution: float | None
     real_accuracy: float | None
     baseline_accuracy: float | None
     rollback: bool
@@ -108,6 +111,10 @@ class SlotRecord:
     shapley_error: float | None = optional()
     leave_one_out: float | None = optional()
     alone_on: float | None = optional()
+    # A language model's seeds only: the Shapley value of the validation loss the seed
+    # removes (nats, positive helps), the value they are judged by, and its 95% bound.
+    loss_shapley: float | None = optional()
+    loss_shapley_error: float | None = optional()
 
     def to_log(self) -> dict:
         return as_record(self)
@@ -253,11 +260,13 @@ class SummaryRecord:
         return {"type": self.TYPE, **as_record(self)}
 
 
-def seed_values(attribution, in_forward) -> dict[str, dict]:
+def seed_values(attribution, in_forward, task_type: str = "classification") -> dict[str, dict]:
     """Slot id -> the accuracy attribution of its seed, for ``EpochRecord.slots``: the Shapley
     value, its 95% bound when sampled, the leave-one-out and alone-on contributions (points),
     for every live seed of ``attribution`` (a ``SlotAttribution``, or None) in ``in_forward``
-    (the slots whose seed is in the forward: a TRAINING seed, at alpha 0, is not measured)."""
+    (the slots whose seed is in the forward: a TRAINING seed, at alpha 0, is not measured).
+    For ``lm`` also the Shapley value of the loss the seed removes (``loss_shapley``, nats,
+    positive helps) and its bound when sampled: what a language model's seed is judged by."""
     if attribution is None:
         return {}
     accuracy = attribution.accuracy
@@ -269,6 +278,10 @@ def seed_values(attribution, in_forward) -> dict[str, dict]:
                 value["shapley_error"] = accuracy.shapley_error[slot_id]
             values[slot_id] = {**value, "leave_one_out": accuracy.leave_one_out[slot_id],
                                "alone_on": accuracy.alone_on[slot_id]}
+            if task_type == "lm":
+                values[slot_id]["loss_shapley"] = -attribution.loss.shapley[slot_id]
+                if not attribution.exact:
+                    values[slot_id]["loss_shapley_error"] = attribution.loss.shapley_error[slot_id]
     return values
 
 
