@@ -43,7 +43,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from esper_fast.kasmina import BlueprintRegistry
+from esper_fast.kasmina.topologies import topology, topology_of
 from esper_fast.kasmina.isolation import AlphaSchedule
 from esper_fast.kasmina.slot import SeedMetrics, SeedState
 from esper_fast.leyline import SeedStage, SeedTelemetry
@@ -401,8 +401,7 @@ def restore_model(model: nn.Module, state: dict, *, germinated_before: dict[str,
 
 def slot_blueprint(model: nn.Module) -> str:
     """The smallest blueprint of the model's topology (any will do for the shape probe)."""
-    topology = getattr(model.seed_slot.task_config, "topology", "cnn")
-    return BlueprintRegistry.names(topology)[0]
+    return topology(topology_of(model.seed_slot.task_config)).blueprints()[0]
 
 
 # ---------------------------------------------------------------- optimizers and governor

@@ -6,6 +6,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+from esper_fast.kasmina.topologies import topology as topology_entry
+
+
 def optional(**kwargs):
     """A dataclass field that only some runs have: None, and left out of the record
     (:func:`as_record`) when None, so that the records of runs without it read as before."""
@@ -21,9 +24,12 @@ def as_record(instance) -> dict:
 
 # Per task: the seed blueprint, batch size, sequence length and learning rate a run uses
 # when the flag is not given. Tuples are (on CPU, on CUDA).
+# The blueprint is the default of the task's topology (one entry per topology holds it).
 TASK_DEFAULTS = {
-    "cifar10": {"blueprint": "conv_light", "batch_size": (128, 128), "seq_len": None, "lr": 0.05},
-    "tinystories": {"blueprint": "lora", "batch_size": (8, 32), "seq_len": (64, None), "lr": 3e-4},
+    "cifar10": {"blueprint": topology_entry("cnn").default_blueprint, "batch_size": (128, 128), "seq_len": None,
+                "lr": 0.05},
+    "tinystories": {"blueprint": topology_entry("transformer").default_blueprint, "batch_size": (8, 32),
+                    "seq_len": (64, None), "lr": 3e-4},
 }
 TASKS = tuple(TASK_DEFAULTS)
 DEFAULT_OUT = "runs/latest"
@@ -122,12 +128,6 @@ class SettingsError(ValueError):
     """Settings a run cannot have; the message is the whole explanation, in one line."""
 
 
-# What each host's injection points are, for the messages about slots.
-INJECTION_POINTS = {
-    "cnn": "CNNHost's injection points, after every block but the first",
-    "transformer": "the transformer's injection points layer_{i}_post_block, after each layer",
-}
-
 
 def with_slots(config: RunConfig, topology: str) -> RunConfig:
     """``config`` with its slots and blueprints as a run records them, checked against the
@@ -143,7 +143,7 @@ def with_slots(config: RunConfig, topology: str) -> RunConfig:
         points, default = task_slots(config.task)
         unknown = [slot for slot in given if slot not in points]
         if unknown:
-            raise SettingsError(f"unknown slot {unknown[0]!r} for {config.task} ({INJECTION_POINTS[topology]}); "
+            raise SettingsError(f"unknown slot {unknown[0]!r} for {config.task} ({topology_entry(topology).injection_points}); "
                                 f"choose from: {', '.join(points)}")
         repeated = sorted({slot for slot in given if given.count(slot) > 1}, key=points.index)
         if repeated:
