@@ -332,3 +332,22 @@ def test_snapshot_copy(programs, variant):
     _run_copy(program, sizes, [i % 3 for i in range(len(sizes))], [i % 5 for i in range(len(sizes))])
     if variant == "plain":
         _run_copy(program, [1 << 20, 5], None, [0, 0])  # 1 MiB: 256 x blocks
+
+
+# ---- what the GPU check's report says the emulation covers.
+
+def test_coverage_names_every_kernel_and_reaches_the_gpu_report():
+    import importlib.util
+    import re
+
+    import emulated_paths
+
+    kernels = set()
+    for header in harness.CSRC.glob("cuda/*_kernels.cuh"):
+        kernels |= set(re.findall(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)", header.read_text()))
+    assert kernels and kernels == set(emulated_paths.VERIFIED)
+    spec = importlib.util.spec_from_file_location("gpu_finalize", harness.ROOT / "benchmarks" / "gpu_finalize.py")
+    gpu_finalize = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_finalize)
+    assert gpu_finalize.emulation_coverage() == {"verified_by_emulation": emulated_paths.VERIFIED,
+                                                 "device_only": emulated_paths.DEVICE_ONLY}

@@ -53,12 +53,16 @@ def compiler() -> str | None:
 
 
 def available() -> str | None:
-    """Why the emulation cannot run here, or None."""
+    """Why the emulation cannot run here, or None. With ESPER_FAST_REQUIRE_EMULATION=1 (CI) a
+    reason is an error, not a skip."""
+    reason = None
     if platform.system() != "Linux" or platform.machine() != "x86_64":
-        return "the emulation runs on x86-64 Linux"
-    if compiler() is None:
-        return "no C++ compiler (g++)"
-    return None
+        reason = "the emulation runs on x86-64 Linux"
+    elif compiler() is None:
+        reason = "no C++ compiler (g++)"
+    if reason and os.environ.get("ESPER_FAST_REQUIRE_EMULATION") == "1":
+        raise RuntimeError(f"ESPER_FAST_REQUIRE_EMULATION=1 but {reason}")
+    return reason
 
 
 def isa_flags() -> list[str]:
