@@ -22,6 +22,9 @@
 #include "blend_math.h"
 
 namespace esper_fast::blend {
+// Internal linkage, as when these lived in blend.cu: each .cu (and each emulation program)
+// includes its family's header once.
+namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -507,4 +510,5 @@ void launch_backward(Launch&& launch, const BackwardPlan& plan, const BackwardAr
   }
 }
 
+}  // namespace
 }  // namespace esper_fast::blend

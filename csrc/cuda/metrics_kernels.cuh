@@ -20,6 +20,9 @@
 
 namespace esper_fast {
 namespace metrics {
+// Internal linkage, as when these lived in metrics.cu: each .cu (and each emulation program)
+// includes its family's header once, and nvcc inlines flush_block as it did then (same SASS).
+namespace {
 
 using ull = unsigned long long;
 
@@ -203,7 +206,7 @@ __device__ __forceinline__ void finish_row(const RowState<math_t>& st, const sca
 // The block's sum of `part`, valid in thread 0, in a fixed order: a shuffle tree in each warp,
 // then the warps in order. Every thread of the block must call; `shared` (32 slots) is free again
 // on return.
-__device__ inline BatchPartial block_partial(BatchPartial part, BatchPartial* shared) {
+__device__ BatchPartial block_partial(BatchPartial part, BatchPartial* shared) {
   for (int offset = 16; offset > 0; offset /= 2) {
     BatchPartial other;
     other.loss = __shfl_down_sync(0xffffffffu, part.loss, offset);
@@ -230,7 +233,7 @@ __device__ inline BatchPartial block_partial(BatchPartial part, BatchPartial* sh
 // would depend on the order the blocks finish in); the last block to finish adds them in a fixed
 // order and updates `state`: the batch mean, counts, and the first bad target. Every thread of
 // the block must call.
-__device__ inline void flush_block(BatchPartial part, int64_t* state, long long* workspace, const int64_t* targets,
+__device__ void flush_block(BatchPartial part, int64_t* state, long long* workspace, const int64_t* targets,
                             const double* batch_loss, int64_t rows) {
   __shared__ BatchPartial shared[32];
   __shared__ bool last_block;
@@ -463,5 +466,6 @@ inline int64_t workspace_slots(dim3 grid) {
   return static_cast<int64_t>(grid.x) * grid.y * kPartialSlots;
 }
 
+}  // namespace
 }  // namespace metrics
 }  // namespace esper_fast

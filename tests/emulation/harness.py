@@ -3,7 +3,8 @@
 Each family's program is the kernel header csrc/cuda/<family>_kernels.cuh compiled with g++
 after cuda_emulation.h, in three variants: plain, ThreadSanitizer, and AddressSanitizer with
 UndefinedBehaviorSanitizer. Programs are cached under build/emulation/ by a digest of every
-source they include, the flags and the compiler, so an unchanged tree rebuilds nothing.
+source they include, the flags and the compiler, so an unchanged tree rebuilds nothing (and a
+changed one replaces the family's program).
 A mutated kernel header (tests/test_emulation_mutations.py) is a copy of csrc/ with one file
 patched, built the same way into its own cache entry.
 """
@@ -93,11 +94,14 @@ def _digest(family: str, variant: str, csrc: Path) -> str:
 
 def build(family: str, variant: str = "plain", csrc: Path = CSRC) -> Path:
     """The program for `family` and `variant` compiled against the kernel headers in `csrc`."""
-    exe = BUILD / f"{family}-{variant}-{_digest(family, variant, csrc)}"
+    folder = BUILD if csrc == CSRC else csrc.parent  # a mutant's programs beside its sources
+    exe = folder / f"{family}-{variant}-{_digest(family, variant, csrc)}"
     if exe.exists():
         return exe
-    BUILD.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=BUILD) as tmp:
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(f"{family}-{variant}-*"):
+        stale.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
         out = Path(tmp) / exe.name
         cmd = [compiler(), *_flags(variant, csrc), str(HERE / f"{family}_emulated.cpp"), "-o", str(out)]
         done = subprocess.run(cmd, capture_output=True, text=True)
