@@ -334,6 +334,34 @@ def test_snapshot_copy(programs, variant):
         _run_copy(program, [1 << 20, 5], None, [0, 0])  # 1 MiB: 256 x blocks
 
 
+# ---- the runtime's own rules.
+
+def test_runtime_shuffles_follow_cuda_lane_rules():
+    """Every lane's source for __shfl_sync, _up, _down, _xor at every width, against the rules of
+    the CUDA programming guide (a source outside the lane's segment gives the lane its own value)."""
+    out = harness.run(harness.build("runtime"), ["shuffles"], b"")
+    got = _from_bytes(out, torch.int32, (6, 11, 4, 32)).tolist()
+    for wi, width in enumerate([1, 2, 4, 8, 16, 32]):
+        for bi, b in enumerate(range(0, 33, 3)):
+            for lane in range(32):
+                base = lane // width * width
+                expected = [base + b % width,
+                            lane - b if lane - b >= base else lane,
+                            lane + b if lane + b < base + width else lane,
+                            lane ^ (b % 32) if (lane ^ (b % 32)) < base + width else lane]
+                assert [got[wi][bi][k][lane] for k in range(4)] == expected, (width, b, lane)
+
+
+@pytest.mark.parametrize("mode,message", [
+    ("exit_before_barrier", "exited while others wait at __syncthreads|after a thread of the block exited"),
+    ("partial_mask", "partial mask"),
+    ("divergent_shuffle", "divergent warp"),
+])
+def test_runtime_aborts_on_broken_rules(mode, message):
+    with pytest.raises(harness.EmulationFailed, match=message):
+        harness.run(harness.build("runtime"), [mode], b"")
+
+
 # ---- what the GPU check's report says the emulation covers.
 
 def test_coverage_names_every_kernel_and_reaches_the_gpu_report():

@@ -16,8 +16,9 @@
 //   lane waiting at a barrier or exited while its warp shuffles. A shuffle orders memory only
 //   among the lanes of its warp, so the race detector still sees missing barriers across warps.
 // - __shared__ memory: static storage of the kernel function, which is per block because blocks
-//   run one at a time; every __shared__ variable is filled with 0xff bytes (NaN for floating
-//   point, -1 for integers, an invalid bool) before each block starts.
+//   run one at a time; every __shared__ variable (found in the program's symbol table) is filled
+//   with 0xff bytes (NaN for floating point, -1 for integers, an invalid bool for UBSan) before
+//   each block starts.
 // - atomics: GCC __atomic builtins, relaxed, as CUDA's are. __threadfence: a sequentially
 //   consistent fence. __ldcg: a plain load.
 // - math: __expf is expf (the device's is an approximation: its error is not modelled).
@@ -29,12 +30,10 @@
 #pragma once
 
 #include <elf.h>
-#include <linux/futex.h>
 #include <link.h>
-#include <sched.h>
+#include <linux/futex.h>
 #include <sys/syscall.h>
 #include <unistd.h>
-#include <climits>
 
 #include <atomic>
 #include <chrono>

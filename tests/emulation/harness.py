@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 CSRC = ROOT / "csrc"
 BUILD = ROOT / "build" / "emulation"
-FAMILIES = ("metrics", "blend", "snapshot")
+FAMILIES = ("metrics", "blend", "snapshot")  # and "runtime": the emulation's own rules
 
 # -O2 everywhere: g++ forms FMAs only from -O2 (see isa_flags).
 VARIANTS = {
