@@ -457,7 +457,7 @@ def finalize(out: str, logs: str, dry_run: bool = False, whole_out: bool = False
         with open(log("distributed.json")) as f:
             distributed["results"] = json.load(f)
     judged = judge(steps, summaries, report["cases"], dry_run, harness)
-    report.update(summaries, distributed=distributed, steps=judged)
+    report.update(summaries, distributed=distributed, steps=judged, emulation=emulation_coverage())
     report["ok"] = False
     report["harness_errors"] = harness
     path = os.path.join(out, REPORT_NAME)
@@ -469,6 +469,18 @@ def finalize(out: str, logs: str, dry_run: bool = False, whole_out: bool = False
     report["ok"] = verdict(judged, dry_run, harness)
     write_json(path, report)
     return report, report["ok"]
+
+
+def emulation_coverage() -> dict | None:
+    """The kernel paths the CPU emulation verifies on every CI run, and what it leaves to this
+    run (tests/emulation/emulated_paths.py); None where the checkout lacks it."""
+    path = os.path.join(HERE, "..", "tests", "emulation", "emulated_paths.py")
+    if not os.path.exists(path):
+        return None
+    namespace: dict = {}
+    with open(path) as f:
+        exec(compile(f.read(), path, "exec"), namespace)  # plain data, no imports
+    return {"verified_by_emulation": namespace["VERIFIED"], "device_only": namespace["DEVICE_ONLY"]}
 
 
 def _environment_without_bench() -> dict:

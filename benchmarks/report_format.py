@@ -105,6 +105,10 @@ def format_table(report: dict) -> str:
         lines.append(f"IMPORT {problem.get('module')}: {(last[-1] if last else '')[:90]}")
     lines.append("%floor: c = of the device copy, h = of the pinned host link (snapshot cases), "
                  "w = the least work timed alike (validation cases)")
+    emulation = report.get("emulation")
+    if emulation:
+        lines.append("verified on CPU by the emulation (CI): " + ", ".join(emulation["verified_by_emulation"]))
+        lines.append("left to this run: " + "; ".join(item.split(" (")[0] for item in emulation["device_only"]))
     if "steps" in report:
         lines += _steps_lines(report)
         lines.append(f"RESULT: {verdict_word(report)}")

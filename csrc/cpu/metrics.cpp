@@ -16,7 +16,7 @@
 #define ESPER_FAST_AVX2 __attribute__((target("avx2,fma,f16c")))
 #endif
 
-#include "metrics.h"
+#include "metrics_args.h"
 
 namespace esper_fast {
 namespace metrics {

@@ -11,12 +11,13 @@
 
 #include <ATen/core/CachingHostAllocator.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
 #include <vector>
 
-#include "cuda/multi_tensor.cuh"
+#include "cuda/snapshot_kernels.cuh"
 #include "snapshot.h"
 
 namespace esper_fast {
@@ -24,6 +25,15 @@ namespace {
 
 // A staging range never spans more than this, so the device scratch stays bounded.
 constexpr int64_t kMaxStagingBytes = 64 << 20;
+
+// Enqueues all copies on `stream` (snapshot_kernels.cuh plans the launches).
+void multi_tensor_copy(const std::vector<ByteCopy>& copies, cudaStream_t stream) {
+  auto launch = [stream](auto kernel, dim3 grid, int threads, const ByteCopyBatch& batch) {
+    kernel<<<grid, threads, 0, stream>>>(batch);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  launch_multi_tensor_copy(launch, copies.data(), copies.size());
+}
 
 int64_t nbytes_of(const at::Tensor& t) { return t.numel() * static_cast<int64_t>(t.element_size()); }
 

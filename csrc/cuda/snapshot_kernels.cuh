@@ -1,13 +1,12 @@
-// One launch copies the bytes of many (source, destination) pairs: the apex multi-tensor idea
-// for plain copies. Each blockIdx.y is one pair; the x blocks stride over its bytes.
+// Device code of the snapshot copy: one launch copies the bytes of many (source, destination)
+// pairs, the apex multi-tensor idea for plain copies. Each blockIdx.y is one pair; the x blocks
+// stride over its bytes. No ATen and no launch syntax: csrc/cuda/snapshot.cu launches it on a
+// stream, and the test-only CPU emulation (tests/emulation/) compiles this same text with g++.
 #pragma once
 
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
-#include <vector>
 
 namespace esper_fast {
 
@@ -47,13 +46,15 @@ static __global__ void multi_tensor_copy_kernel(ByteCopyBatch batch) {
   for (int64_t i = done + first; i < nbytes; i += stride) dst[i] = src[i];
 }
 
-// Enqueues all copies on `stream` in ceil(n / kMaxCopiesPerLaunch) launches.
-inline void multi_tensor_copy(const std::vector<ByteCopy>& copies, cudaStream_t stream) {
-  for (size_t start = 0; start < copies.size(); start += kMaxCopiesPerLaunch) {
-    const size_t count = std::min(copies.size() - start, static_cast<size_t>(kMaxCopiesPerLaunch));
+// All `count` copies in ceil(count / kMaxCopiesPerLaunch) launches, each
+// `launch(kernel, grid, threads, batch)` (on a stream in snapshot.cu, emulated in the tests).
+template <typename Launch>
+void launch_multi_tensor_copy(Launch&& launch, const ByteCopy* copies, size_t count) {
+  for (size_t start = 0; start < count; start += kMaxCopiesPerLaunch) {
+    const size_t n = std::min(count - start, static_cast<size_t>(kMaxCopiesPerLaunch));
     ByteCopyBatch batch;
     int64_t largest = 0;
-    for (size_t j = 0; j < count; ++j) {
+    for (size_t j = 0; j < n; ++j) {
       batch.src[j] = copies[start + j].src;
       batch.dst[j] = copies[start + j].dst;
       batch.nbytes[j] = copies[start + j].nbytes;
@@ -63,9 +64,7 @@ inline void multi_tensor_copy(const std::vector<ByteCopy>& copies, cudaStream_t 
     const int64_t vectors = (largest + 15) / 16;
     const int blocks_x = static_cast<int>(
         std::max<int64_t>(1, std::min<int64_t>(kMaxCopyBlocksX, (vectors + kCopyThreads - 1) / kCopyThreads)));
-    const dim3 grid(blocks_x, static_cast<unsigned>(count));
-    multi_tensor_copy_kernel<<<grid, kCopyThreads, 0, stream>>>(batch);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(multi_tensor_copy_kernel, dim3(blocks_x, static_cast<unsigned>(n)), kCopyThreads, batch);
   }
 }
 
