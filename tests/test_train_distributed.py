@@ -285,7 +285,7 @@ def test_validation_over_the_ranks_shards_counts_exactly_what_one_process_counts
 
 
 def test_shards_hold_every_validation_sample_once_and_equal_training_steps():
-    test_shards = [list(data.ShardSampler(range(101), rank, 2)) for rank in range(2)]
+    test_shards = [list(datasets.ShardSampler(range(101), rank, 2)) for rank in range(2)]
     assert sorted(test_shards[0] + test_shards[1]) == list(range(101))
     bundles = [datasets.cifar10_loaders(rank=r, world_size=3, **SHARD_DATA) for r in range(3)]
     assert len({len(b.trainloader) for b in bundles}) == 1  # DistributedSampler pads: equal steps
