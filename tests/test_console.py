@@ -32,7 +32,8 @@ def test_a_one_slot_line_is_the_line_it_always_was():
         "epoch  7/8 | loss 1.5029 | val  40.3% (train  40.6%) | stage PROBATIONARY | alpha 1.00 | "
         "contribution  +2.81 | 1.0s | PROBATIONARY -> FOSSILIZED; seed-1 fossilized (contribution +2.81 points)"]
     assert epoch_lines(record(stage="NONE", seed_contribution=None, train_loss=None, perplexity=12.345), 8, "lm") == [
-        "epoch  7/8 | loss nan | ppl 12.35 (train  40.6%) | stage NONE         | alpha 1.00 | contribution      - | 1.0s"]
+        "epoch  7/8 | loss nan | ppl 12.35 (train  40.6%) | stage NONE         | alpha 1.00 | loss drop       - nats "
+        "| 1.0s"]
 
 
 def test_two_slots_print_a_head_line_then_each_slot_labelled_with_its_events_under_it():
@@ -75,8 +76,12 @@ def test_empty_slots_to_which_nothing_happened_are_named_together():
     ]
 
 
+@pytest.mark.parametrize("task_type, label", [
+    ("classification", "Shapley value -12.35 +/- 10.25 points"),
+    ("lm", "loss Shapley value -0.1235 +/- 0.0521 nats"),
+])
 @pytest.mark.parametrize("slot_ids", [CIFAR_SLOTS, LM_SLOTS[:5], LM_SLOTS], ids=["2 slots", "5 slots", "6 slots"])
-def test_every_line_fits_100_columns_whatever_the_number_of_slots(slot_ids):
+def test_every_line_fits_100_columns_whatever_the_number_of_slots(slot_ids, task_type, label):
     long_gate = ("gate held TRAINING -> BLENDING (global_improvement_insufficient_-0.26%, seed_not_ready, "
                  "isolation_violations_3, gradient_norm_exploding)")
     events = []
@@ -85,12 +90,13 @@ def test_every_line_fits_100_columns_whatever_the_number_of_slots(slot_ids):
         events += [f"{slot_id}: germinated seed-{i + 11} (conv_light): validation accuracy plateaued",
                    f"{slot_id}: GERMINATED -> TRAINING", f"{slot_id}: {long_gate}",
                    f"{slot_id}: seed-{i + 11} culled: uncertain_shapley (Shapley value +0.42 +/- 1.37 points)"]
-        slots[slot_id] = slot("PROBATIONARY", f"seed-{i + 11}", shapley=-12.3456, shapley_error=10.25)
-    lines = epoch_lines(record(events=events, slots=slots, epoch=10, epoch_time_s=1234.5), 10, "lm")
+        slots[slot_id] = slot("PROBATIONARY", f"seed-{i + 11}", shapley=-12.3456, shapley_error=10.25,
+                              loss_shapley=-0.123456, loss_shapley_error=0.0521)
+    lines = epoch_lines(record(events=events, slots=slots, epoch=10, epoch_time_s=1234.5), 10, task_type)
     assert max(len(line) for line in lines) <= COLUMNS, "\n".join(lines)
     for slot_id in slot_ids:  # each slot's line says what its numbers are
         line = next(line for line in lines if line.startswith(f"  {slot_id} "))
-        assert "PROBATIONARY  alpha 1.00  Shapley value -12.35 +/- 10.25 points" in line
+        assert f"PROBATIONARY  alpha 1.00  {label}" in line
     # No event is lost or repeated: every one is on the lines, once, after its slot's line.
     text = " ".join(line.strip() for line in lines)
     assert text.count("gate held TRAINING -> BLENDING") == len(slot_ids)

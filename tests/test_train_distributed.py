@@ -173,7 +173,8 @@ def test_a_stopped_two_rank_run_resumes_to_the_same_records(workdir, lifecycle, 
     # of the ranks' exit statuses goes to the run folder's process log.
     resume_command = f"esper-fast train --resume {out}"
     assert stopped.stderr.splitlines() == [
-        f"esper-fast: stopped by SIGTERM after 2 of 6 epochs (checkpoint {out / 'checkpoints'}/epoch-0002-step-0001.pt);"
+        f"esper-fast: stopped by SIGTERM after 2 of 6 epochs and 1 of 3 steps of epoch 3 "
+        f"(checkpoint {out / 'checkpoints'}/epoch-0002-step-0001.pt);"
         f" continue with: {resume_command}"]
     assert "ChildFailedError" in (out / launch.PROCESS_LOG).read_text()
     assert read_log(out / train.METRICS_FILE)[-1]["resume_command"] == resume_command
