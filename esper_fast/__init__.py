@@ -39,6 +39,9 @@ _TOLARIA_NAMES = (
     "SlotAttribution",
     "TolariaGovernor",
     "GovernorReport",
+    "judge_candidates",
+    "Judgement",
+    "CandidateValue",
 )
 # name -> the module that defines it, imported at the first access.
 _LAZY = {

@@ -12,6 +12,7 @@ CONTRACT = {
         "create_model", "train_epoch_normal", "train_epoch_incubator_mode", "train_epoch_blended",
         "validate_and_get_metrics", "validate_with_attribution", "AttributionResult",
         "validate_epoch", "EpochValidation", "slot_attribution", "SlotAttribution", "TolariaGovernor", "GovernorReport",
+        "judge_candidates", "Judgement", "CandidateValue",
     ],
     "esper_fast.tolaria.trainer": [
         "train_epoch_normal", "train_epoch_incubator_mode", "train_epoch_blended",

@@ -14,7 +14,7 @@ from esper_fast.leyline import (
     is_terminal_stage,
     is_valid_transition,
 )
-from esper_fast.kasmina.slot import QualityGates, SeedMetrics, SeedSlot, SeedState
+from esper_fast.kasmina.slot import Candidate, QualityGates, SeedMetrics, SeedSlot, SeedState
 from esper_fast.kasmina.blueprints import BlueprintRegistry, BlueprintSpec, ConvBlock
 from esper_fast.kasmina.isolation import AlphaSchedule, GradientIsolationMonitor, blend_with_isolation, ste_forward
 from esper_fast.kasmina.protocol import HostProtocol
@@ -34,6 +34,7 @@ __all__ = [
     "SeedState",
     "QualityGates",
     "SeedSlot",
+    "Candidate",
     "BlueprintRegistry",
     "BlueprintSpec",
     "ConvBlock",

@@ -417,6 +417,12 @@ class MorphogeneticModel(nn.Module):
         by the isolation monitor."""
         self.slot(slot).germinate(blueprint_id=blueprint_id, seed_id=seed_id, host_module=self.host)
 
+    def germinate_candidates(self, blueprint_ids, seed_ids=None, *, slot: str | None = None) -> None:
+        """Germinate several blueprints to incubate together in the slot at ``slot`` (default:
+        the main slot), the first watched by the isolation monitor
+        (:meth:`SeedSlot.germinate_candidates`)."""
+        self.slot(slot).germinate_candidates(blueprint_ids, seed_ids, host_module=self.host)
+
     def cull_seed(self, *, slot: str | None = None) -> None:
         """Cull the seed of the slot at ``slot`` (default: the main slot)."""
         self.slot(slot).cull()

@@ -96,6 +96,10 @@ class GradientIsolationMonitor:
         self._host_params = [p for p in host.parameters() if p.requires_grad]
         self._seed_params = [p for p in seed.parameters() if p.requires_grad]
 
+    def watch_seed(self, seed: nn.Module) -> None:
+        """Watch ``seed`` in place of the seed registered before (the host stays watched)."""
+        self._seed_params = [p for p in seed.parameters() if p.requires_grad]
+
     @torch.no_grad()
     def check_isolation(self) -> tuple[bool, dict]:
         """``(isolated, details)``; details has both norms, their ratio, the verdict and the

@@ -8,6 +8,15 @@ ramp, telemetry and its data keys, RNG use of the shape probes) is the original'
 program makes the same decisions on either. Options that change results are keyword-only
 and off by default (``strict_transitions``, ``auto_blend_ramp``).
 
+Candidates. :meth:`SeedSlot.germinate_candidates` germinates several blueprints at once,
+each from the random state a germination of it alone would have drawn from. The first is the
+slot's ``seed``/``state`` (the *lead*); the others are its *rivals* (``rivals``,
+``rival_states``). They incubate together: in TRAINING every candidate runs on the detached
+host features through the straight-through estimator, so the forward's value is the host's
+and each candidate gets the gradient it would get alone. :meth:`SeedSlot.keep_candidate`
+ends the incubation (the winner becomes the lead, the others are culled). A slot with one
+candidate is exactly the single-seed slot: no ``rivals`` module, the same ``state_dict``.
+
 The forward pass joins the seed through the fused operators (:func:`ste_forward`,
 :func:`blend_with_isolation`). By default it is fenced off from torch.compile like the
 original's (``torch.compiler.disable``: stage-dependent control flow would specialise the
@@ -53,7 +62,7 @@ from esper_fast.leyline import (
 )
 from esper_fast.leyline import SeedMetrics as LeylineSeedMetrics
 
-__all__ = ["SeedMetrics", "SeedState", "QualityGates", "SeedSlot"]
+__all__ = ["SeedMetrics", "SeedState", "QualityGates", "SeedSlot", "Candidate"]
 
 # ESPER_DEBUG_STE=1 asserts that the seed output carries a gradient on the STE path.
 _DEBUG_STE = os.environ.get("ESPER_DEBUG_STE", "").lower() in ("1", "true", "yes")
@@ -242,6 +251,41 @@ class SeedState:
 # ============================================================================ slot
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """One seed incubating in a slot: its module and its lifecycle state."""
+
+    seed: nn.Module
+    state: SeedState
+
+    @property
+    def blueprint_id(self) -> str:
+        return self.state.blueprint_id
+
+    @property
+    def seed_id(self) -> str:
+        return self.state.seed_id
+
+
+def _generator_states(device: torch.device) -> dict:
+    """The torch generators a germination draws from: the CPU's (weights) and, on CUDA, the
+    device's (the shape probe)."""
+    states = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def _set_generator_states(states: dict, device: torch.device) -> None:
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states and device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def _same_generator_states(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
 class SeedSlot(nn.Module):
     """A place in the host where one seed can grow.
 
@@ -294,6 +338,12 @@ class SeedSlot(nn.Module):
         self.alpha_schedule: AlphaSchedule | None = None
         self.isolate_gradients: bool = False
         self.isolation_monitor: GradientIsolationMonitor | None = None  # made at the first germination
+        # The lead's rivals while several candidates incubate (see the module docstring);
+        # the module is registered only then, so a one-candidate slot's state_dict is the original's.
+        self.rivals: nn.ModuleList | None = None
+        self.rival_states: list[SeedState] = []
+        # Per candidate, the generators' states right after its germination (see keep_candidate).
+        self._candidate_generators: list[dict] | None = None
         # topology -> (device, probe); one probe per topology, made (and RNG drawn) once per device
         self._shape_probe_cache: dict[str, tuple[torch.device, torch.Tensor]] = {}
         # state.alpha on the device, for a compiled forward (not saved in state_dict)
@@ -366,8 +416,22 @@ class SeedSlot(nn.Module):
             self.__dict__.pop("forward", None)
 
     def get_parameters(self) -> Iterator[nn.Parameter]:
-        """The seed's parameters (an empty iterator without a seed)."""
+        """The seed's parameters (an empty iterator without a seed; the lead's while several
+        candidates incubate)."""
         return iter([]) if self.seed is None else self.seed.parameters()
+
+    @property
+    def candidates(self) -> list[Candidate]:
+        """The seeds in the slot, the lead first, then its rivals (empty without a seed)."""
+        if not self.is_active:
+            return []
+        rivals = list(self.rivals) if self.rivals is not None else []
+        return [Candidate(self.seed, self.state)] + [Candidate(m, st) for m, st in zip(rivals, self.rival_states)]
+
+    @property
+    def has_rivals(self) -> bool:
+        """Whether several candidates incubate in the slot."""
+        return bool(self.rival_states)
 
     # ---------------------------------------------------------------- alpha
 
@@ -409,6 +473,31 @@ class SeedSlot(nn.Module):
             yield
         finally:
             state.alpha = previous
+            self._sync_alpha()
+
+    @contextmanager
+    def leading(self, seed_id: str):
+        """Within the block the candidate ``seed_id`` is the slot's seed (and state), in the
+        lead's place, so that the slot's forward runs it as it would run the lead (for a
+        judgement, with :meth:`force_alpha`); the lead comes back on exit, even on error.
+        Not thread-safe and not re-entrant."""
+        candidates = self.candidates
+        ids = [c.seed_id for c in candidates]
+        if seed_id not in ids:
+            raise ValueError(f"leading: no candidate {seed_id!r} in slot {self.slot_id}; candidates: {ids}")
+        index = ids.index(seed_id)
+        if index == 0:
+            yield
+            return
+        lead = candidates[0]
+        self.seed, self.state = candidates[index].seed, candidates[index].state
+        self.rivals[index - 1], self.rival_states[index - 1] = lead.seed, lead.state
+        self._sync_alpha()
+        try:
+            yield
+        finally:
+            self.rivals[index - 1], self.rival_states[index - 1] = candidates[index].seed, candidates[index].state
+            self.seed, self.state = lead.seed, lead.state
             self._sync_alpha()
 
     def start_blending(self, total_steps: int, temperature: float = 1.0) -> None:
@@ -483,6 +572,106 @@ class SeedSlot(nn.Module):
         )
         return self.state
 
+    def germinate_candidates(
+        self,
+        blueprint_ids,
+        seed_ids=None,
+        host_module: nn.Module | None = None,
+    ) -> list[SeedState]:
+        """Germinate several blueprints in this slot to incubate together (see the module
+        docstring); returns their states, in the order given.
+
+        Every candidate is built from the same random state, the one a :meth:`germinate` of
+        it alone would draw from (its shape probe included), so its initial weights do not
+        depend on the others. The generators are then left where the first candidate's
+        germination leaves them; :meth:`keep_candidate` moves them to the winner's. One
+        blueprint is exactly :meth:`germinate`. ``seed_ids`` default to
+        ``<slot>-<blueprint>``; ValueError for no blueprint, a repeated one, or a repeated id.
+        """
+        blueprint_ids = list(blueprint_ids)
+        if not blueprint_ids:
+            raise ValueError("germinate_candidates: give at least one blueprint")
+        if len(set(blueprint_ids)) != len(blueprint_ids):
+            raise ValueError(f"germinate_candidates: a blueprint is named twice in {blueprint_ids}")
+        seed_ids = list(seed_ids) if seed_ids is not None else [None] * len(blueprint_ids)
+        if len(seed_ids) != len(blueprint_ids):
+            raise ValueError(f"germinate_candidates: {len(seed_ids)} seed ids for {len(blueprint_ids)} blueprints")
+        named = [s for s in seed_ids if s is not None]
+        if len(set(named)) != len(named):
+            raise ValueError(f"germinate_candidates: a seed id is given twice in {seed_ids}")
+        if len(blueprint_ids) == 1:
+            return [self.germinate(blueprint_ids[0], seed_ids[0], host_module)]
+        if self.is_active and not is_failure_stage(self.state.stage):
+            raise RuntimeError(f"Slot {self.slot_id} already has active seed")
+
+        start, probes = _generator_states(self.device), dict(self._shape_probe_cache)
+        built, generators = [], []
+        try:
+            for blueprint_id, seed_id in zip(blueprint_ids, seed_ids):
+                _set_generator_states(start, self.device)
+                self._shape_probe_cache = dict(probes)
+                self.seed, self.state = None, None
+                self.germinate(blueprint_id, seed_id, host_module if not built else None)
+                built.append((self.seed, self.state))
+                generators.append(_generator_states(self.device))
+        except BaseException:
+            # A candidate that cannot be built leaves the slot empty, as before the call.
+            self.seed, self.state = None, None
+            self._shape_probe_cache = probes
+            _set_generator_states(start, self.device)
+            if self.isolation_monitor is not None:
+                self.isolation_monitor.reset()
+            raise
+        _set_generator_states(generators[0], self.device)
+        (self.seed, self.state), rivals = built[0], built[1:]
+        self.rivals = nn.ModuleList([seed for seed, _ in rivals])
+        self.rival_states = [state for _, state in rivals]
+        self._candidate_generators = generators
+        return [state for _, state in built]
+
+    def keep_candidate(self, seed_id: str, reason: str = "lost_judgement", details=None) -> list[SeedState]:
+        """End the incubation of several candidates: ``seed_id`` becomes the slot's seed and
+        the others are culled with ``reason`` (telemetry ``SEED_CULLED`` each, with
+        ``details[their seed_id]`` under ``judgement`` when given). Returns the culled states.
+
+        When nothing has drawn from torch's generators since the germination, they are set to
+        where the winner's germination alone left them, so that from here on the run is the
+        winner's own, bit for bit.
+        """
+        candidates = self.candidates
+        ids = [c.seed_id for c in candidates]
+        if seed_id not in ids:
+            raise ValueError(f"keep_candidate: no candidate {seed_id!r} in slot {self.slot_id}; candidates: {ids}")
+        winner = ids.index(seed_id)
+        generators = self._candidate_generators
+        if generators is not None and _same_generator_states(_generator_states(self.device), generators[0]):
+            _set_generator_states(generators[winner], self.device)
+        culled = []
+        for index, candidate in enumerate(candidates):
+            if index == winner:
+                continue
+            summary = self._seed_summary(candidate.state)
+            old_stage = candidate.state.stage
+            candidate.state.transition(SeedStage.CULLED)
+            extra = {} if details is None or candidate.seed_id not in details else {"judgement": details[candidate.seed_id]}
+            self._emit_telemetry(TelemetryEventType.SEED_STAGE_CHANGED, data={"from": old_stage.name, "to": "CULLED"},
+                                 state=candidate.state)
+            self._emit_telemetry(TelemetryEventType.SEED_CULLED, data={"reason": reason, **summary, **extra},
+                                 state=candidate.state)
+            culled.append(candidate.state)
+        self.seed, self.state = candidates[winner].seed, candidates[winner].state
+        if winner != 0 and self.isolation_monitor is not None:
+            self.isolation_monitor.watch_seed(self.seed)
+        self._drop_rivals()
+        self._sync_alpha()
+        return culled
+
+    def _drop_rivals(self) -> None:
+        if self.rivals is not None:
+            self.rivals = None
+        self.rival_states = []
+        self._candidate_generators = None
+
     def _check_shape_preserved(self, seed: nn.Module, topology: str, blueprint_id: str) -> None:
         # A smoke test in eval mode under no_grad, so no statistics or autograd state change.
         probe = self._get_shape_probe(topology)
@@ -496,13 +685,14 @@ class SeedSlot(nn.Module):
         finally:
             seed.train(was_training)
 
-    def _seed_summary(self) -> dict:
+    def _seed_summary(self, state: SeedState | None = None) -> dict:
         """The seed's record at a decisive moment, taken before the transition resets the
         stage counters (telemetry data of fossilize and cull)."""
-        metrics = self.state.metrics
+        state = state or self.state
+        metrics = state.metrics
         return {
-            "blueprint_id": self.state.blueprint_id,
-            "seed_id": self.state.seed_id,
+            "blueprint_id": state.blueprint_id,
+            "seed_id": state.seed_id,
             "improvement": metrics.total_improvement,
             "blending_delta": metrics.blending_delta,
             "counterfactual": metrics.counterfactual_contribution,
@@ -522,6 +712,10 @@ class SeedSlot(nn.Module):
             return GateResult(gate=GateLevel.G0, passed=False, checks_failed=["no_valid_transition"])
         if self.strict_transitions and not self.state.can_transition_to(target_stage):
             raise InvalidTransitionError(self.state.stage, SeedStage(target_stage))
+        if self.has_rivals and target_stage != SeedStage.TRAINING:
+            # Several candidates only incubate: keep_candidate ends that first.
+            level = self.gates._get_gate_level(SeedStage(target_stage))
+            return GateResult(gate=level, passed=False, checks_failed=["candidates_not_judged"])
 
         gate = self.gates.check_gate(self.state, target_stage)
         if not gate.passed:
@@ -533,6 +727,7 @@ class SeedSlot(nn.Module):
 
         if old_stage == SeedStage.GERMINATED and target_stage == SeedStage.TRAINING:
             self.isolate_gradients = True  # the seed incubates on detached host features
+            self._rivals_follow(old_stage, target_stage)
         elif old_stage == SeedStage.TRAINING and target_stage == SeedStage.BLENDING:
             self._enter_blending()
             if self.auto_blend_ramp and self.alpha_schedule is None:
@@ -543,6 +738,13 @@ class SeedSlot(nn.Module):
             data = {**summary, "params_added": _trainable_params(self.seed), **epochs}
             self._emit_telemetry(TelemetryEventType.SEED_FOSSILIZED, data=data)
         return gate
+
+    def _rivals_follow(self, old_stage: SeedStage, target_stage: SeedStage) -> None:
+        # Each rival passes its own gate into the stage the lead entered (G1: GERMINATED).
+        for state in self.rival_states:
+            if state.stage == old_stage and self.gates.check_gate(state, target_stage).passed and state.transition(target_stage):
+                self._emit_telemetry(TelemetryEventType.SEED_STAGE_CHANGED,
+                                     data={"from": old_stage.name, "to": target_stage.name}, state=state)
 
     def _enter_blending(self) -> None:
         # Blending lets seed and host co-adapt through the seed branch; the accuracy now is
@@ -566,6 +768,14 @@ class SeedSlot(nn.Module):
             return False
         self._emit_stage_changed(old_stage)
         self._emit_telemetry(TelemetryEventType.SEED_CULLED, data={"reason": reason, **summary})
+        for state in self.rival_states:  # a cull ends every candidate
+            rival_summary, rival_stage = self._seed_summary(state), state.stage
+            if state.transition(SeedStage.CULLED):
+                self._emit_telemetry(TelemetryEventType.SEED_STAGE_CHANGED,
+                                     data={"from": rival_stage.name, "to": "CULLED"}, state=state)
+                self._emit_telemetry(TelemetryEventType.SEED_CULLED, data={"reason": reason, **rival_summary},
+                                     state=state)
+        self._drop_rivals()
         self.seed = None
         self.state = None
         self.alpha_schedule = None
@@ -614,7 +824,10 @@ class SeedSlot(nn.Module):
             if self._step_into(SeedStage.TRAINING):
                 self.isolate_gradients = True
                 self._emit_stage_changed(stage)
+                self._rivals_follow(stage, SeedStage.TRAINING)
         elif stage == SeedStage.TRAINING:
+            if self.has_rivals:
+                return  # the candidates' incubation ends with keep_candidate
             if state.metrics.epochs_in_current_stage < self._dwell_epochs("train_to_blend_fraction"):
                 return
             if self._step_into(SeedStage.BLENDING):
@@ -639,13 +852,16 @@ class SeedSlot(nn.Module):
         """The contract report of the seed's state (None without a seed)."""
         return self.state.to_report() if self.state else None
 
-    def _emit_telemetry(self, event_type: TelemetryEventType, data: dict | None = None) -> None:
-        """Send one event to ``on_telemetry`` (nothing in fast_mode or without a callback)."""
+    def _emit_telemetry(self, event_type: TelemetryEventType, data: dict | None = None,
+                        state: SeedState | None = None) -> None:
+        """Send one event to ``on_telemetry`` (nothing in fast_mode or without a callback),
+        about ``state``'s seed (default: the slot's seed)."""
         if self.fast_mode or self.on_telemetry is None:
             return
+        state = state or self.state
         event = TelemetryEvent(
             event_type=event_type,
-            seed_id=self.state.seed_id if self.state else None,
+            seed_id=state.seed_id if state else None,
             slot_id=self.slot_id,
             data=data or {},
         )
@@ -654,13 +870,30 @@ class SeedSlot(nn.Module):
     # ---------------------------------------------------------------- checkpoints
 
     def get_extra_state(self):
-        """The lifecycle in checkpoints: the SeedState and the alpha schedule."""
-        return {"seed_state": self.state, "alpha_schedule": self.alpha_schedule}
+        """The lifecycle in checkpoints: the SeedState and the alpha schedule (and, while
+        several candidates incubate, the rivals' states and the generators' states after
+        each candidate's germination)."""
+        extra = {"seed_state": self.state, "alpha_schedule": self.alpha_schedule}
+        if self.has_rivals:
+            extra["rival_states"] = list(self.rival_states)
+            extra["candidate_generators"] = self._candidate_generators
+        return extra
 
     def set_extra_state(self, state: dict) -> None:
-        """Restore the SeedState and alpha schedule saved by :meth:`get_extra_state`."""
+        """Restore what :meth:`get_extra_state` saved. Rivals' tensors load into the rivals
+        germinated before loading (:meth:`germinate_candidates`); a state without rivals
+        drops any."""
         self.state = state.get("seed_state")
         self.alpha_schedule = state.get("alpha_schedule")
+        rivals = state.get("rival_states") or []
+        if rivals:
+            if self.rivals is None or len(self.rivals) != len(rivals):
+                raise RuntimeError(f"slot {self.slot_id}: the checkpoint holds {len(rivals)} rival candidate(s); "
+                                   "germinate the same candidates before loading it")
+            self.rival_states = list(rivals)
+            self._candidate_generators = state.get("candidate_generators")
+        else:
+            self._drop_rivals()
         self._sync_alpha()
 
     # ---------------------------------------------------------------- forward
@@ -683,15 +916,30 @@ class SeedSlot(nn.Module):
         if straight_through(state.stage, state.alpha):
             if _DEBUG_STE:
                 assert seed_features.requires_grad, "STE needs a seed output that requires grad"
-            return ste_forward(host_features, seed_features)
+            joined = ste_forward(host_features, seed_features)
+            if self.rivals is not None:
+                joined = self._join_rivals(joined, host_features)
+            return joined
         # Eager passes the float; a compiled graph reads the device copy, so that a new
         # alpha is new data for the same graph rather than a recompile.
         alpha = self._alpha_value if torch.compiler.is_compiling() else state.alpha
         return blend_with_isolation(host_features, seed_features, alpha, detach_host=self._detaches_host())
 
-    def _seed_features(self, host_features: torch.Tensor) -> torch.Tensor:
+    def _join_rivals(self, joined: torch.Tensor, host_features: torch.Tensor) -> torch.Tensor:
+        # Each rival learns as the lead does: on the host features (detached, as isolation
+        # has them in TRAINING), its output straight-through, so the value stays the host's
+        # and every candidate gets the same incoming gradient. Without a gradient to learn
+        # from and in eval mode a rival changes nothing, and is skipped.
+        for rival, state in zip(self.rivals, self.rival_states):
+            if state.stage != SeedStage.TRAINING or not (torch.is_grad_enabled() or rival.training):
+                continue
+            joined = ste_forward(joined, self._seed_features(host_features, rival))
+        return joined
+
+    def _seed_features(self, host_features: torch.Tensor, seed: nn.Module | None = None) -> torch.Tensor:
         # With isolate_gradients the seed's gradient does not reach the host through its input.
-        return self.seed(host_features.detach() if self.isolate_gradients else host_features)
+        seed = self.seed if seed is None else seed
+        return seed(host_features.detach() if self.isolate_gradients else host_features)
 
     def _detaches_host(self) -> bool:
         # The blend's host path keeps its gradient only in the topology's host-gradient stages

@@ -1,7 +1,9 @@
-"""Tolaria: the training loops, the counterfactual validation and the governor."""
+"""Tolaria: the training loops, the counterfactual validation, the judgement of candidates and
+the governor."""
 
 from esper_fast.tolaria.environment import create_model
 from esper_fast.tolaria.governor import GovernorReport, TolariaGovernor
+from esper_fast.tolaria.judgement import CandidateValue, Judgement, judge_candidates
 from esper_fast.tolaria.trainer import (
     AttributionResult,
     EpochValidation,
@@ -29,4 +31,7 @@ __all__ = [
     "SlotAttribution",
     "TolariaGovernor",
     "GovernorReport",
+    "judge_candidates",
+    "Judgement",
+    "CandidateValue",
 ]

@@ -210,7 +210,7 @@ class TolariaGovernor:
         owned = [
             m
             for slot in self._live_seed_slots()
-            for m in (getattr(slot, "seed", None), getattr(slot, "alpha_schedule", None))
+            for m in (getattr(slot, "seed", None), getattr(slot, "alpha_schedule", None), getattr(slot, "rivals", None))
             if isinstance(m, nn.Module)
         ]
         if not owned:
