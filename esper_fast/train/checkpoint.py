@@ -127,7 +127,7 @@ class Checkpoint:
     def capture(cls, *, config: RunConfig, world_size: int, epochs_done: int, progress: EpochProgress | None,
                 model: nn.Module, host_optimizer, seed_optimizers: dict, controllers, governor, device: str,
                 shuffle: torch.Generator | None, log: list[dict], rollbacks: int, kernels: dict,
-                elapsed_s: float) -> "Checkpoint":
+                elapsed_s: float, rival_optimizers: dict | None = None) -> "Checkpoint":
         """The state of a run as it stands, in the version :func:`version_for` gives its
         ``config``; its tensors are copied to the CPU. ``seed_optimizers``: slot id -> the
         optimizer of the seed there; ``controllers``: the run's
@@ -135,6 +135,8 @@ class Checkpoint:
         (``progress`` given) also holds the governor's snapshot tensors, which the model has
         moved on from."""
         version = version_for(config)
+        rivals = {slot_id: {seed_id: optimizer_state(o) for seed_id, o in by_seed.items()}
+                  for slot_id, by_seed in (rival_optimizers or {}).items()}
         if version == ONE_SLOT_VERSION:
             optimizers = {"host": optimizer_state(host_optimizer),
                           "seed": optimizer_state(seed_optimizers.get(controllers.main_slot))}
@@ -143,6 +145,8 @@ class Checkpoint:
             optimizers = {"host": optimizer_state(host_optimizer),
                           "seeds": {slot_id: optimizer_state(o) for slot_id, o in seed_optimizers.items()}}
             controller = {"slots": {slot_id: c.state_dict() for slot_id, c in controllers.by_slot.items()}}
+        if rivals:  # candidates incubating: slot id -> seed id -> optimizer state
+            optimizers["rivals"] = rivals
         return cls(
             version=version,
             world_size=world_size,
@@ -218,7 +222,8 @@ class Checkpoint:
         (its snapshot, history and panic state) and the host optimizer back into a freshly
         built run (its model built with the same slots); returns slot id -> the seed's
         optimizer, made by ``make_seed_optimizer(slot_id)`` once the seeds are back and
-        loaded, for every slot that had one. The random generators are the loop's
+        loaded, for every slot that had one (the rival candidates' optimizers:
+        :meth:`restore_rival_optimizers`). The random generators are the loop's
         (:func:`restore_rng`): when to set them depends on where the epoch stands."""
         if self.version == ONE_SLOT_VERSION:
             controllers.main.load_state_dict(self.controller)
@@ -251,6 +256,17 @@ class Checkpoint:
             seed_optimizers[slot_id] = make_seed_optimizer(slot_id)
             seed_optimizers[slot_id].load_state_dict(state)
         return seed_optimizers
+
+    def restore_rival_optimizers(self, make_optimizer: Callable[[str, str], torch.optim.Optimizer]) -> dict:
+        """Slot id -> seed id -> the optimizer of each rival candidate the checkpoint holds, made
+        by ``make_optimizer(slot_id, seed_id)`` (after :meth:`restore`) and loaded."""
+        restored = {}
+        for slot_id, by_seed in self.optimizers.get("rivals", {}).items():
+            for seed_id, state in by_seed.items():
+                optimizer = make_optimizer(slot_id, seed_id)
+                optimizer.load_state_dict(state)
+                restored.setdefault(slot_id, {})[seed_id] = optimizer
+        return restored
 
 
 def version_for(config: RunConfig) -> int:
@@ -383,8 +399,12 @@ def restore_model(model: nn.Module, state: dict, *, germinated_before: dict[str,
     """
     extras = {key: decode(value) for key, value in state["extra_states"].items()}
     for slot_id, slot in model.seed_slots.items():
-        seed_state = extras.get(f"host.slots.{slot_id}.{_EXTRA_STATE}", {}).get("seed_state")
-        if seed_state is not None:
+        extra = extras.get(f"host.slots.{slot_id}.{_EXTRA_STATE}", {})
+        seed_state, rivals = extra.get("seed_state"), extra.get("rival_states") or []
+        if seed_state is not None and rivals:
+            states = [seed_state, *rivals]
+            model.germinate_candidates([s.blueprint_id for s in states], [s.seed_id for s in states], slot=slot_id)
+        elif seed_state is not None:
             model.germinate_seed(seed_state.blueprint_id, seed_state.seed_id, slot=slot_id)
         elif germinated_before.get(slot_id):
             model.germinate_seed(slot_blueprint(model), "probe", slot=slot_id)

@@ -3,6 +3,7 @@
     esper-fast train --task cifar10 --device cpu --epochs 8 --out runs/demo
     esper-fast train --task cifar10 --epochs 6 --inject-nan-at 4      # governor demo
     esper-fast train --slots block2_post,block3_post --out runs/two   # a seed in each of two slots
+    esper-fast train --candidates conv_light,depthwise,attention,norm # four blueprints incubated at once
     esper-fast train --resume runs/demo                               # continue a stopped run
     esper-fast train --nproc 2 --out runs/ddp                         # 2 processes (torchrun + DDP)
     torchrun --standalone --nproc-per-node 2 -m esper_fast train --out runs/ddp   # the same, by hand
@@ -145,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = RunConfig()
     epilog = "\n".join([
-        "blueprints (--blueprint) per task:", *_blueprint_lines(), "",
+        "blueprints (--blueprint, --candidates) per task:", *_blueprint_lines(), "",
         "slots (--slots) per task, in the host's order:", *_slot_lines(), "",
         "Several slots: every slot runs the lifecycle on its own, under the same rules. Every empty slot",
         "germinates at the same epoch-end (when validation accuracy plateaus, and again after a cull if a",
@@ -185,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
                               help="seed blueprint, for every slot, or one per slot of --slots in its order; the "
                                    "choices per task are listed below (default: conv_light for cifar10, lora for "
                                    "tinystories)")
+    train_parser.add_argument("--candidates", metavar="NAME,NAME[,...][/...]",
+                              help="blueprints incubated together in each slot, the best at alpha 1 on the "
+                                   "validation set continuing its lifecycle (instead of --blueprint); one set for "
+                                   "every slot, or one per slot of --slots in its order, separated by /")
     train_parser.add_argument("--slots", type=_names, metavar="ID[,ID...]",
                               help="the seed slots, each with a lifecycle of its own; the injection points per task are "
                                    "listed below (default: the task's one slot, block2_post for cifar10, "

@@ -119,7 +119,8 @@ def epoch_lines(record: "EpochRecord", epochs: int, task_type: str) -> list[str]
 
     One slot: one line, ``epoch | loss | val (train) | stage | alpha | contribution | time``
     (for ``lm``: ``ppl`` for ``val`` and ``loss drop V nats`` for the contribution) and the
-    epoch's events after it.
+    epoch's events after it; while candidates incubate (and at their judgement) the events
+    go on indented lines of their own instead.
 
     Several slots: the head line ``epoch | loss | val (train) | time``; the events that
     belong to no slot (a governor rollback) indented under it; then per slot, in the host's
@@ -140,6 +141,9 @@ def epoch_lines(record: "EpochRecord", epochs: int, task_type: str) -> list[str]
             judged = f"contribution {_fmt(record.seed_contribution, '+.2f'):>6}"
         line = (head + f"stage {record.stage:<12} | alpha {record.alpha:.2f} | "
                 f"{judged} | {record.epoch_time_s:.1f}s")
+        if record.candidates or record.judgements:
+            # Candidates' events (several seeds named, a judgement) go on lines of their own.
+            return [line] + _event_lines(record.events or [], SLOT_INDENT)
         if record.events:
             line += " | " + "; ".join(record.events)
         return [line]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch.nn as nn
 
@@ -86,6 +86,8 @@ class SeedRecord:
     # Runs of several slots only (left out of the log when None):
     slot: str | None = optional()                # the slot the seed grew in
     contribution_error: float | None = optional()  # the 95% bound of a sampled Shapley value
+    # Candidates incubated together only: the value the judgement measured (left out otherwise).
+    judged_value: float | None = optional()
 
     def to_log(self) -> dict:
         """The record as the log's summary and a checkpoint hold it; ``SeedRecord(**d)`` reads it back."""
@@ -105,7 +107,7 @@ class SeedController:
 
     def __init__(self, model: nn.Module, blueprint: str, schedule: LifecycleSchedule, epochs: int, steps_per_epoch: int,
                  *, slot_id: str | None = None, name_seed: Callable[[], str] | None = None, shapley: bool = False,
-                 task_type: str = "classification"):
+                 task_type: str = "classification", candidates: Sequence[str] | None = None):
         from esper_fast.kasmina import QualityGates
 
         self.model = model
@@ -123,10 +125,15 @@ class SeedController:
             min_training_epochs=schedule.incubation_epochs,
         )
         self.blueprint = blueprint
+        # Blueprints germinated together and judged at the end of the incubation (the first
+        # is the blueprint); one: the seed alone, as always.
+        self.candidates = tuple(candidates) if candidates else (blueprint,)
+        self.task_type = task_type
         self.schedule = schedule
         self.epochs = epochs
         self.steps_per_epoch = steps_per_epoch
         self.seeds: list[SeedRecord] = []
+        self.judged_gates: dict[str, dict] = {}   # the last judgement's G2 verdict per candidate
         self.epochs_in_stage = 0
         self.gate_holds = 0
         self.host_epochs = 0
@@ -161,10 +168,39 @@ class SeedController:
 
     @property
     def live(self) -> SeedRecord | None:
-        return self.seeds[-1] if self.seeds and self.seeds[-1].outcome == "live" else None
+        """The record of the live seed: the slot's seed (its lead while candidates incubate)."""
+        records = self.live_records
+        if not records:
+            return None
+        state = self.slot.state
+        return next((r for r in records if state is not None and r.seed_id == state.seed_id), records[0])
+
+    @property
+    def live_records(self) -> list[SeedRecord]:
+        """The records of every live seed (several while candidates incubate), in germination order."""
+        return [record for record in self.seeds if record.outcome == "live"]
+
+    @property
+    def current(self) -> SeedRecord | None:
+        """The record of the seed in the slot, whatever its stage (None for an empty slot)."""
+        state = self.slot.state
+        if state is None:
+            return None
+        return next((r for r in reversed(self.seeds) if r.seed_id == state.seed_id), None)
 
     def seed_parameters(self) -> list[nn.Parameter]:
         return list(self.model.get_seed_parameters(slot=self.slot_id)) if self.stage is not None else []
+
+    def rival_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """Seed id -> the parameters of each rival candidate incubating beside the slot's seed."""
+        return {c.seed_id: list(c.seed.parameters()) for c in self.slot.candidates[1:]}
+
+    @property
+    def judges_now(self) -> bool:
+        """Whether this epoch's end ends an incubation of several candidates, so that the
+        loop must measure them (:func:`~esper_fast.tolaria.judgement.judge_candidates`)."""
+        return (self.slot.has_rivals and self.stage == SeedStage.TRAINING
+                and self.epochs_in_stage + 1 >= self.schedule.incubation_epochs)
 
     def before_blend_batch(self, i: int) -> None:
         """Per-step alpha: the sigmoid ramp moves one step before every BLENDING batch."""
@@ -173,16 +209,19 @@ class SeedController:
 
     # -- decisions
     def end_epoch(self, epoch: int, val_accuracy: float, contribution: float | None,
-                  error: float | None = None) -> list[str]:
+                  error: float | None = None, judgement=None) -> list[str]:
         """Applies the controller's rules after epoch ``epoch``; returns what happened.
         ``contribution``: the seed's measured contribution (None: not measured, the seed is
         not in the forward); ``error``: its 95% bound when sampled. A PROBATIONARY seed is
-        fossilized when ``contribution - error > 0``, culled otherwise."""
+        fossilized when ``contribution - error > 0``, culled otherwise. ``judgement``: the
+        :class:`~esper_fast.tolaria.judgement.Judgement` of the slot's candidates, needed when
+        :attr:`judges_now`: its winner goes on as the slot's seed, the others are culled."""
         events: list[str] = []
         stage = self.stage
         state = self.slot.state
         if state is not None:
-            state.metrics.record_accuracy(val_accuracy)
+            for candidate in self.slot.candidates:  # every candidate sees what its own run would
+                candidate.state.metrics.record_accuracy(val_accuracy)
             if contribution is not None:
                 state.metrics.counterfactual_contribution = contribution
         if self.live is not None and contribution is not None:
@@ -200,6 +239,11 @@ class SeedController:
         self.epochs_in_stage += 1
         s = self.schedule
         if stage == SeedStage.TRAINING and self.epochs_in_stage >= s.incubation_epochs:
+            if self.slot.has_rivals:
+                if judgement is None:
+                    raise ValueError(f"slot {self.slot.slot_id}: the candidates' incubation ends at epoch {epoch}; "
+                                     "give end_epoch their judgement")
+                events += self._judge(epoch, judgement)
             events += self._advance(epoch, SeedStage.BLENDING)
             if self.stage == SeedStage.BLENDING:
                 self.blend_step = 0
@@ -214,8 +258,9 @@ class SeedController:
             if contribution is not None and contribution - (error or 0.0) > 0:
                 events += self._advance(epoch, SeedStage.FOSSILIZED)
                 if self.stage == SeedStage.FOSSILIZED:
-                    self._decide(epoch, "fossilized", measured)
-                    events.append(f"{self.seeds[-1].seed_id} fossilized ({measured})")
+                    record = self.live
+                    self._decide(epoch, "fossilized", measured, record)
+                    events.append(f"{record.seed_id} fossilized ({measured})")
             else:
                 events += self.cull(epoch, self._cull_reason(contribution), measured)
         return events
@@ -237,6 +282,32 @@ class SeedController:
         # A positive sampled value whose 95% bound reaches 0 is not shown to help.
         return "uncertain_shapley" if contribution is not None and contribution > 0 else "negative_shapley"
 
+    def _judge(self, epoch: int, judgement) -> list[str]:
+        """The end of the candidates' incubation: the judgement's winner stays, the others are
+        culled as ``lost_judgement`` with their value (see :mod:`esper_fast.tolaria.judgement`)."""
+        metric, unit, spec = self.judged_by
+        winner = judgement.winner
+        by_id = {record.seed_id: record for record in self.live_records}
+        # Each candidate's own G2 verdict, as its own run would have met it now (recorded).
+        self.judged_gates = {}
+        for candidate in self.slot.candidates:
+            gate = self.slot.gates.check_gate(candidate.state, SeedStage.BLENDING)
+            self.judged_gates[candidate.seed_id] = {"passed": gate.passed, "checks_passed": list(gate.checks_passed),
+                                                    "checks_failed": list(gate.checks_failed)}
+        details = {}
+        for measured in judgement.candidates:
+            by_id[measured.seed_id].judged_value = measured.value
+            details[measured.seed_id] = {"value": measured.value, "accuracy": measured.accuracy, "loss": measured.loss,
+                                         "winner": winner.seed_id}
+        shown = f"{metric}{format(winner.value, spec)} {unit} at alpha 1"
+        events = [f"{winner.seed_id} ({winner.blueprint}) wins the judgement: {shown}"]
+        for state in self.slot.keep_candidate(winner.seed_id, "lost_judgement", details):
+            measured = judgement.value_of(state.seed_id)
+            self._decide(epoch, "culled", "lost_judgement", by_id[state.seed_id])
+            events.append(f"{state.seed_id} ({state.blueprint_id}) culled: lost_judgement "
+                          f"({metric}{format(measured.value, spec)} {unit})")
+        return events
+
     def _should_germinate(self, epoch: int, improved: float) -> bool:
         s = self.schedule
         if epoch >= self.epochs:
@@ -248,15 +319,34 @@ class SeedController:
         return plateau or self.host_epochs >= s.max_warmup_epochs
 
     def _germinate(self, epoch: int, plateau: bool, val_accuracy: float) -> list[str]:
-        seed_id = self.name_seed() if self.name_seed is not None else f"seed-{len(self.seeds) + 1}"
+        why = "validation accuracy plateaued" if plateau else "warm-up over"
+        if len(self.candidates) > 1:
+            return self._germinate_candidates(epoch, why, val_accuracy)
+        seed_id = self._new_seed_id()
         self.model.germinate_seed(self.blueprint, seed_id, slot=self.slot_id)
         # The accuracy at germination is the baseline the G2 gate measures improvement from.
         self.slot.state.metrics.record_accuracy(val_accuracy)
         self.seeds.append(SeedRecord(seed_id, self.blueprint, germinated_epoch=epoch, slot=self.slot_id))
         self.epochs_in_stage = 0
         self.gate_holds = 0
-        why = "validation accuracy plateaued" if plateau else "warm-up over"
         events = [f"germinated {seed_id} ({self.blueprint}): {why}"]
+        return events + self._advance(epoch, SeedStage.TRAINING)
+
+    def _new_seed_id(self) -> str:
+        return self.name_seed() if self.name_seed is not None else f"seed-{len(self.seeds) + 1}"
+
+    def _germinate_candidates(self, epoch: int, why: str, val_accuracy: float) -> list[str]:
+        seed_ids = []
+        for blueprint in self.candidates:  # named one by one: each name counts the seeds so far
+            seed_ids.append(self._new_seed_id())
+            self.seeds.append(SeedRecord(seed_ids[-1], blueprint, germinated_epoch=epoch, slot=self.slot_id))
+        self.model.germinate_candidates(self.candidates, seed_ids, slot=self.slot_id)
+        for candidate in self.slot.candidates:
+            candidate.state.metrics.record_accuracy(val_accuracy)
+        self.epochs_in_stage = 0
+        self.gate_holds = 0
+        named = ", ".join(f"{seed_id} ({blueprint})" for seed_id, blueprint in zip(seed_ids, self.candidates))
+        events = [f"germinated {len(seed_ids)} candidates: {named}: {why}"]
         return events + self._advance(epoch, SeedStage.TRAINING)
 
     def _advance(self, epoch: int, target: SeedStage) -> list[str]:
@@ -276,18 +366,19 @@ class SeedController:
         return events
 
     def cull(self, epoch: int, reason: str, detail: str = "") -> list[str]:
-        """Culls the live seed (if any) and records why."""
-        record = self.live
-        if record is None:
+        """Culls the live seed (if any; every candidate while several incubate) and records why."""
+        records = self.live_records
+        if not records:
             return []
         if self.stage is not None:
             self.slot.cull(reason)
-        self._decide(epoch, "culled", reason)
+        for record in records:
+            self._decide(epoch, "culled", reason, record)
         self.epochs_in_stage = 0
-        return [f"{record.seed_id} culled: {reason}" + (f" ({detail})" if detail else "")]
+        return [f"{record.seed_id} culled: {reason}" + (f" ({detail})" if detail else "") for record in records]
 
-    def _decide(self, epoch: int, outcome: str, reason: str) -> None:
-        record = self.seeds[-1]
+    def _decide(self, epoch: int, outcome: str, reason: str, record: SeedRecord | None = None) -> None:
+        record = record or self.live or self.seeds[-1]
         record.outcome, record.reason, record.decided_epoch = outcome, reason, epoch
 
 
@@ -303,15 +394,17 @@ class SlotControllers:
     """
 
     def __init__(self, model: nn.Module, blueprints: Mapping[str, str], schedule: LifecycleSchedule, epochs: int,
-                 steps_per_epoch: int, task_type: str = "classification"):
+                 steps_per_epoch: int, task_type: str = "classification",
+                 candidates: Mapping[str, Sequence[str]] | None = None):
         self.several = len(blueprints) > 1
         self.task_type = task_type
+        candidates = candidates or {}
         self.by_slot: dict[str, SeedController] = {
             slot_id: SeedController(
                 model, blueprint, schedule, epochs, steps_per_epoch,
                 slot_id=slot_id if self.several else None,
                 name_seed=self._next_seed_id if self.several else None,
-                shapley=self.several, task_type=task_type,
+                shapley=self.several, task_type=task_type, candidates=candidates.get(slot_id),
             )
             for slot_id, blueprint in blueprints.items()
         }
@@ -351,15 +444,23 @@ class SlotControllers:
             return {slot_id: (value[key], value.get(f"{key}_error")) for slot_id, value in values.items()}
         return {self.main_slot: (contribution, None)}
 
+    def judging(self) -> list[str]:
+        """The slots whose candidates are judged at this epoch's end (:attr:`SeedController.judges_now`)."""
+        return [slot_id for slot_id, controller in self.by_slot.items() if controller.judges_now]
+
     def end_epoch(self, epoch: int, val_accuracy: float,
-                  contributions: Mapping[str, tuple[float | None, float | None]]) -> list[str]:
+                  contributions: Mapping[str, tuple[float | None, float | None]],
+                  judgements: Mapping | None = None) -> list[str]:
         """Every slot's :meth:`SeedController.end_epoch`, in the host's order.
         ``contributions``: slot id -> (contribution, its 95% bound or None) of each slot
-        whose seed was measured."""
+        whose seed was measured; ``judgements``: slot id -> the judgement of its candidates,
+        for the slots of :meth:`judging`."""
         events: list[str] = []
+        judgements = judgements or {}
         for slot_id, controller in self.by_slot.items():
             contribution, error = contributions.get(slot_id, (None, None))
-            events += self._events(slot_id, controller.end_epoch(epoch, val_accuracy, contribution, error))
+            events += self._events(slot_id, controller.end_epoch(epoch, val_accuracy, contribution, error,
+                                                                 judgements.get(slot_id)))
         return events
 
     def cull_live(self, epoch: int, reason: str) -> list[str]:

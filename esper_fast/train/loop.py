@@ -52,6 +52,7 @@ from esper_fast.ops.mode import using_reference
 from esper_fast.runtime import get_task_spec
 from esper_fast.tolaria import (
     TolariaGovernor,
+    judge_candidates,
     train_epoch_blended,
     train_epoch_incubator_mode,
     train_epoch_normal,
@@ -68,7 +69,7 @@ from esper_fast.train.ranks import Ranks, RanksDivergedError, norm_statistics, s
 from esper_fast.train.report import EpochRecord, SlotRecord, seed_interactions, seed_values
 from esper_fast.train.run_dir import RunDir, now_iso
 from esper_fast.train.session import RunSession
-from esper_fast.train.settings import RunConfig, slot_blueprints
+from esper_fast.train.settings import RunConfig, slot_blueprints, slot_candidates
 from esper_fast.train.watch import Batches, KernelTally, LossWatch, Progress
 
 
@@ -123,8 +124,9 @@ class LifecycleRun(RunSession):
         self.test_batches = Batches(self.data.testloader, config.max_batches)
         self.steps_per_epoch = len(self.train_batches)
         self.schedule = LifecycleSchedule.for_epochs(config.epochs)
+        self.candidates = {slot_id: names for slot_id, names in slot_candidates(config).items() if len(names) > 1}
         self.controllers = SlotControllers(self.model, self.blueprints, self.schedule, config.epochs,
-                                           self.steps_per_epoch, self.task_type)
+                                           self.steps_per_epoch, self.task_type, self.candidates)
         self.several = self.controllers.several
         self.optimizers = RunOptimizers(self.model.get_host_parameters(), self.controllers, self.task_type, config.lr)
         self.tally = KernelTally(enabled=not config.compile)
@@ -193,8 +195,10 @@ class LifecycleRun(RunSession):
             epoch=epoch,
             main_slot=controllers.main_slot,
             stages=stages,
-            seeds={slot_id: c.seeds[-1] if stages[slot_id] is not None else None
-                   for slot_id, c in controllers.by_slot.items()},
+            seeds={slot_id: c.current for slot_id, c in controllers.by_slot.items()},
+            candidates={slot_id: [{"seed_id": c.seed_id, "blueprint": c.blueprint_id}
+                                  for c in controller.slot.candidates]
+                        for slot_id, controller in controllers.by_slot.items() if controller.slot.has_rivals},
             lr=self.optimizers.set_learning_rate(epoch, config.epochs),
             poisoned_step=poisoned,
             poison=poisoned if self.ranks.rank == config.inject_nan_rank else None,
@@ -256,8 +260,10 @@ class LifecycleRun(RunSession):
         judged = controllers.judged(contribution, values)
         # The main slot's seed as the decision reads it (with several slots, its Shapley value).
         contribution = judged.get(controllers.main_slot, (None,))[0]
+        judgements = {}
         if not rollback:
-            events += controllers.end_epoch(plan.epoch, measured.val_accuracy, judged)
+            judgements = {slot_id: self._judge(slot_id) for slot_id in controllers.judging()}
+            events += controllers.end_epoch(plan.epoch, measured.val_accuracy, judged, judgements)
             self.optimizers.drop_empty()
             with self.tally.tracing():
                 self.governor.snapshot()
@@ -303,6 +309,9 @@ class LifecycleRun(RunSession):
                                               train_time - begun.train_time_s, self.ranks.world_size),
             slots={slot_id: slot.to_log() for slot_id, slot in slots.items()} if self.several else None,
             interactions=seed_interactions(measured.slot_attribution, in_forward),
+            candidates=plan.candidates or None,
+            judgements={slot_id: {**j.to_log(), "gates": controllers.by_slot[slot_id].judged_gates}
+                        for slot_id, j in judgements.items()} or None,
         )
         if self.ranks.distributed:
             mine = {"rank": self.ranks.rank, "checksum": state_checksum(self.model, self.device),
@@ -400,10 +409,18 @@ class LifecycleRun(RunSession):
         # The optimizers' momentum is reset with the weights: diverged momentum on restored
         # weights would push them straight back into divergence.
         report = self.governor.execute_rollback(optimizer=self.optimizers.host)
-        self.optimizers.seeds = {}
+        self.optimizers.forget_seeds()
         events.append(f"governor rollback ({report.reason}, loss {panic_loss:.4g}): restored the last healthy epoch")
         events += self.controllers.cull_live(epoch, "governor_rollback")
         return True
+
+    def _judge(self, slot_id: str):
+        """The judgement of the candidates in ``slot_id`` over the test batches. It draws no
+        random number: the generators stay where the run's own epochs leave them."""
+        devices = [self.device] if str(self.device).startswith("cuda") else []
+        with torch.random.fork_rng(devices=devices), self.tally.tracing(start=False):
+            return judge_candidates(self.model, slot_id, Batches(self.test_batches), self.criterion, self.device,
+                                    self.task_type)
 
     def _validate(self, attribution: bool):
         with self.tally.tracing(start=False):
@@ -431,6 +448,8 @@ class _EpochPlan:
     lr: float
     poisoned_step: int | None    # --inject-nan-at: the step whose loss is NaN (on one rank)
     poison: int | None           # that step, on the rank that poisons it
+    # slot id -> its incubating candidates ({"seed_id", "blueprint"}), for slots with several
+    candidates: dict[str, list[dict]] = dataclasses.field(default_factory=dict)
 
     @property
     def stage_name(self) -> str:

@@ -78,6 +78,11 @@ class EpochRecord:
     # Several processes: each rank's {"rank", "checksum", "stage", "alpha"} after the epoch
     # (and, with several slots, "slots": slot id -> {"stage", "alpha"}).
     ranks: list[dict] | None = optional()
+    # Candidates incubated together (--candidates): slot id -> the candidates incubating there
+    # as the epoch trained ({"seed_id", "blueprint"}, the slot's seed first), and slot id ->
+    # the judgement that ended their incubation at this epoch's end (Judgement.to_log()).
+    candidates: dict[str, list[dict]] | None = optional()
+    judgements: dict[str, dict] | None = optional()
 
     TYPE: ClassVar[str] = "epoch"
 
@@ -319,6 +324,9 @@ def summary_lines(summary: dict, device: str, backend: str | None = None) -> lis
     """The run's closing report, one fact per line (the world size when there are several
     processes; ``backend`` is theirs)."""
     lines = [f"seed outcome{'s' if summary.get('slots') else ''}: {summary['seed_outcome']}"]
+    if len(lines[0]) > 100:  # many seeds (slots, candidates): one seed's fate per line
+        head, _, fates = lines[0].partition(": ")
+        lines = [head + ":"] + ["  " + fate for fate in fates.split("; ")]
     world = summary.get("world_size", 1)
     if world > 1:
         lines.append(f"world size: {world} processes (torch.distributed {backend}, DistributedDataParallel); "

@@ -50,11 +50,15 @@ class RunSession:
     def _announce(self) -> None:
         config = self.config
         self.echo(f"data: {self.data.description}")
-        if config.slots is None:
+        candidates = getattr(self, "candidates", {})
+        if config.slots is None and not candidates:
             seeds = f"blueprint {config.blueprint}"
+        elif config.slots is None:
+            seeds = f"candidates {', '.join(candidates[next(iter(candidates))])}"
         else:
             seeds = (f"slot{'s' if self.several else ''} "
-                     + ", ".join(f"{slot_id} ({blueprint})" for slot_id, blueprint in self.blueprints.items()))
+                     + ", ".join(f"{slot_id} ({'/'.join(candidates.get(slot_id, (blueprint,)))})"
+                                 for slot_id, blueprint in self.blueprints.items()))
         self.echo(
             f"train: {config.task} ({self.spec.topology} host, {self.task_type}) on {config.device}, {config.epochs} epochs x "
             f"{self.steps_per_epoch} steps, {seeds}, seed {config.seed}"
@@ -97,6 +101,7 @@ class RunSession:
             model=self.model, governor=self.governor, controllers=self.controllers,
             host_optimizer=self.optimizers.host, make_seed_optimizer=self.optimizers.seed_optimizer,
         )
+        self.optimizers.rivals = state.restore_rival_optimizers(self.optimizers.rival_optimizer)
         self.log_records = list(state.log)
         self.records = [EpochRecord.from_log(r) for r in self.log_records if r.get("type") == EpochRecord.TYPE]
         self.rollbacks = state.rollbacks
@@ -134,6 +139,7 @@ class RunSession:
         state = Checkpoint.capture(
             config=self.config, world_size=self.ranks.world_size, epochs_done=epochs_done, progress=progress,
             model=self.model, host_optimizer=self.optimizers.host, seed_optimizers=self.optimizers.seeds,
+            rival_optimizers=self.optimizers.rivals,
             controllers=self.controllers, governor=self.governor, device=self.device,
             shuffle=self.data.shuffle_generator, log=self.log_records, rollbacks=self.rollbacks,
             kernels=dict(self.tally.counts), elapsed_s=self.elapsed_before + self._session_time(),

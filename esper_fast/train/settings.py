@@ -45,6 +45,10 @@ class RunConfig:
     ``slots``: the seed slots, in the host's order (None: the task's default slot alone,
     see :func:`task_slots`). ``blueprint``: one blueprint for every slot, or one per slot
     in the order of ``slots``, separated by commas (see :func:`slot_blueprints`).
+    ``candidates``: blueprints that incubate together in a slot and are judged at the end of
+    the incubation, separated by commas; one set for every slot, or one per slot separated by
+    ``/`` (see :func:`slot_candidates`). A run with candidates records each slot's first as
+    its ``blueprint``.
     """
 
     task: str = "cifar10"
@@ -67,6 +71,8 @@ class RunConfig:
     # Left out of the records when None, so that a run on the default slot records exactly
     # what it recorded before slots could be chosen.
     slots: list[str] | None = optional()
+    # Blueprints incubated together in each slot (see slot_candidates); left out when None.
+    candidates: str | None = optional()
 
     def to_record(self) -> dict:
         """The settings as the log's ``config`` record and a checkpoint hold them (an unset
@@ -124,6 +130,18 @@ def slot_blueprints(config: RunConfig) -> dict[str, str]:
     return dict(zip(slots, names))
 
 
+def slot_candidates(config: RunConfig) -> dict[str, tuple[str, ...]]:
+    """Slot id -> the blueprints it germinates together (``config`` resolved): the slot's
+    candidates, or its one blueprint."""
+    blueprints = slot_blueprints(config)
+    if not config.candidates:
+        return {slot_id: (name,) for slot_id, name in blueprints.items()}
+    sets = [tuple(names.split(",")) for names in config.candidates.split("/")]
+    if len(sets) == 1:
+        sets = sets * len(blueprints)
+    return dict(zip(blueprints, sets))
+
+
 class SettingsError(ValueError):
     """Settings a run cannot have; the message is the whole explanation, in one line."""
 
@@ -168,9 +186,41 @@ def with_slots(config: RunConfig, topology: str) -> RunConfig:
         else:
             by_slot = dict(zip(given, names))
             blueprint = ",".join(by_slot[slot] for slot in ordered)
+    candidates = config.candidates
+    if candidates is not None:
+        if config.blueprint is not None:
+            raise SettingsError("give --blueprint or --candidates, not both: the candidates are the slot's blueprints")
+        sets = _candidate_sets(candidates, BlueprintRegistry.names(topology), config.task, topology)
+        count = len(given) if given is not None else 1
+        if len(sets) > 1 and len(sets) != count:
+            raise SettingsError(f"--candidates gives {len(sets)} sets for {count} slot(s); give one set for every "
+                                "slot, or one per slot of --slots in its order, separated by /")
+        if len(sets) > 1:
+            by_slot = dict(zip(given, sets))
+            sets = [by_slot[slot] for slot in ordered]
+        candidates = "/".join(",".join(names) for names in sets)
+        blueprint = ",".join(names[0] for names in sets)
     if ordered is not None and ordered == [default]:
         ordered = None
-    return dataclasses.replace(config, slots=ordered, blueprint=blueprint)
+    return dataclasses.replace(config, slots=ordered, blueprint=blueprint, candidates=candidates)
+
+
+def _candidate_sets(text: str, choices, task: str, topology: str) -> list[list[str]]:
+    sets = []
+    for part in text.split("/"):
+        names = [name.strip() for name in part.split(",")]
+        if not all(names):
+            raise SettingsError(f"--candidates: expected blueprint names separated by commas (and / between slots), "
+                                f"got {text!r}")
+        for name in names:
+            if name not in choices:
+                raise SettingsError(f"unknown blueprint {name!r} for {task} ({topology} host); "
+                                    f"choose one of: {', '.join(choices)}")
+        repeated = [name for name in names if names.count(name) > 1]
+        if repeated:
+            raise SettingsError(f"--candidates names {repeated[0]} twice in one slot; each candidate is a blueprint")
+        sets.append(names)
+    return sets
 
 
 def check_trainable(config: RunConfig, topology: str) -> None:
@@ -178,7 +228,8 @@ def check_trainable(config: RunConfig, topology: str) -> None:
     train on the run's device, found by a probe at start-up rather than epochs later."""
     from esper_fast.kasmina.blueprints import training_failure
 
-    names = dict.fromkeys((config.blueprint or TASK_DEFAULTS[config.task]["blueprint"]).split(","))
+    given = config.candidates.replace("/", ",") if config.candidates else None
+    names = dict.fromkeys((given or config.blueprint or TASK_DEFAULTS[config.task]["blueprint"]).split(","))
     for name in names:
         failure = training_failure(topology, name, config.device)
         if failure is not None:
