@@ -88,8 +88,39 @@ def _germinations(records: list[EpochRecord]) -> list[tuple[int, str]]:
     for record in records:
         for event in record.events or ():
             if event.startswith("germinated "):
-                found.append((record.epoch, event.split()[1]))
+                what = event.split()[1]
+                if event.split(":")[0].endswith(" candidates"):  # "germinated 4 candidates: ..."
+                    what = f"{what} candidates"
+                found.append((record.epoch, what))
     return found
+
+
+# Candidates' values at a judgement: one hatched bar per candidate beside the epoch's own.
+JUDGEMENT_COLOURS = ["#1f77b4", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f", "#ff7f0e"]
+
+
+def _draw_judgements(ax, records: list[EpochRecord], task_type: str) -> bool:
+    """Each judgement's candidates as bars of their value (accuracy points, or for ``lm`` the
+    loss removed) around the judgement epoch, the winner's edged in black and named so in the
+    legend. True if there was one."""
+    drawn = False
+    for record in records:
+        for slot_id, judgement in (record.judgements or {}).items():
+            candidates = judgement["candidates"]
+            width = 0.7 / max(1, len(candidates))
+            for index, candidate in enumerate(candidates):
+                x = record.epoch - 0.35 + width * (index + 0.5)
+                won = candidate["seed_id"] == judgement["winner"]
+                label = f"{candidate['blueprint']} ({candidate['seed_id']}){' wins' if won else ''}"
+                if len(record.judgements) > 1:
+                    label = f"{slot_id}: {label}"
+                ax.bar([x], [_number(candidate["value"])], width=width * 0.9, hatch="//", zorder=3,
+                       color=JUDGEMENT_COLOURS[index % len(JUDGEMENT_COLOURS)], alpha=0.85,
+                       edgecolor="black" if won else "white", lw=1.6 if won else 0.5, label=label)
+            ax.annotate("judgement", (record.epoch, 1.0), xycoords=("data", "axes fraction"), xytext=(0, -10),
+                        textcoords="offset points", ha="center", fontsize=8, color="#333333")
+            drawn = True
+    return drawn
 
 
 def _slot_ids(records: list[EpochRecord]) -> list[str]:
@@ -188,7 +219,15 @@ def run_title(config: Mapping, records: Sequence[EpochRecord], summary: Mapping 
                                                ("germinated", "fossilized", "culled", "still live") if counted[what])
                          + " (see the stage lanes)")
     elif summary is not None and summary.get("seed_outcome"):
-        lines.append(summary["seed_outcome"])
+        outcome = summary["seed_outcome"]
+        if any(r.judgements for r in records):  # the losers are on the judgement's bars
+            outcome = "; ".join(fate for fate in outcome.split("; ") if not fate.endswith(": lost_judgement"))
+        lines.append(outcome)
+    judged = [(r.epoch, j) for r in records for j in (r.judgements or {}).values()]
+    for epoch, judgement in judged[:2]:
+        won = next(c for c in judgement["candidates"] if c["seed_id"] == judgement["winner"])
+        lines.append(f"judgement at epoch {epoch}{' in ' + judgement['slot'] if slots else ''}: {won['blueprint']} "
+                     f"won of {len(judgement['candidates'])} candidates")
     return _fit_title(lines)
 
 
@@ -416,6 +455,8 @@ def _draw_one_slot(axes, records: list[EpochRecord], slots, chance: float | None
     ax_contrib.bar(epochs, [0.0 if math.isnan(c) else c for c in contrib], color=colours, width=0.6)
     ax_contrib.axhline(0, color="black", lw=0.8)
     ax_contrib.set_ylabel("seed loss drop\n(nats)" if task_type == "lm" else "seed contribution\n(points)")
+    if _draw_judgements(ax_contrib, records, task_type):
+        _outside_legend(ax_contrib, title="candidates at alpha 1", title_fontsize=8)
 
 
 def _seed_spans(records: list[EpochRecord], slot_id: str) -> list[tuple[str, int, int]]:
@@ -518,6 +559,7 @@ def _draw_slots(axes, records: list[EpochRecord], slots: list[str], chance: floa
             xs, vs, es = zip(*drawn)
             ax_shapley.bar(xs, vs, width=width, color=style[slot_id][0], label=slot_id,
                            yerr=es if any(es) else None, capsize=2)
+    _draw_judgements(ax_shapley, records, task_type)
     ax_shapley.axhline(0, color="black", lw=0.8)
     ax_shapley.set_ylabel("loss Shapley value\n(nats)" if task_type == "lm" else "Shapley value\n(points)")
     if ax_shapley.get_legend_handles_labels()[0]:
