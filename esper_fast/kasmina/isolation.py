@@ -97,8 +97,23 @@ class GradientIsolationMonitor:
         self._seed_params = [p for p in seed.parameters() if p.requires_grad]
 
     def watch_seed(self, seed: nn.Module) -> None:
-        """Watch ``seed`` in place of the seed registered before (the host stays watched)."""
-        self._seed_params = [p for p in seed.parameters() if p.requires_grad]
+        """Watch ``seed`` in place of the seed registered before (the host stays watched).
+
+        A slot inside the host puts the old seed's parameters among the host's too: the new
+        seed's take their place there, so both lists are what ``register`` of the new seed
+        would have made."""
+        new = [p for p in seed.parameters() if p.requires_grad]
+        old = {id(p) for p in self._seed_params}
+        host, at = [], None
+        for p in self._host_params:
+            if id(p) in old:
+                at = len(host) if at is None else at
+            else:
+                host.append(p)
+        if at is not None:
+            host[at:at] = new
+        self._host_params = host
+        self._seed_params = new
 
     @torch.no_grad()
     def check_isolation(self) -> tuple[bool, dict]:

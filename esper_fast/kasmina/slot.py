@@ -605,7 +605,7 @@ class SeedSlot(nn.Module):
             raise RuntimeError(f"Slot {self.slot_id} already has active seed")
 
         start, probes = _generator_states(self.device), dict(self._shape_probe_cache)
-        built, generators = [], []
+        built, generators, lead_probes = [], [], None
         try:
             for blueprint_id, seed_id in zip(blueprint_ids, seed_ids):
                 _set_generator_states(start, self.device)
@@ -614,6 +614,8 @@ class SeedSlot(nn.Module):
                 self.germinate(blueprint_id, seed_id, host_module if not built else None)
                 built.append((self.seed, self.state))
                 generators.append(_generator_states(self.device))
+                if lead_probes is None:
+                    lead_probes = self._shape_probe_cache
         except BaseException:
             # A candidate that cannot be built leaves the slot empty, as before the call.
             self.seed, self.state = None, None
@@ -622,7 +624,9 @@ class SeedSlot(nn.Module):
             if self.isolation_monitor is not None:
                 self.isolation_monitor.reset()
             raise
+        # The slot is left as the lead's germination alone leaves it: generators and probe.
         _set_generator_states(generators[0], self.device)
+        self._shape_probe_cache = lead_probes
         (self.seed, self.state), rivals = built[0], built[1:]
         self.rivals = nn.ModuleList([seed for seed, _ in rivals])
         self.rival_states = [state for _, state in rivals]

@@ -35,6 +35,8 @@ LOBOTOMY_HEALTHY_FRACTION = 0.6
 # ... and the loss lands within this fraction of the random-guess loss.
 LOBOTOMY_TOLERANCE = 0.065
 
+# A slot's extra-state entries about the candidates incubating beside its seed.
+_RIVAL_ENTRIES = frozenset({"rival_states", "candidate_generators"})
 _SNAPSHOT_MODES = ("host", "device")
 _OPTIMIZER_ROLLBACK = ("restore", "reset")
 
@@ -167,15 +169,14 @@ class TolariaGovernor:
             keys = self.model.state_dict(keep_vars=True) if prefixes else ()
             exclude = frozenset(key for key in keys if key.startswith(prefixes))
             self._plain_state = snapshot_reference(self.model, exclude=exclude)
-            if prefixes and self.clear_live_seed_state:
-                self._plain_state.update(self._empty_slot_extra_states(list(self._plain_state)))
+            if prefixes:
+                self._plain_state.update(self._live_slot_extra_states(self._plain_state))
             self._plain_optimizer_states = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
             return
         state = self.model.state_dict(keep_vars=True)
         if prefixes:
             state = {key: value for key, value in state.items() if not key.startswith(prefixes)}
-            if self.clear_live_seed_state:
-                state.update(self._empty_slot_extra_states(list(state)))
+            state.update(self._live_slot_extra_states(state))
         self._model_snapshot.capture(state, non_blocking=non_blocking)
         if self.optimizers:
             params, optimizer_state = self._optimizer_state()
@@ -219,17 +220,25 @@ class TolariaGovernor:
         modules = self.model.named_modules(remove_duplicate=False)
         return tuple(name + "." for name, module in modules if any(module is m for m in owned))
 
-    def _empty_slot_extra_states(self, keys) -> dict:
-        """The live seeds' slots as a snapshot records them: no seed state, no ramp. The seeds
-        are culled at rollback, so restoring their lifecycle state would leave a state without
-        a seed."""
+    def _live_slot_extra_states(self, state) -> dict:
+        """The live seeds' slots as a snapshot records them, replacing their entries in
+        ``state``. The seeds are culled at rollback, so restoring their lifecycle state would
+        leave a state without a seed: with ``clear_live_seed_state`` the slot is recorded
+        empty (no seed state, no ramp); otherwise the lead's state stays, as in the original,
+        but not its rival candidates', whose modules no rollback brings back."""
         live = self._live_seed_slots()
         names = {
             name + "._extra_state"
             for name, m in self.model.named_modules(remove_duplicate=False)
             if any(m is slot for slot in live)
         }
-        return {key: {"seed_state": None, "alpha_schedule": None} for key in keys if key in names}
+        entries = {}
+        for key in names & state.keys():
+            if self.clear_live_seed_state:
+                entries[key] = {"seed_state": None, "alpha_schedule": None}
+            elif isinstance(state[key], dict) and _RIVAL_ENTRIES & state[key].keys():
+                entries[key] = {k: v for k, v in state[key].items() if k not in _RIVAL_ENTRIES}
+        return entries
 
     def _optimizer_state(self):
         """(params per optimizer, flat mapping (optimizer, param, name) -> state value)."""
