@@ -257,7 +257,7 @@ class LifecycleRun(RunSession):
         # The main slot's seed as the decision reads it (with several slots, its Shapley value).
         contribution = judged.get(controllers.main_slot, (None,))[0]
         if not rollback:
-            events += controllers.end_epoch(plan.epoch, measured.val_accuracy, judged)
+            events += controllers.end_epoch(plan.epoch, measured.val_accuracy, judged, val_loss=measured.val_loss)
             self.optimizers.drop_empty()
             with self.tally.tracing():
                 self.governor.snapshot()
