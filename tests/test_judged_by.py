@@ -17,6 +17,10 @@ def _lifecycle_values(value, error=None):
     return [{}] * 4 + [value] * 4
 
 
+# A language model's validation loss, falling epoch by epoch (G2 reads its fall).
+FALLING_LOSSES = [3.0, 2.8, 2.6, 2.4, 2.3, 2.2, 2.15, 2.1]
+
+
 def _language_model_controllers():
     model, controllers = _controllers(("block2_post", "block3_post"))
     lm = SlotControllers(model, dict.fromkeys(controllers.by_slot, "conv_light"), controllers.main.schedule,
@@ -30,7 +34,7 @@ def test_a_language_model_seed_is_judged_by_the_loss_it_removes():
               "block3_post": {"shapley": 0.0, "loss_shapley": -0.0021}}
     judged = controllers.judged(None, values)
     assert judged == {"block2_post": (0.0312, None), "block3_post": (-0.0021, None)}
-    events = _drive(controllers, [30, 40, 45, 50, 55, 58, 60, 61], _lifecycle_values(judged))
+    events = _drive(controllers, [30, 40, 45, 50, 55, 58, 60, 61], _lifecycle_values(judged), FALLING_LOSSES)
     first, second = controllers.by_slot["block2_post"], controllers.by_slot["block3_post"]
     assert first.stage == SeedStage.FOSSILIZED
     assert first.seeds[0].reason == "loss Shapley value +0.0312 nats"
@@ -43,7 +47,7 @@ def test_a_value_of_exactly_zero_is_no_measurable_effect(task_type):
     if task_type == "lm":
         _, controllers = _language_model_controllers()
     judged = {"block2_post": (0.0, None), "block3_post": (-0.5, None)}
-    events = _drive(controllers, [30, 40, 45, 50, 55, 58, 60, 61], _lifecycle_values(judged))
+    events = _drive(controllers, [30, 40, 45, 50, 55, 58, 60, 61], _lifecycle_values(judged), FALLING_LOSSES)
     assert controllers.by_slot["block2_post"].seeds[0].reason == "no_measurable_effect"
     assert controllers.by_slot["block3_post"].seeds[0].reason == "negative_shapley"
     unit = "+0.0000 nats" if task_type == "lm" else "+0.00 points"

@@ -306,15 +306,17 @@ def _controllers(slots=("block2_post", "block3_post"), epochs=12):
     return model, SlotControllers(model, dict.fromkeys(slots, "conv_light"), schedule, epochs, steps_per_epoch=2)
 
 
-def _drive(controllers, accuracies, values):
-    """End epochs 1.. with the given accuracies and per-slot (value, error); returns the events."""
+def _drive(controllers, accuracies, values, losses=None):
+    """End epochs 1.. with the given accuracies, per-slot (value, error) and validation losses
+    (None: none given); returns the events."""
     events = []
-    for epoch, (accuracy, judged) in enumerate(zip(accuracies, values), start=1):
+    losses = [None] * len(accuracies) if losses is None else losses
+    for epoch, (accuracy, judged, loss) in enumerate(zip(accuracies, values, losses), start=1):
         for controller in controllers.by_slot.values():
             if controller.stage == SeedStage.BLENDING:
                 for step in range(controller.steps_per_epoch):
                     controller.before_blend_batch(step)
-        events += controllers.end_epoch(epoch, accuracy, judged)
+        events += controllers.end_epoch(epoch, accuracy, judged, val_loss=loss)
     return events
 
 

@@ -4,9 +4,10 @@
 |------|--------------|------------------------------------------------------------------------------|
 | G0   | GERMINATED   | the seed has a seed_id and a blueprint_id                                     |
 | G1   | TRAINING     | the seed is GERMINATED                                                        |
-| G2   | BLENDING     | accuracy rose >= min_training_improvement points in the stage, isolation      |
-|      |              | violations <= max_isolation_violations, >= min_training_epochs epochs in the  |
-|      |              | stage, and seed_gradient_norm_ratio >= min_seed_gradient_ratio                |
+| G2   | BLENDING     | the training improvement (by default the accuracy's rise in the stage, in     |
+|      |              | points) >= min_training_improvement, isolation violations <=                  |
+|      |              | max_isolation_violations, >= min_training_epochs epochs in the stage, and     |
+|      |              | seed_gradient_norm_ratio >= min_seed_gradient_ratio                           |
 | G3   | SHADOWING    | >= min_blending_epochs epochs of blending and alpha >= alpha_complete_threshold|
 | G4   | PROBATIONARY | the seed is SHADOWING                                                         |
 | G5   | FOSSILIZED   | a counterfactual contribution was measured, is > min_fossilize_contribution,  |
@@ -14,6 +15,11 @@
 
 A target stage without a gate of its own (CULLED and the recycling stages) is checked by G0,
 as in the original. Check names carry the measured numbers (``global_improvement_1.25%``).
+
+G2's training improvement is read through :meth:`QualityGates.training_improvement`, the one
+hook a subclass may override to measure it otherwise: a language model's run judges it by
+the validation loss's relative fall (``loss_improvement_1.23%``, see
+:class:`esper_fast.train.controller.LossImprovementGates`). The default is the accuracy rise.
 """
 
 from __future__ import annotations
@@ -111,15 +117,22 @@ class QualityGates:
             score=1.0 if ok else 0.0, message="Ready for training" if ok else "Not germinated",
         )
 
+    def training_improvement(self, state) -> tuple[float, str]:
+        """G2's training improvement, compared with ``min_training_improvement``: (its value,
+        in percent, the name of its check). By default the validation accuracy's rise in the
+        stage (points), named ``global_improvement``; a subclass may measure it otherwise.
+        The check reads ``{name}_1.25%`` when it passes, ``{name}_insufficient_0.10%`` when not."""
+        return state.metrics.improvement_since_stage_start, "global_improvement"
+
     def _check_g2(self, state) -> GateResult:
         metrics = state.metrics
-        improvement = metrics.improvement_since_stage_start
+        improvement, name = self.training_improvement(state)
         ratio = metrics.seed_gradient_norm_ratio
         passed, failed = [], []
         if improvement >= self.min_training_improvement:
-            passed.append(f"global_improvement_{improvement:.2f}%")
+            passed.append(f"{name}_{improvement:.2f}%")
         else:
-            failed.append(f"global_improvement_insufficient_{improvement:.2f}%")
+            failed.append(f"{name}_insufficient_{improvement:.2f}%")
         if metrics.isolation_violations <= self.max_isolation_violations:
             passed.append("isolation_ok")
         else:

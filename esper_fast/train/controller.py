@@ -11,6 +11,13 @@ of its own, with these rules unchanged, and judges each live seed by its Shapley
 model's validation accuracy over every subset of the live seeds, see
 :mod:`esper_fast.tolaria.attribution`) instead of the single counterfactual. Every slot
 sees the same validation accuracy, so every empty slot germinates at the same epoch-end.
+
+A language model's run (``task_type="lm"``) judges a seed by the validation loss throughout:
+its contribution is the loss it removes (:data:`JUDGED_BY`), and gate G2 (TRAINING ->
+BLENDING) asks the validation loss to have fallen by ``min_training_improvement`` percent
+(relative) while the seed trained, instead of the accuracy to have risen by as many points
+(:class:`LossImprovementGates`): the share of next tokens a language model gets right may not
+move at all while its loss falls.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch.nn as nn
 
+from esper_fast.kasmina.gates import QualityGates
 from esper_fast.leyline import SeedStage
 from esper_fast.train.settings import as_record, optional
 
@@ -72,6 +80,41 @@ class LifecycleSchedule:
         )
 
 
+class LossImprovementGates(QualityGates):
+    """The quality gates of a language model's seed: G2's training improvement is the relative
+    fall of the validation loss since the stage began, in percent (checks
+    ``loss_improvement_1.23%`` / ``loss_improvement_insufficient_0.10%``); every other check is
+    :class:`~esper_fast.kasmina.gates.QualityGates`'. Its controller feeds it the losses:
+    :meth:`record_loss` after each validation, :meth:`start_stage` at each stage change."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_at_stage_start: float | None = None  # None: no loss measured yet
+        self.current_loss: float | None = None
+
+    def record_loss(self, loss: float | None) -> None:
+        """The epoch's validation loss (None: not measured, the last one stands)."""
+        if loss is not None:
+            self.current_loss = float(loss)
+            if self.loss_at_stage_start is None:  # none yet: the first loss, or an older checkpoint
+                self.loss_at_stage_start = self.current_loss
+
+    def start_stage(self) -> None:
+        """The loss now is the new stage's baseline."""
+        self.loss_at_stage_start = self.current_loss
+
+    def loss_fall(self) -> float:
+        """How much the validation loss fell since the stage began, in percent of where it
+        began (negative: it rose); 0 when either loss is missing or the start is not positive."""
+        start, now = self.loss_at_stage_start, self.current_loss
+        if start is None or now is None or not start > 0:
+            return 0.0
+        return 100.0 * (start - now) / start
+
+    def training_improvement(self, state) -> tuple[float, str]:
+        return self.loss_fall(), "loss_improvement"
+
+
 @dataclasses.dataclass
 class SeedRecord:
     """One seed's life: where and when it grew, and how it ended."""
@@ -102,14 +145,14 @@ class SeedController:
     controller's seeds). ``shapley``: the contribution it is given is the seed's Shapley
     value (a run of several slots), which the events and reasons say. ``task_type``: what the
     contribution measures (:data:`JUDGED_BY`): accuracy points, or for ``lm`` the validation
-    loss the seed removes. A contribution of exactly 0 is culled as ``no_measurable_effect``.
+    loss the seed removes, and then G2 reads the validation loss's fall too
+    (:class:`LossImprovementGates`, fed by :meth:`end_epoch`'s ``val_loss``). A contribution
+    of exactly 0 is culled as ``no_measurable_effect``.
     """
 
     def __init__(self, model: nn.Module, blueprint: str, schedule: LifecycleSchedule, epochs: int, steps_per_epoch: int,
                  *, slot_id: str | None = None, name_seed: Callable[[], str] | None = None, shapley: bool = False,
                  task_type: str = "classification", candidates: Sequence[str] | None = None):
-        from esper_fast.kasmina import QualityGates
-
         self.model = model
         self.slot_id = slot_id
         self.slot = model.slot(slot_id)
@@ -117,13 +160,15 @@ class SeedController:
         self.shapley = shapley
         self.judged_by = JUDGED_BY[task_type]
         # The gates' dwell times follow this controller's schedule; the quality checks keep
-        # their defaults (G2's accuracy gain, G3's alpha, G5's positive contribution).
+        # their defaults (G2's accuracy gain, G3's alpha, G5's positive contribution), but a
+        # language model's G2 reads the loss's fall instead of the accuracy's gain.
         # G2's seed-gradient check needs a ratio this controller does not measure.
-        self.slot.gates = QualityGates(
+        self.gates = (LossImprovementGates if task_type == "lm" else QualityGates)(
             min_blending_epochs=schedule.blending_epochs,
             min_seed_gradient_ratio=0.0,
             min_training_epochs=schedule.incubation_epochs,
         )
+        self.slot.gates = self.gates
         self.blueprint = blueprint
         # Blueprints germinated together and judged at the end of the incubation (the first
         # is the blueprint); one: the seed alone, as always.
@@ -150,6 +195,9 @@ class SeedController:
             "host_epochs": self.host_epochs,
             "best_accuracy": self.best_accuracy,
             "blend_step": self.blend_step,
+            # A language model's G2 baseline (a classifier's lives in the seed's metrics).
+            **({"loss_at_stage_start": self.gates.loss_at_stage_start,
+                "current_loss": self.gates.current_loss} if self._judges_loss else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -159,6 +207,14 @@ class SeedController:
         self.host_epochs = state["host_epochs"]
         self.best_accuracy = state["best_accuracy"]
         self.blend_step = state["blend_step"]
+        if self._judges_loss:
+            # A checkpoint from before G2 read the loss has none: the next loss is the baseline.
+            self.gates.loss_at_stage_start = state.get("loss_at_stage_start")
+            self.gates.current_loss = state.get("current_loss")
+
+    @property
+    def _judges_loss(self) -> bool:
+        return isinstance(self.gates, LossImprovementGates)
 
     # -- what the slot is doing
     @property
@@ -209,16 +265,20 @@ class SeedController:
 
     # -- decisions
     def end_epoch(self, epoch: int, val_accuracy: float, contribution: float | None,
-                  error: float | None = None, judgement=None) -> list[str]:
+                  error: float | None = None, judgement=None, *, val_loss: float | None = None) -> list[str]:
         """Applies the controller's rules after epoch ``epoch``; returns what happened.
         ``contribution``: the seed's measured contribution (None: not measured, the seed is
         not in the forward); ``error``: its 95% bound when sampled. A PROBATIONARY seed is
         fossilized when ``contribution - error > 0``, culled otherwise. ``judgement``: the
         :class:`~esper_fast.tolaria.judgement.Judgement` of the slot's candidates, needed when
-        :attr:`judges_now`: its winner goes on as the slot's seed, the others are culled."""
+        :attr:`judges_now`: its winner goes on as the slot's seed, the others are culled.
+        ``val_loss``: the epoch's validation loss, read by a language model's G2 (a
+        classifier's ignores it)."""
         events: list[str] = []
         stage = self.stage
         state = self.slot.state
+        if self._judges_loss:
+            self.gates.record_loss(val_loss)
         if state is not None:
             for candidate in self.slot.candidates:  # every candidate sees what its own run would
                 candidate.state.metrics.record_accuracy(val_accuracy)
@@ -355,6 +415,8 @@ class SeedController:
         if self.stage == target:
             self.epochs_in_stage = 0
             self.gate_holds = 0
+            if self._judges_loss:
+                self.gates.start_stage()
             return [f"{before.name} -> {target.name}"]
         self.gate_holds += 1
         failed = getattr(result, "checks_failed", None) or getattr(result, "message", None) or result
@@ -450,17 +512,18 @@ class SlotControllers:
 
     def end_epoch(self, epoch: int, val_accuracy: float,
                   contributions: Mapping[str, tuple[float | None, float | None]],
-                  judgements: Mapping | None = None) -> list[str]:
+                  judgements: Mapping | None = None, val_loss: float | None = None) -> list[str]:
         """Every slot's :meth:`SeedController.end_epoch`, in the host's order.
         ``contributions``: slot id -> (contribution, its 95% bound or None) of each slot
         whose seed was measured; ``judgements``: slot id -> the judgement of its candidates,
-        for the slots of :meth:`judging`."""
+        for the slots of :meth:`judging`; ``val_loss``: the epoch's validation loss (a
+        language model's G2 reads it)."""
         events: list[str] = []
         judgements = judgements or {}
         for slot_id, controller in self.by_slot.items():
             contribution, error = contributions.get(slot_id, (None, None))
             events += self._events(slot_id, controller.end_epoch(epoch, val_accuracy, contribution, error,
-                                                                 judgements.get(slot_id)))
+                                                                 judgements.get(slot_id), val_loss=val_loss))
         return events
 
     def cull_live(self, epoch: int, reason: str) -> list[str]:

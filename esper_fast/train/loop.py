@@ -263,7 +263,8 @@ class LifecycleRun(RunSession):
         judgements = {}
         if not rollback:
             judgements = {slot_id: self._judge(slot_id) for slot_id in controllers.judging()}
-            events += controllers.end_epoch(plan.epoch, measured.val_accuracy, judged, judgements)
+            events += controllers.end_epoch(plan.epoch, measured.val_accuracy, judged, judgements,
+                                            val_loss=measured.val_loss)
             self.optimizers.drop_empty()
             with self.tally.tracing():
                 self.governor.snapshot()
