@@ -99,6 +99,19 @@ def test_culls_and_fossilizations_are_marked_in_each_slots_lane_and_each_seed_na
     assert {"germination", "culled" if culled else "fossilized", "fossilized"} <= set(legend)
 
 
+@pytest.mark.parametrize("slot_ids", [[], CIFAR_SLOTS], ids=["1 slot", "2 slots"])
+@pytest.mark.parametrize("task_type", ["classification", "lm"])
+def test_the_note_under_the_panels_says_what_the_seed_is_judged_by(figure, slot_ids, task_type):
+    fig = figure(several(slot_ids) if slot_ids else one_slot(), "t", task_type=task_type)
+    note = " ".join(fig.texts[-1].get_text().split())
+    if task_type == "lm":
+        assert note.startswith("loss Shapley value = " if slot_ids else "loss drop = "), note
+        assert "validation loss" in note and "nats" in note and "accuracy" not in note, note
+    else:
+        assert note.startswith("Shapley value = the seed's mean gain in validation accuracy" if slot_ids
+                               else "contribution = validation accuracy with the seed"), note
+
+
 def test_a_one_slot_plot_marks_the_cull_on_its_alpha(figure):
     fig = figure(one_slot(), "t")
     marks = [(line.get_marker(), float(line.get_xdata()[0])) for line in fig.axes[2].get_lines()

@@ -63,6 +63,16 @@ SHAPLEY_NOTE = (
     "forward (the others' alpha forced to 0), on the host it co-adapted with; bars: 95% bound when sampled. "
     f"Alpha lines are shifted {ALPHA_OFFSET:g} apart per slot so that equal curves stay visible."
 )
+# The same notes for a language model, whose seeds are judged by the validation loss they remove.
+LM_CONTRIBUTION_NOTE = (
+    "loss drop = validation loss with alpha forced to 0 minus with the seed (nats; positive helps), measured on "
+    "the host it co-adapted with (not the gain over a host trained without it)"
+)
+LM_SHAPLEY_NOTE = (
+    "loss Shapley value = the seed's mean fall of the validation loss (nats) over every subset of the live seeds "
+    "in the forward (the others' alpha forced to 0), on the host it co-adapted with; bars: 95% bound when "
+    f"sampled. Alpha lines are shifted {ALPHA_OFFSET:g} apart per slot so that equal curves stay visible."
+)
 
 
 def read_epoch_records(path: str | Path) -> list[EpochRecord]:
@@ -384,11 +394,11 @@ def draw_run(records: Sequence[EpochRecord | Mapping], title: str = "", chance: 
     if slots:
         fig, axes = plt.subplots(5, 1, figsize=(11.5, 12.5 + 0.3 * len(slots)), sharex=True, layout="constrained",
                                  gridspec_kw={"height_ratios": [3, 2, 0.45 * len(slots) + 0.6, 1.6, 1.8]})
-        draw, note = _draw_slots, SHAPLEY_NOTE
+        draw, note = _draw_slots, LM_SHAPLEY_NOTE if task_type == "lm" else SHAPLEY_NOTE
     else:
         fig, axes = plt.subplots(4, 1, figsize=(11, 10.5), sharex=True, layout="constrained",
                                  gridspec_kw={"height_ratios": [3, 2, 1.2, 1.5]})
-        draw, note = _draw_one_slot, CONTRIBUTION_NOTE
+        draw, note = _draw_one_slot, LM_CONTRIBUTION_NOTE if task_type == "lm" else CONTRIBUTION_NOTE
     try:
         draw(axes, records, slots, chance, task_type)
         fig.suptitle(_fit_title((title or "esper-fast run").splitlines()), fontsize=10)
