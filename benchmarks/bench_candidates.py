@@ -21,9 +21,17 @@ up to the slot once, each candidate once and the rest of the host on the K + 1 c
 stacked along the batch.
 
 Run: ``python -m pytest benchmarks/bench_candidates.py -o python_files="bench_*.py" --benchmark-only``.
+On a shared machine the sides timed one after the other see different loads; ``python
+benchmarks/bench_candidates.py --rounds 15 --json out.json`` times them interleaved instead
+(one call of each side in turn, medians).
 """
 
 from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
 
 import pytest
 import torch
@@ -204,3 +212,45 @@ def test_candidates(benchmark, case, device, impl):
     if device == "cpu":
         rounds = LM_CPU_ROUNDS if "tinystories" in case.name else CPU_ROUNDS
     run_case(benchmark, case, device, impl, rounds=rounds)
+
+
+def interleaved(case: Case, rounds: int, device: str = "cpu", clock=time.perf_counter) -> dict:
+    """Medians (ms) of ``rounds`` calls per side, one call of each side in turn after a warm-up."""
+    state = case.setup(device)
+    sides = {"reference": case.reference, "fast": case.fast, "floor": case.floor}
+    times = {side: [] for side in sides}
+    for fn in sides.values():
+        fn(state)
+    for _ in range(rounds):
+        for side, fn in sides.items():
+            start = clock()
+            fn(state)
+            times[side].append(clock() - start)
+    ms = {side: 1e3 * statistics.median(values) for side, values in times.items()}
+    return {"reference_ms": ms["reference"], "fast_ms": ms["fast"], "floor_ms": ms["floor"],
+            "ratio": ms["reference"] / ms["fast"], "pct_work_floor": 100 * ms["floor"] / ms["fast"], "rounds": rounds}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="time the cases interleaved (cpu)")
+    parser.add_argument("--rounds", type=int, default=15, help="calls per side (a third of them for tinystories)")
+    parser.add_argument("-k", default="", help="only the cases whose name contains this")
+    parser.add_argument("--threads", type=int, help="torch threads; 1 times the thread's CPU time, which other "
+                        "tenants of the machine move less (default: torch's threads, wall time)")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    clock = time.perf_counter
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        clock = time.thread_time if args.threads == 1 else clock
+    results = {"threads": torch.get_num_threads(), "clock": clock.__name__}
+    for case in CASES:
+        if args.k in case.name:
+            rounds = max(3, args.rounds // 3) if "tinystories" in case.name else args.rounds
+            results[case.name] = row = interleaved(case, rounds, clock=clock)
+            print(f"{case.name:<58} ref {row['reference_ms']:9.1f} ms  fast {row['fast_ms']:9.1f} ms  "
+                  f"ratio {row['ratio']:5.2f}x  floor {row['floor_ms']:9.1f} ms  {row['pct_work_floor']:4.0f}% of floor",
+                  flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
