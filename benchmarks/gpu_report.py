@@ -296,7 +296,8 @@ _GOAL_PCT = re.compile(r">=\s*([0-9.]+)\s*%")
 
 
 def evaluate_goal(goal: str, row: dict, device: str | None = None) -> dict:
-    """Judge a goal written like ``">= 3x"``, ``">= 80% of copy"``, ``"never slower; >= 1.3x"``.
+    """Judge a goal written like ``">= 3x"``, ``">= 80% of copy"``, ``">= 80% of floor"`` (the
+    case's work floor), ``"never slower; >= 1.3x"``.
 
     Each clause that applies on ``device`` (:func:`common.goal_clauses`) is met, not met, or not
     judged (a clause this parser does not understand, or a number the run did not produce).
@@ -313,7 +314,9 @@ def evaluate_goal(goal: str, row: dict, device: str | None = None) -> dict:
             value, need, what = row.get("ratio"), float(ratio.group(1)), "ratio"
         elif pct:
             need = float(pct.group(1))
-            if any(word in lowered for word in ("pinned", "host", "d2h", "h2d", "pcie")):
+            if "floor" in lowered:  # the case's own work floor, timed alike
+                value, what = row.get("pct_work_floor"), "pct_work_floor"
+            elif any(word in lowered for word in ("pinned", "host", "d2h", "h2d", "pcie")):
                 value, what = row.get("pct_host_link"), "pct_host_link"
             else:
                 value, what = row.get("pct_copy"), "pct_copy"

@@ -173,6 +173,8 @@ def test_spent_time_budget_marks_cases_not_run_without_failing(gpu_report, tmp_p
         (">= 1.3x and >= 80% of device bandwidth", {"ratio": 1.5, "pct_copy": 60.0}, False),
         (">= 70% of pinned d2h", {"pct_host_link": 75.0, "pct_copy": 1.0}, True),
         (">= 80% of copy", {"pct_copy": None}, None),
+        (">= 0.625x, >= 80% of floor", {"ratio": 0.7, "pct_work_floor": 85.0, "pct_copy": 1.0}, True),
+        (">= 0.625x, >= 80% of floor", {"ratio": 0.7, "pct_work_floor": 70.0, "pct_copy": 99.0}, False),
         ("fast enough", {"ratio": 9.0}, None),
         ("", {"ratio": 9.0}, None),
     ],
