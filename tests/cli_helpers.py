@@ -3,6 +3,8 @@ one-line errors, and reading a run's log."""
 
 import json
 
+import pytest
+
 from esper_fast import train
 from esper_fast.train import cli
 
@@ -17,6 +19,19 @@ def run_cli(capsys, *argv):
     code = cli.main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def in_process(workdir, argv, signal_at=None):
+    """``esper-fast ARGV`` in this process, in ``workdir``, with the default kernels and, with
+    ``signal_at`` (``SIGTERM@EPOCH:STEP``), a signal it sends itself there; the exit code."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(workdir)
+        patch.delenv("ESPER_FAST_REFERENCE", raising=False)
+        if signal_at:
+            patch.setenv("ESPER_FAST_SELF_SIGNAL", signal_at)
+        else:
+            patch.delenv("ESPER_FAST_SELF_SIGNAL", raising=False)
+        return cli.main([str(a) for a in argv])
 
 
 def one_line_error(code, err, fragment):

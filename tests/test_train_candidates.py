@@ -11,7 +11,7 @@ import torch
 from esper_fast import train
 from esper_fast.train.console import COLUMNS, epoch_lines
 from esper_fast.train.report import EpochRecord
-from cli_helpers import CLOCK, one_line_error, outcome, read_log, run_cli
+from cli_helpers import CLOCK, in_process, one_line_error, outcome, read_log, run_cli
 
 TINY = ["--max-batches", "3", "--batch-size", "32", "--no-progress", "--seed", "3"]
 # Seven epochs: germinate after 1, TRAINING in 2 (judged at its end), then the winner's lifecycle.
@@ -21,16 +21,6 @@ CANDIDATES = ["conv_light", "depthwise", "attention", "norm"]
 # fields, and the seed the epoch's record names while they incubate (the lead).
 CANDIDATE_FIELDS = {"events", "candidates", "judgements", "seed_id", "blueprint"}
 
-
-def _in_process(workdir, argv, signal_at=None):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(workdir)
-        patch.delenv("ESPER_FAST_REFERENCE", raising=False)
-        if signal_at:
-            patch.setenv("ESPER_FAST_SELF_SIGNAL", signal_at)
-        else:
-            patch.delenv("ESPER_FAST_SELF_SIGNAL", raising=False)
-        return train.cli.main([str(a) for a in argv])
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +34,11 @@ def runs(workdir):
     found = {}
     for name, order in (("forward", CANDIDATES), ("reversed", CANDIDATES[::-1])):
         out = workdir / name
-        assert _in_process(workdir, ["train", "--candidates", ",".join(order), *RUN, "--out", out]) == 0
+        assert in_process(workdir, ["train", "--candidates", ",".join(order), *RUN, "--out", out]) == 0
         found[name] = out
     winner = _judgement(found["forward"])["winner_blueprint"]
     out = workdir / "alone"
-    assert _in_process(workdir, ["train", "--blueprint", winner, *RUN, "--out", out]) == 0
+    assert in_process(workdir, ["train", "--blueprint", winner, *RUN, "--out", out]) == 0
     found["alone"] = out
     return found
 
@@ -133,12 +123,12 @@ def test_the_console_puts_the_candidates_events_on_lines_of_their_own(runs):
 def test_a_run_stopped_during_the_incubation_resumes_to_the_same_records(workdir, runs):
     out = workdir / "stopped"
     argv = ["train", "--candidates", ",".join(CANDIDATES), *RUN, "--out", out]
-    assert _in_process(workdir, argv, signal_at="SIGTERM@2:1") == 143
+    assert in_process(workdir, argv, signal_at="SIGTERM@2:1") == 143
     saved = _last_payload(out)
     assert saved["position"] == {"epochs_done": 1, "steps_done": 1}
     assert set(saved["optimizers"]["rivals"]["block2_post"]) == {"seed-2", "seed-3", "seed-4"}
     assert any(".rivals.2." in key for key in saved["model"]["tensors"])
-    assert _in_process(workdir, ["train", "--resume", out]) == 0
+    assert in_process(workdir, ["train", "--resume", out]) == 0
     assert outcome(out) == outcome(runs["forward"])
 
 

@@ -20,7 +20,7 @@ from esper_fast.train.console import epoch_lines
 from esper_fast.train.controller import LifecycleSchedule, SlotControllers
 from esper_fast.train.plotting import plot_run
 from esper_fast.train.report import EpochRecord, seed_interactions, seed_values
-from cli_helpers import CLOCK, one_line_error, outcome, read_log, run_cli
+from cli_helpers import CLOCK, in_process, one_line_error, outcome, read_log, run_cli
 
 TINY = ["--max-batches", "3", "--batch-size", "32", "--no-progress"]
 # Seven epochs reach the keep/cull decision of both seeds: germinate after 1, TRAINING 2,
@@ -37,28 +37,18 @@ def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("slots")
 
 
-def _in_process(workdir, argv, signal_at=None):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(workdir)
-        patch.delenv("ESPER_FAST_REFERENCE", raising=False)
-        if signal_at:
-            patch.setenv("ESPER_FAST_SELF_SIGNAL", signal_at)
-        else:
-            patch.delenv("ESPER_FAST_SELF_SIGNAL", raising=False)
-        return cli.main([str(a) for a in argv])
-
 
 @pytest.fixture(scope="module")
 def two_slots(workdir):
     out = workdir / "two"
-    assert _in_process(workdir, ["train", *TWO_SLOTS, "--out", out]) == 0
+    assert in_process(workdir, ["train", *TWO_SLOTS, "--out", out]) == 0
     return out
 
 
 @pytest.fixture(scope="module")
 def rollback(workdir):
     out = workdir / "rollback"
-    assert _in_process(workdir, ["train", *ROLLBACK, "--out", out]) == 0
+    assert in_process(workdir, ["train", *ROLLBACK, "--out", out]) == 0
     return out
 
 
@@ -103,8 +93,8 @@ def _same_payload(a, b, where=""):
 def test_naming_the_default_slot_is_the_run_without_slots(workdir):
     flags = ["--epochs", "6", "--keep-checkpoints", "10", *TINY]
     plain, named = workdir / "plain", workdir / "named"
-    assert _in_process(workdir, ["train", *flags, "--out", plain]) == 0
-    assert _in_process(workdir, ["train", *flags, "--slots", "block2_post", "--out", named]) == 0
+    assert in_process(workdir, ["train", *flags, "--out", plain]) == 0
+    assert in_process(workdir, ["train", *flags, "--slots", "block2_post", "--out", named]) == 0
     first, second = read_log(plain / train.METRICS_FILE), read_log(named / train.METRICS_FILE)
     # Every record with the same keys in the same order, the same values but the wall clock.
     assert [list(r) for r in first] == [list(r) for r in second]
@@ -122,7 +112,7 @@ def test_naming_the_default_slot_is_the_run_without_slots(workdir):
 
 def test_one_other_slot_is_a_run_of_one_slot_there_with_a_version_2_checkpoint(workdir):
     out = workdir / "block3"
-    assert _in_process(workdir, ["train", "--slots", "block3_post", "--epochs", "3", *TINY, "--out", out]) == 0
+    assert in_process(workdir, ["train", "--slots", "block3_post", "--epochs", "3", *TINY, "--out", out]) == 0
     log = read_log(out / train.METRICS_FILE)
     assert log[0]["slots"] == ["block3_post"]
     assert all("slots" not in r for r in log[1:])  # one slot: the records of a run of one slot
@@ -235,7 +225,7 @@ def test_a_tinystories_run_grows_seeds_after_two_transformer_layers(workdir):
     argv = ["train", "--task", "tinystories", "--slots", "layer_3_post_block,layer_1_post_block",
             "--blueprint", "lora", "--epochs", "3", "--max-batches", "1", "--batch-size", "2", "--seq-len", "16",
             "--no-progress", "--out", out]
-    assert _in_process(workdir, argv) == 0
+    assert in_process(workdir, argv) == 0
     epochs = epochs_of(out)
     assert list(epochs[0]["slots"]) == ["layer_1_post_block", "layer_3_post_block"]
     assert [epochs[1]["slots"][s]["stage"] for s in epochs[1]["slots"]] == ["TRAINING", "TRAINING"]
@@ -248,7 +238,7 @@ def test_two_slots_on_cuda_blend_then_roll_back_together(workdir):
     # Four epochs: germinate after 1, TRAINING 2, BLENDING 3, where a NaN rolls back and culls both.
     argv = ["train", "--device", "cuda", "--slots", "block2_post,block3_post", "--epochs", "4",
             "--inject-nan-at", "3", *TINY, "--out", out]
-    assert _in_process(workdir, argv) == 0
+    assert in_process(workdir, argv) == 0
     log = read_log(out / train.METRICS_FILE)
     epochs = [r for r in log if r["type"] == "epoch"]
     assert log[0]["device"] == "cuda" and len(epochs) == 4
@@ -267,22 +257,22 @@ def test_two_slots_on_cuda_blend_then_roll_back_together(workdir):
 
 def test_a_two_slot_run_stopped_mid_ramp_resumes_to_the_same_records(workdir, two_slots):
     out = workdir / "two-stopped"
-    assert _in_process(workdir, ["train", *TWO_SLOTS, "--out", out], signal_at="SIGTERM@3:1") == 143
+    assert in_process(workdir, ["train", *TWO_SLOTS, "--out", out], signal_at="SIGTERM@3:1") == 143
     saved = _payload(train.RunDir(out).checkpoints()[-1])
     assert saved["position"] == {"epochs_done": 2, "steps_done": 1} and saved["version"] == 2
     assert list(saved["controller"]["slots"]) == ["block2_post", "block3_post"]
     assert list(saved["optimizers"]["seeds"]) == ["block2_post", "block3_post"]
     assert set(saved["progress"]["alpha_starts"]) == {"block2_post", "block3_post"}
     assert saved["model"]["isolate_gradients"] == {"block2_post": False, "block3_post": False}
-    assert _in_process(workdir, ["train", "--resume", out]) == 0
+    assert in_process(workdir, ["train", "--resume", out]) == 0
     assert outcome(out) == outcome(two_slots)
 
 
 def test_a_two_slot_run_stopped_between_epochs_after_a_rollback_resumes(workdir, rollback):
     out = workdir / "rollback-stopped"
-    assert _in_process(workdir, ["train", *ROLLBACK, "--out", out], signal_at="SIGINT@7:0") == 130
+    assert in_process(workdir, ["train", *ROLLBACK, "--out", out], signal_at="SIGINT@7:0") == 130
     assert train.RunDir(out).checkpoints()[-1].name == "epoch-0006.pt"
-    assert _in_process(workdir, ["train", "--resume", out]) == 0
+    assert in_process(workdir, ["train", "--resume", out]) == 0
     assert outcome(out) == outcome(rollback)
 
 

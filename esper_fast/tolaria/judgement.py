@@ -98,31 +98,7 @@ def judge_candidates(model: nn.Module, slot_id: str, loader: BatchIterable, crit
     """Measure every candidate in the slot at ``slot_id`` (``model``: a
     :class:`~esper_fast.kasmina.host.MorphogeneticModel`) over ``loader`` in one shared pass
     (see the module docstring). ValueError for a slot without candidates or an empty loader."""
-    slot = model.slot(slot_id)
-    candidates = slot.candidates
-    if not candidates:
-        raise ValueError(f"judge_candidates: slot {slot_id} holds no seed to judge")
-    spec = ValidationSpec(criterion, device, task_type, per_class=False, num_classes=None)
-    measured = ConfigurationsPass(spec, len(candidates) + 1)
-    with evaluating(model):
-        if _shares_the_prefix(model):
-            host = model.host
-            for batch in loader:
-                inputs, labels = to_device(batch, device)
-                features = host.forward_to_slot(inputs, slot_id)
-                joined = [features]
-                for candidate in candidates:
-                    with slot.leading(candidate.seed_id), slot.force_alpha(1.0):
-                        joined.append(slot(features))
-                outputs = host.forward_from_slot(torch.cat(joined), slot_id)
-                measured.add(outputs, list(range(len(joined))), labels)
-        else:
-            for batch in loader:
-                inputs, labels = to_device(batch, device)
-                outputs = [model(inputs) for _ in _each_configuration(slot, candidates)]
-                measured.add(torch.cat(outputs), list(range(len(outputs))), labels)
-    results, _ = measured.read(None, 0)
-    return _judgement(slot_id, task_type, candidates, results)
+    return _judge(model, slot_id, loader, criterion, device, task_type, shared=_shares_the_prefix(model))
 
 
 def judge_candidates_each(model: nn.Module, slot_id: str, loader: BatchIterable, criterion: nn.Module, device: str,
@@ -130,17 +106,32 @@ def judge_candidates_each(model: nn.Module, slot_id: str, loader: BatchIterable,
     """:func:`judge_candidates` by brute force: one ordinary forward of the model per
     configuration and batch, with the candidate leading the slot at alpha 1 (or alpha forced to
     0 for none)."""
+    return _judge(model, slot_id, loader, criterion, device, task_type, shared=False)
+
+
+def _judge(model, slot_id: str, loader, criterion, device: str, task_type: str, *, shared: bool) -> Judgement:
     slot = model.slot(slot_id)
     candidates = slot.candidates
     if not candidates:
         raise ValueError(f"judge_candidates: slot {slot_id} holds no seed to judge")
     spec = ValidationSpec(criterion, device, task_type, per_class=False, num_classes=None)
-    measured = ConfigurationsPass(spec, len(candidates) + 1, stack=False)
+    # The brute force keeps a pass per configuration (and evaluates any criterion itself).
+    measured = ConfigurationsPass(spec, len(candidates) + 1, stack=shared)
     with evaluating(model):
         for batch in loader:
             inputs, labels = to_device(batch, device)
-            outputs = [model(inputs) for _ in _each_configuration(slot, candidates)]
-            measured.add(torch.cat(outputs), list(range(len(outputs))), labels)
+            if shared:
+                features = model.host.forward_to_slot(inputs, slot_id)
+                joined = [features]
+                for candidate in candidates:
+                    with slot.leading(candidate.seed_id), slot.force_alpha(1.0):
+                        joined.append(slot(features))
+                outputs = model.host.forward_from_slot(torch.cat(joined), slot_id)
+                count = len(joined)
+            else:
+                each = [model(inputs) for _ in _each_configuration(slot, candidates)]
+                outputs, count = torch.cat(each), len(each)
+            measured.add(outputs, list(range(count)), labels)
     results, _ = measured.read(None, 0)
     return _judgement(slot_id, task_type, candidates, results)
 
