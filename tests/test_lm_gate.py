@@ -11,7 +11,7 @@ from esper_fast.kasmina import GateLevel, QualityGates, SeedStage as S
 from esper_fast.kasmina.slot import SeedMetrics, SeedState
 from esper_fast.train import LifecycleSchedule, SeedController
 from esper_fast.train.controller import LossImprovementGates
-from cli_helpers import outcome, read_log
+from cli_helpers import in_process, outcome, read_log
 from esper_fast import train
 
 EPOCHS = 8  # for_epochs(8): germinate after epoch 2, TRAINING 3, BLENDING 4-5, SHADOWING 6, PROBATIONARY 7
@@ -194,15 +194,13 @@ LM = ["--task", "tinystories", "--epochs", "6", "--max-batches", "2", "--batch-s
 
 
 def test_a_language_model_run_stopped_in_training_resumes_to_the_same_records(tmp_path):
-    from test_train_slots import _in_process
-
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
-    assert _in_process(tmp_path, ["train", *LM, "--out", whole]) == 0
+    assert in_process(tmp_path, ["train", *LM, "--out", whole]) == 0
     epochs = [r for r in read_log(whole / train.METRICS_FILE) if r["type"] == "epoch"]
     assert epochs[1]["stage"] == "TRAINING" and "TRAINING -> BLENDING" in epochs[1]["events"]
     assert epochs[1]["val_loss"] < 0.995 * epochs[0]["val_loss"]
     # Stopped in the middle of the TRAINING epoch: G2 then needs the loss of epoch 1's end.
-    assert _in_process(tmp_path, ["train", *LM, "--out", stopped], signal_at="SIGTERM@2:1") == 143
+    assert in_process(tmp_path, ["train", *LM, "--out", stopped], signal_at="SIGTERM@2:1") == 143
     assert train.RunDir(stopped).checkpoints()[-1].name == "epoch-0001-step-0001.pt"
-    assert _in_process(tmp_path, ["train", "--resume", stopped]) == 0
+    assert in_process(tmp_path, ["train", "--resume", stopped]) == 0
     assert outcome(stopped) == outcome(whole)
