@@ -187,7 +187,8 @@ def test_the_console_shows_every_slot(workdir, capsys):
     code, stdout, err = run_cli(capsys, "train", "--slots", "block2_post,block3_post", "--epochs", "4", *TINY,
                                 "--out", out)
     assert code == 0, err
-    assert "slots block2_post (conv_light), block3_post (conv_light)" in stdout
+    # Too wide for one line with both slots: the slots go on a line of their own.
+    assert "\n  slots: block2_post (conv_light), block3_post (conv_light)\n" in stdout
     lines = stdout.splitlines()
     # Under the epoch's head line, a line per slot saying what each number is (its events
     # indented under it).

@@ -24,6 +24,7 @@ import time
 import esper_fast
 from esper_fast.train import checkpoint
 from esper_fast.train.checkpoint import Checkpoint, EpochProgress
+from esper_fast.train.console import COLUMNS
 from esper_fast.train.plotting import plot_run, run_title
 from esper_fast.train.report import (
     ConfigRecord,
@@ -52,20 +53,33 @@ class RunSession:
         self.echo(f"data: {self.data.description}")
         candidates = getattr(self, "candidates", {})
         if config.slots is None and not candidates:
-            seeds = f"blueprint {config.blueprint}"
+            what, seeds = "blueprint", [config.blueprint]
         elif config.slots is None:
-            seeds = f"candidates {', '.join(candidates[next(iter(candidates))])}"
+            what, seeds = "candidates", list(candidates[next(iter(candidates))])
         else:
-            seeds = (f"slot{'s' if self.several else ''} "
-                     + ", ".join(f"{slot_id} ({'/'.join(candidates.get(slot_id, (blueprint,)))})"
-                                 for slot_id, blueprint in self.blueprints.items()))
-        self.echo(
-            f"train: {config.task} ({self.spec.topology} host, {self.task_type}) on {config.device}, {config.epochs} epochs x "
-            f"{self.steps_per_epoch} steps, {seeds}, seed {config.seed}"
-            + (f", {self.ranks.world_size} processes (DDP over {self.ranks.backend}, "
-               f"batch {config.batch_size} per process)" if self.ranks.distributed else "")
-            + (", reference mode (original algorithms)" if self.reference else "")
-        )
+            what = f"slot{'s' if self.several else ''}"
+            seeds = [f"{slot_id} ({'/'.join(candidates.get(slot_id, (blueprint,)))})"
+                     for slot_id, blueprint in self.blueprints.items()]
+        run = f"train: {config.task} ({self.spec.topology} host, {self.task_type}) on {config.device}, " \
+              f"{config.epochs} epochs x {self.steps_per_epoch} steps"
+        rest = f"seed {config.seed}" + (
+            f", {self.ranks.world_size} processes (DDP over {self.ranks.backend}, "
+            f"batch {config.batch_size} per process)" if self.ranks.distributed else "") + (
+            ", reference mode (original algorithms)" if self.reference else "")
+        line = f"{run}, {what} {', '.join(seeds)}, {rest}"
+        if len(line) <= COLUMNS:
+            self.echo(line)
+            return
+        # Too wide (several slots, candidates, processes): the seeds on lines of their own.
+        self.echo(f"{run}, {rest}")
+        lines = [f"  {what}:"]
+        for seed in seeds:
+            if len(lines[-1]) + 1 + len(seed) + 1 > COLUMNS:
+                lines.append("   ")
+            lines[-1] += f" {seed},"
+        lines[-1] = lines[-1].rstrip(",")
+        for text in lines:
+            self.echo(text)
 
     def start(self, command: str) -> None:
         """A new run: the log's config record, ``run.json`` and the epoch-0 checkpoint."""
