@@ -652,17 +652,10 @@ class SeedSlot(nn.Module):
             _set_generator_states(generators[winner], self.device)
         culled = []
         for index, candidate in enumerate(candidates):
-            if index == winner:
-                continue
-            summary = self._seed_summary(candidate.state)
-            old_stage = candidate.state.stage
-            candidate.state.transition(SeedStage.CULLED)
-            extra = {} if details is None or candidate.seed_id not in details else {"judgement": details[candidate.seed_id]}
-            self._emit_telemetry(TelemetryEventType.SEED_STAGE_CHANGED, data={"from": old_stage.name, "to": "CULLED"},
-                                 state=candidate.state)
-            self._emit_telemetry(TelemetryEventType.SEED_CULLED, data={"reason": reason, **summary, **extra},
-                                 state=candidate.state)
-            culled.append(candidate.state)
+            if index != winner:
+                judged = None if details is None else details.get(candidate.seed_id)
+                self._cull_candidate(candidate.state, reason, {} if judged is None else {"judgement": judged})
+                culled.append(candidate.state)
         self.seed, self.state = candidates[winner].seed, candidates[winner].state
         if winner != 0 and self.isolation_monitor is not None:
             self.isolation_monitor.watch_seed(self.seed)
@@ -670,9 +663,17 @@ class SeedSlot(nn.Module):
         self._sync_alpha()
         return culled
 
+    def _cull_candidate(self, state: SeedState, reason: str, extra: dict | None = None) -> None:
+        # A candidate other than the slot's seed: its state ends CULLED, with the telemetry of a cull.
+        summary, old_stage = self._seed_summary(state), state.stage
+        if state.transition(SeedStage.CULLED):
+            self._emit_telemetry(TelemetryEventType.SEED_STAGE_CHANGED, data={"from": old_stage.name, "to": "CULLED"},
+                                 state=state)
+            self._emit_telemetry(TelemetryEventType.SEED_CULLED, data={"reason": reason, **summary, **(extra or {})},
+                                 state=state)
+
     def _drop_rivals(self) -> None:
-        if self.rivals is not None:
-            self.rivals = None
+        self.rivals = None
         self.rival_states = []
         self._candidate_generators = None
 
@@ -773,12 +774,7 @@ class SeedSlot(nn.Module):
         self._emit_stage_changed(old_stage)
         self._emit_telemetry(TelemetryEventType.SEED_CULLED, data={"reason": reason, **summary})
         for state in self.rival_states:  # a cull ends every candidate
-            rival_summary, rival_stage = self._seed_summary(state), state.stage
-            if state.transition(SeedStage.CULLED):
-                self._emit_telemetry(TelemetryEventType.SEED_STAGE_CHANGED,
-                                     data={"from": rival_stage.name, "to": "CULLED"}, state=state)
-                self._emit_telemetry(TelemetryEventType.SEED_CULLED, data={"reason": reason, **rival_summary},
-                                     state=state)
+            self._cull_candidate(state, reason)
         self._drop_rivals()
         self.seed = None
         self.state = None

@@ -24,8 +24,6 @@ import dataclasses
 import torch
 from torch import nn
 
-from esper_fast.kasmina.configurations import mixes_rows
-from esper_fast.kasmina.segments import splits_at_slots
 from esper_fast.tolaria.batches import BatchIterable, to_device
 from esper_fast.tolaria.passes import ConfigurationsPass, ValidationSpec, evaluating
 
@@ -146,12 +144,9 @@ def _each_configuration(slot, candidates):
 
 
 def _shares_the_prefix(model: nn.Module) -> bool:
-    # The split walk is the forward's own operations (the segment contract, no hooks) and the
-    # rows of a batch are independent in eval, so stacking configurations changes nothing.
-    splits = getattr(type(model), "_splits", None)
-    if splits is None or not model._splits(1) or not splits_at_slots(model.host):
-        return False
-    return not any(mixes_rows(module) for module in model.modules())
+    # The configuration walk's own condition: the split runs the forward's operations (the
+    # segment contract, no hooks) and the rows of a batch are independent in eval.
+    return callable(getattr(type(model), "_runs_tree", None)) and model._runs_tree(1)
 
 
 def _judgement(slot_id: str, task_type: str, candidates, results) -> Judgement:

@@ -109,7 +109,7 @@ def _germinations(records: list[EpochRecord]) -> list[tuple[int, str]]:
 JUDGEMENT_COLOURS = ["#1f77b4", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f", "#ff7f0e"]
 
 
-def _draw_judgements(ax, records: list[EpochRecord], task_type: str) -> bool:
+def _draw_judgements(ax, records: list[EpochRecord]) -> bool:
     """Each judgement's candidates as bars of their value (accuracy points, or for ``lm`` the
     loss removed) around the judgement epoch, the winner's edged in black and named so in the
     legend. True if there was one."""
@@ -465,7 +465,7 @@ def _draw_one_slot(axes, records: list[EpochRecord], slots, chance: float | None
     ax_contrib.bar(epochs, [0.0 if math.isnan(c) else c for c in contrib], color=colours, width=0.6)
     ax_contrib.axhline(0, color="black", lw=0.8)
     ax_contrib.set_ylabel("seed loss drop\n(nats)" if task_type == "lm" else "seed contribution\n(points)")
-    if _draw_judgements(ax_contrib, records, task_type):
+    if _draw_judgements(ax_contrib, records):
         _outside_legend(ax_contrib, title="candidates at alpha 1", title_fontsize=8)
 
 
@@ -569,7 +569,7 @@ def _draw_slots(axes, records: list[EpochRecord], slots: list[str], chance: floa
             xs, vs, es = zip(*drawn)
             ax_shapley.bar(xs, vs, width=width, color=style[slot_id][0], label=slot_id,
                            yerr=es if any(es) else None, capsize=2)
-    _draw_judgements(ax_shapley, records, task_type)
+    _draw_judgements(ax_shapley, records)
     ax_shapley.axhline(0, color="black", lw=0.8)
     ax_shapley.set_ylabel("loss Shapley value\n(nats)" if task_type == "lm" else "Shapley value\n(points)")
     if ax_shapley.get_legend_handles_labels()[0]:

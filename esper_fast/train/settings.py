@@ -167,42 +167,47 @@ def with_slots(config: RunConfig, topology: str) -> RunConfig:
         if repeated:
             raise SettingsError(f"--slots names {repeated[0]} twice; each slot holds one lifecycle")
         ordered = [point for point in points if point in given]
+    choices = BlueprintRegistry.names(topology)
     blueprint = config.blueprint
     if blueprint is not None:
         names = [name.strip() for name in blueprint.split(",")]
         if not all(names):
             raise SettingsError(f"--blueprint: expected names separated by commas, got {blueprint!r}")
-        choices = BlueprintRegistry.names(topology)
-        for name in names:
-            if name not in choices:
-                raise SettingsError(f"unknown blueprint {name!r} for {config.task} ({topology} host); "
-                                    f"choose one of: {', '.join(choices)}")
-        count = len(given) if given is not None else 1
-        if len(names) > 1 and len(names) != count:
-            raise SettingsError(f"--blueprint names {len(names)} blueprints for {count} slot(s); give one for every "
-                                "slot, or one per slot of --slots in its order")
-        if len(names) == 1:
-            blueprint = names[0]
-        else:
-            by_slot = dict(zip(given, names))
-            blueprint = ",".join(by_slot[slot] for slot in ordered)
+        _check_known(names, choices, config.task, topology)
+        names = _in_host_order(names, given, ordered, "--blueprint names {n} blueprints for {count} slot(s); give one "
+                               "for every slot, or one per slot of --slots in its order")
+        blueprint = ",".join(names)
     candidates = config.candidates
     if candidates is not None:
         if config.blueprint is not None:
             raise SettingsError("give --blueprint or --candidates, not both: the candidates are the slot's blueprints")
-        sets = _candidate_sets(candidates, BlueprintRegistry.names(topology), config.task, topology)
-        count = len(given) if given is not None else 1
-        if len(sets) > 1 and len(sets) != count:
-            raise SettingsError(f"--candidates gives {len(sets)} sets for {count} slot(s); give one set for every "
-                                "slot, or one per slot of --slots in its order, separated by /")
-        if len(sets) > 1:
-            by_slot = dict(zip(given, sets))
-            sets = [by_slot[slot] for slot in ordered]
+        sets = _in_host_order(_candidate_sets(candidates, choices, config.task, topology), given, ordered,
+                              "--candidates gives {n} sets for {count} slot(s); give one set for every slot, or one "
+                              "per slot of --slots in its order, separated by /")
         candidates = "/".join(",".join(names) for names in sets)
         blueprint = ",".join(names[0] for names in sets)
     if ordered is not None and ordered == [default]:
         ordered = None
     return dataclasses.replace(config, slots=ordered, blueprint=blueprint, candidates=candidates)
+
+
+def _check_known(names, choices, task: str, topology: str) -> None:
+    for name in names:
+        if name not in choices:
+            raise SettingsError(f"unknown blueprint {name!r} for {task} ({topology} host); "
+                                f"choose one of: {', '.join(choices)}")
+
+
+def _in_host_order(values: list, given: list[str] | None, ordered: list[str] | None, mismatch: str) -> list:
+    """One value for every slot (kept as one), or one per slot of ``given`` put in the host's
+    order (``ordered``); SettingsError(``mismatch``) for another count."""
+    count = len(given) if given is not None else 1
+    if len(values) > 1 and len(values) != count:
+        raise SettingsError(mismatch.format(n=len(values), count=count))
+    if len(values) == 1:
+        return values
+    by_slot = dict(zip(given, values))
+    return [by_slot[slot] for slot in ordered]
 
 
 def _candidate_sets(text: str, choices, task: str, topology: str) -> list[list[str]]:
@@ -212,10 +217,7 @@ def _candidate_sets(text: str, choices, task: str, topology: str) -> list[list[s
         if not all(names):
             raise SettingsError(f"--candidates: expected blueprint names separated by commas (and / between slots), "
                                 f"got {text!r}")
-        for name in names:
-            if name not in choices:
-                raise SettingsError(f"unknown blueprint {name!r} for {task} ({topology} host); "
-                                    f"choose one of: {', '.join(choices)}")
+        _check_known(names, choices, task, topology)
         repeated = [name for name in names if names.count(name) > 1]
         if repeated:
             raise SettingsError(f"--candidates names {repeated[0]} twice in one slot; each candidate is a blueprint")
