@@ -173,7 +173,6 @@ class SeedController:
         # Blueprints germinated together and judged at the end of the incubation (the first
         # is the blueprint); one: the seed alone, as always.
         self.candidates = tuple(candidates) if candidates else (blueprint,)
-        self.task_type = task_type
         self.schedule = schedule
         self.epochs = epochs
         self.steps_per_epoch = steps_per_epoch
@@ -359,13 +358,14 @@ class SeedController:
             by_id[measured.seed_id].judged_value = measured.value
             details[measured.seed_id] = {"value": measured.value, "accuracy": measured.accuracy, "loss": measured.loss,
                                          "winner": winner.seed_id}
-        shown = f"{metric}{format(winner.value, spec)} {unit} at alpha 1"
-        events = [f"{winner.seed_id} ({winner.blueprint}) wins the judgement: {shown}"]
+        def shown(value: float) -> str:
+            return f"{metric}{format(value, spec)} {unit}"
+
+        events = [f"{winner.seed_id} ({winner.blueprint}) wins the judgement: {shown(winner.value)} at alpha 1"]
         for state in self.slot.keep_candidate(winner.seed_id, "lost_judgement", details):
-            measured = judgement.value_of(state.seed_id)
             self._decide(epoch, "culled", "lost_judgement", by_id[state.seed_id])
             events.append(f"{state.seed_id} ({state.blueprint_id}) culled: lost_judgement "
-                          f"({metric}{format(measured.value, spec)} {unit})")
+                          f"({shown(judgement.value_of(state.seed_id).value)})")
         return events
 
     def _should_germinate(self, epoch: int, improved: float) -> bool:
